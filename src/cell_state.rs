@@ -1,0 +1,236 @@
+//! The cell-state cache: a process-local copy of everything under `<prefix>cell/`, fed by a [`Watcher`].
+//!
+//! Schedulers decide on this copy, not on etcd. The copy is held in persistent maps (`imbl`), so publishing a
+//! new version after every batch of changes is O(1) and a reader's [`CellSnapshot`] is an immutable value it
+//! can score against for as long as it likes without blocking the writer or other readers. Each snapshot
+//! says which etcd revision it reflects; commits compare against the mod_revisions it carries.
+
+use crate::error::{Error, Result};
+use crate::keys::{Key, Keys};
+use crate::model::{Allocation, Job, Liveness, Node, Task};
+use crate::store::{Store, DEFAULT_PAGE_SIZE};
+use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
+use etcd_client::KeyValue;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A decoded value and the revision at which it was last written (what a compare-and-swap compares).
+#[derive(Debug)]
+pub struct Versioned<T> {
+    pub value: Arc<T>,
+    pub mod_revision: i64,
+}
+
+impl<T> Clone for Versioned<T> {
+    fn clone(&self) -> Self {
+        Versioned { value: Arc::clone(&self.value), mod_revision: self.mod_revision }
+    }
+}
+
+impl<T> Versioned<T> {
+    pub fn new(value: T, mod_revision: i64) -> Self {
+        Versioned { value: Arc::new(value), mod_revision }
+    }
+}
+
+impl<T: PartialEq> PartialEq for Versioned<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.mod_revision == other.mod_revision && self.value == other.value
+    }
+}
+
+type Map<T> = imbl::HashMap<String, Versioned<T>>;
+
+/// The cell as of one etcd revision. Cloning is cheap (structural sharing).
+#[derive(Clone, Debug, Default)]
+pub struct CellSnapshot {
+    /// Every change up to and including this revision is reflected, and none after it.
+    pub revision: i64,
+    pub nodes: Map<Node>,
+    pub live: Map<Liveness>,
+    pub allocations: Map<Allocation>,
+    pub jobs: Map<Job>,
+    pub tasks: Map<Task>,
+    /// Values under the cell prefix that could not be decoded (logged and left out).
+    pub undecodable: u64,
+}
+
+impl CellSnapshot {
+    /// Builds a snapshot from a full listing at `revision`.
+    pub fn from_kvs(keys: &Keys, kvs: &[KeyValue], revision: i64) -> Self {
+        let mut s = CellSnapshot { revision, ..Default::default() };
+        for kv in kvs {
+            s.apply_put(keys, kv);
+        }
+        s
+    }
+
+    /// Applies one put.
+    pub fn apply_put(&mut self, keys: &Keys, kv: &KeyValue) {
+        let Ok(key) = std::str::from_utf8(kv.key()) else { return };
+        let rev = kv.mod_revision();
+        let ok = match keys.parse(key) {
+            Some(Key::Node(name)) => put(&mut self.nodes, name, kv, rev),
+            Some(Key::Live(name)) => put(&mut self.live, name, kv, rev),
+            Some(Key::Alloc(name)) => put(&mut self.allocations, name, kv, rev),
+            Some(Key::Job(name)) => put(&mut self.jobs, name, kv, rev),
+            Some(Key::Task(id)) => put(&mut self.tasks, id, kv, rev),
+            Some(Key::Assignment { .. }) | None => true,
+        };
+        if !ok {
+            self.undecodable += 1;
+        }
+    }
+
+    /// Applies one delete.
+    pub fn apply_delete(&mut self, keys: &Keys, key: &[u8]) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
+        match keys.parse(key) {
+            Some(Key::Node(name)) => drop(self.nodes.remove(name)),
+            Some(Key::Live(name)) => drop(self.live.remove(name)),
+            Some(Key::Alloc(name)) => drop(self.allocations.remove(name)),
+            Some(Key::Job(name)) => drop(self.jobs.remove(name)),
+            Some(Key::Task(id)) => drop(self.tasks.remove(id)),
+            Some(Key::Assignment { .. }) | None => {}
+        }
+    }
+
+    /// Applies a batch of watch changes and moves to `revision`.
+    pub fn apply_changes(&mut self, keys: &Keys, changes: &[Change], revision: i64) {
+        for change in changes {
+            match change {
+                Change::Put(kv) => self.apply_put(keys, kv),
+                Change::Delete { key, .. } => self.apply_delete(keys, key),
+            }
+        }
+        self.revision = self.revision.max(revision);
+    }
+
+    /// Whether a node is registered, alive (its lease-bound key exists) and accepting claims.
+    pub fn is_schedulable(&self, node: &str) -> bool {
+        self.live.contains_key(node) && self.allocations.get(node).is_some_and(|a| a.value.schedulable)
+    }
+}
+
+/// Decodes and stores; a value that does not decode is logged and its entry removed, so the cache never
+/// holds a stale value for a key whose current value it cannot read.
+fn put<T: DeserializeOwned>(map: &mut Map<T>, name: &str, kv: &KeyValue, rev: i64) -> bool {
+    match serde_json::from_slice::<T>(kv.value()) {
+        Ok(v) => {
+            map.insert(name.to_string(), Versioned::new(v, rev));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "undecodable value in the cell; ignored");
+            map.remove(name);
+            false
+        }
+    }
+}
+
+/// Options of the cache.
+#[derive(Clone, Debug)]
+pub struct CellStateOptions {
+    /// Keys per page when (re)listing the cell.
+    pub page_size: i64,
+}
+
+impl Default for CellStateOptions {
+    fn default() -> Self {
+        CellStateOptions { page_size: DEFAULT_PAGE_SIZE }
+    }
+}
+
+/// Counters of the cache's life, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CellStateStats {
+    pub watcher: WatcherStats,
+    pub change_batches: u64,
+    pub resets: u64,
+}
+
+/// The running cache: a background task applying watch events, and a channel of published snapshots.
+pub struct CellState {
+    rx: watch::Receiver<Arc<CellSnapshot>>,
+    stats: watch::Receiver<CellStateStats>,
+    task: JoinHandle<()>,
+}
+
+impl CellState {
+    /// Lists the cell and starts watching it. Returns once the first full snapshot is published, retrying
+    /// etcd for as long as it takes (the watcher logs each failure).
+    pub async fn start(store: Store, options: CellStateOptions) -> Result<CellState> {
+        let keys = store.keys().clone();
+        let mut watcher = Watcher::new(store, keys.cell_prefix(), options.page_size);
+        let first = watcher.next().await;
+        let mut snapshot = match first {
+            WatchEvent::Reset { kvs, revision } => CellSnapshot::from_kvs(&keys, &kvs, revision),
+            // A new watcher always lists first.
+            _ => CellSnapshot::default(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
+        let mut stats = CellStateStats { resets: 1, watcher: watcher.stats(), ..Default::default() };
+        let (stats_tx, stats_rx) = watch::channel(stats);
+        let task = tokio::spawn(async move {
+            loop {
+                match watcher.next().await {
+                    WatchEvent::Reset { kvs, revision } => {
+                        snapshot = CellSnapshot::from_kvs(&keys, &kvs, revision);
+                        stats.resets += 1;
+                    }
+                    WatchEvent::Changes { changes, revision } => {
+                        snapshot.apply_changes(&keys, &changes, revision);
+                        stats.change_batches += 1;
+                    }
+                    WatchEvent::Progress { revision } => {
+                        if revision <= snapshot.revision {
+                            continue;
+                        }
+                        snapshot.revision = revision;
+                    }
+                }
+                stats.watcher = watcher.stats();
+                let _ = stats_tx.send(stats);
+                if tx.send(Arc::new(snapshot.clone())).is_err() {
+                    // Every reader is gone.
+                    return;
+                }
+            }
+        });
+        Ok(CellState { rx, stats: stats_rx, task })
+    }
+
+    /// The newest snapshot. Cheap: an `Arc` clone.
+    pub fn snapshot(&self) -> Arc<CellSnapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new snapshot (for loops that react to changes).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CellSnapshot>> {
+        self.rx.clone()
+    }
+
+    pub fn stats(&self) -> CellStateStats {
+        *self.stats.borrow()
+    }
+
+    /// Waits until the cache reflects at least `revision` (for example one's own commit), up to `timeout`.
+    pub async fn wait_for_revision(&self, revision: i64, timeout: Duration) -> Result<Arc<CellSnapshot>> {
+        let mut rx = self.rx.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|s| s.revision >= revision)).await;
+        match waited {
+            Ok(Ok(s)) => Ok(s.clone()),
+            Ok(Err(_)) => Err(Error::CacheStopped),
+            Err(_) => Err(Error::Timeout(timeout, format!("the cell-state cache to reach revision {revision}"))),
+        }
+    }
+}
+
+impl Drop for CellState {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

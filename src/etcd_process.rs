@@ -1,0 +1,223 @@
+//! A real etcd server run as a child process, on loopback ports of its own and a data directory of its own.
+//!
+//! Integration tests, benchmarks and the one-command local cell all need "an etcd that is ours": this starts
+//! Debian's `etcd` binary, waits until it answers, and kills it (and removes its data) when dropped. It can
+//! also stop and restart the same member on the same ports and data, which is how tests take etcd away from
+//! a running client.
+
+use crate::error::{Error, Result};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start the server.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// The binary (default: `etcd` on `PATH`, or `$OMEGA_ETCD_BIN`).
+    pub binary: PathBuf,
+    /// `--max-txn-ops` (etcd's default is 128).
+    pub max_txn_ops: Option<usize>,
+    /// `--quota-backend-bytes`.
+    pub quota_backend_bytes: Option<u64>,
+    /// `--auto-compaction-retention` in revisions (`--auto-compaction-mode=revision`).
+    pub auto_compaction_revisions: Option<u64>,
+    /// Keep the data directory here instead of a temporary one (and do not delete it).
+    pub data_dir: Option<PathBuf>,
+    /// Client port; a free one is picked when `None`.
+    pub client_port: Option<u16>,
+    pub startup_timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            binary: std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd")),
+            max_txn_ops: None,
+            quota_backend_bytes: None,
+            auto_compaction_revisions: None,
+            data_dir: None,
+            client_port: None,
+            startup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running (or stopped, restartable) etcd member.
+pub struct EtcdProcess {
+    options: EtcdOptions,
+    child: Option<Child>,
+    _temp: Option<tempfile::TempDir>,
+    data_dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+/// A loopback port nobody listens on right now. Another process can take it before etcd does; `start`
+/// retries with new ports when etcd exits at once.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdProcess {
+    /// Starts a new single-member cluster and waits until it serves.
+    pub async fn start(options: EtcdOptions) -> Result<EtcdProcess> {
+        let (temp, data_dir) = match &options.data_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("omega-etcd-").tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let mut last = String::new();
+        for _ in 0..5 {
+            let client_port = match options.client_port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            let mut me = EtcdProcess {
+                options: options.clone(),
+                child: None,
+                _temp: None,
+                data_dir: data_dir.clone(),
+                client_port,
+                peer_port: free_port()?,
+            };
+            match me.launch().await {
+                Ok(()) => {
+                    me._temp = temp;
+                    return Ok(me);
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    me.kill();
+                    // A half-initialised member directory would pin the old peer URL; start over.
+                    let _ = std::fs::remove_dir_all(data_dir.join("member"));
+                    if options.client_port.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Error::Process(format!("etcd did not start: {last}")))
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server (SIGKILL), keeping its data.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the same member again (same ports, same data) after [`kill`](Self::kill).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch().await
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.join("etcd.log")
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let mut cmd = Command::new(&self.options.binary);
+        cmd.arg("--name")
+            .arg("omega")
+            .arg("--data-dir")
+            .arg(self.data_dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("omega={peer}"))
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-level")
+            .arg("warn");
+        if let Some(n) = self.options.max_txn_ops {
+            cmd.arg("--max-txn-ops").arg(n.to_string());
+        }
+        if let Some(q) = self.options.quota_backend_bytes {
+            cmd.arg("--quota-backend-bytes").arg(q.to_string());
+        }
+        if let Some(r) = self.options.auto_compaction_revisions {
+            cmd.arg("--auto-compaction-mode").arg("revision").arg("--auto-compaction-retention").arg(r.to_string());
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().map_err(|e| {
+            Error::Process(format!(
+                "cannot run {:?}: {e} (install Debian's etcd-server, or set OMEGA_ETCD_BIN)",
+                self.options.binary
+            ))
+        })?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.options.startup_timeout;
+        let endpoint = self.endpoint();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    return Err(Error::Process(format!(
+                        "etcd exited with {status} while starting; see {}",
+                        self.log_path().display()
+                    )));
+                }
+            }
+            let ready = async {
+                let mut c = etcd_client::Client::connect([endpoint.as_str()], None).await.ok()?;
+                c.status().await.ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(2), ready).await.ok().flatten().is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Process(format!(
+                    "etcd did not answer on {endpoint} within {:?}; see {}",
+                    self.options.startup_timeout,
+                    self.log_path().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,212 @@
+//! The etcd key layout, in one place.
+//!
+//! Everything a scheduler's cache needs lives under `<prefix>cell/`, so a cache watches one contiguous range
+//! and gets a consistent cut of it at every revision. What only agents read (their assignments) lives under
+//! `<prefix>assign/<node>/`, outside that range, so claim traffic does not fan out to every scheduler twice.
+//!
+//! | key                                   | value                                  |
+//! |---------------------------------------|----------------------------------------|
+//! | `<prefix>cell/nodes/<node>`           | [`crate::model::Node`]                 |
+//! | `<prefix>cell/live/<node>`            | [`crate::model::Liveness`], lease-bound|
+//! | `<prefix>cell/alloc/<node>`           | [`crate::model::Allocation`]           |
+//! | `<prefix>cell/jobs/<job>`             | [`crate::model::Job`]                  |
+//! | `<prefix>cell/tasks/<job>/<index>`    | [`crate::model::Task`]                 |
+//! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
+
+use crate::error::{Error, Result};
+
+/// The default prefix of every key Omega writes.
+pub const DEFAULT_PREFIX: &str = "/omega/";
+
+/// Builds and parses keys under one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// A key of the layout, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key<'a> {
+    Node(&'a str),
+    Live(&'a str),
+    Alloc(&'a str),
+    Job(&'a str),
+    /// A task, by its id `<job>/<index>`.
+    Task(&'a str),
+    Assignment {
+        node: &'a str,
+        task: &'a str,
+    },
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys { prefix: DEFAULT_PREFIX.to_string() }
+    }
+}
+
+impl Keys {
+    /// A layout under `prefix`, which must start with `/`; a trailing `/` is added when missing.
+    pub fn new(prefix: &str) -> Result<Self> {
+        if !prefix.starts_with('/') || prefix.contains("//") || prefix.chars().any(char::is_whitespace) {
+            return Err(Error::InvalidArgument(format!(
+                "key prefix {prefix:?} must start with '/' and contain no empty segment or whitespace"
+            )));
+        }
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Keys { prefix })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The range a scheduler's cache watches.
+    pub fn cell_prefix(&self) -> String {
+        format!("{}cell/", self.prefix)
+    }
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}cell/nodes/", self.prefix)
+    }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}cell/nodes/{node}", self.prefix)
+    }
+    pub fn live(&self, node: &str) -> String {
+        format!("{}cell/live/{node}", self.prefix)
+    }
+    pub fn alloc(&self, node: &str) -> String {
+        format!("{}cell/alloc/{node}", self.prefix)
+    }
+    pub fn jobs_prefix(&self) -> String {
+        format!("{}cell/jobs/", self.prefix)
+    }
+    pub fn job(&self, job: &str) -> String {
+        format!("{}cell/jobs/{job}", self.prefix)
+    }
+    pub fn tasks_prefix(&self) -> String {
+        format!("{}cell/tasks/", self.prefix)
+    }
+    /// All tasks of one job. The trailing `/` keeps job `a` from matching job `ab`.
+    pub fn tasks_of_job(&self, job: &str) -> String {
+        format!("{}cell/tasks/{job}/", self.prefix)
+    }
+    pub fn task(&self, task_id: &str) -> String {
+        format!("{}cell/tasks/{task_id}", self.prefix)
+    }
+    pub fn assignments_prefix(&self) -> String {
+        format!("{}assign/", self.prefix)
+    }
+    /// What one node's agent watches.
+    pub fn assignments_of(&self, node: &str) -> String {
+        format!("{}assign/{node}/", self.prefix)
+    }
+    pub fn assignment(&self, node: &str, task_id: &str) -> String {
+        format!("{}assign/{node}/{task_id}", self.prefix)
+    }
+
+    /// Parses a key of this layout; `None` for anything else under (or outside) the prefix.
+    pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
+        let rest = key.strip_prefix(self.prefix.as_str())?;
+        if let Some(cell) = rest.strip_prefix("cell/") {
+            let (kind, name) = cell.split_once('/')?;
+            if name.is_empty() {
+                return None;
+            }
+            return match kind {
+                "nodes" => Some(Key::Node(name)),
+                "live" => Some(Key::Live(name)),
+                "alloc" => Some(Key::Alloc(name)),
+                "jobs" => Some(Key::Job(name)),
+                "tasks" => name.contains('/').then_some(Key::Task(name)),
+                _ => None,
+            };
+        }
+        let assign = rest.strip_prefix("assign/")?;
+        let (node, task) = assign.split_once('/')?;
+        (!node.is_empty() && task.contains('/')).then_some(Key::Assignment { node, task })
+    }
+}
+
+/// The end of the range of all keys starting with `prefix` (etcd's `[key, range_end)` convention).
+///
+/// Computed by hand rather than with `GetOptions::with_prefix()`, because that derives the end from the key
+/// passed, which is wrong for the second page of a paginated scan.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: the range runs to the end of the keyspace.
+    vec![0]
+}
+
+/// Checks a node or job name: it becomes a key segment and a container name, so keep it plain.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{kind} name {name:?} must be 1-128 characters of a-z, A-Z, 0-9, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// The id of task `index` of `job`.
+pub fn task_id(job: &str, index: u32) -> String {
+    format!("{job}/{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_round_trips() {
+        let k = Keys::new("/omega").unwrap();
+        assert_eq!(k.prefix(), "/omega/");
+        assert_eq!(k.parse(&k.node("n1")), Some(Key::Node("n1")));
+        assert_eq!(k.parse(&k.live("n1")), Some(Key::Live("n1")));
+        assert_eq!(k.parse(&k.alloc("n1")), Some(Key::Alloc("n1")));
+        assert_eq!(k.parse(&k.job("j")), Some(Key::Job("j")));
+        assert_eq!(k.parse(&k.task("j/3")), Some(Key::Task("j/3")));
+        assert_eq!(k.parse(&k.assignment("n1", "j/3")), Some(Key::Assignment { node: "n1", task: "j/3" }));
+        assert_eq!(k.parse("/omega/cell/tasks/j"), None);
+        assert_eq!(k.parse("/omega/cell/bogus/x"), None);
+        assert_eq!(k.parse("/other/cell/nodes/x"), None);
+        assert!(k.task("j/1").starts_with(&k.tasks_of_job("j")));
+        assert!(!k.task("jj/1").starts_with(&k.tasks_of_job("j")));
+        assert!(!k.assignment("n", "j/1").starts_with(&k.cell_prefix()));
+    }
+
+    #[test]
+    fn bad_prefixes_are_refused() {
+        assert!(Keys::new("omega").is_err());
+        assert!(Keys::new("/a//b").is_err());
+        assert!(Keys::new("/a b").is_err());
+    }
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end(b"/omega/"), b"/omega0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("node", "node-1.zone_a").is_ok());
+        assert!(validate_name("node", "").is_err());
+        assert!(validate_name("node", "a/b").is_err());
+        assert!(validate_name("node", ".hidden").is_err());
+    }
+}

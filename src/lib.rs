@@ -1,0 +1,21 @@
+//! Omega's core: the cell state in etcd and the optimistic protocol that lets many independent schedulers
+//! share it.
+//!
+//! The path of a placement reads top to bottom through these modules: the [`model`] records stored under the
+//! [`keys`] layout; the [`store`] that reads and writes them; the [`watcher`] that follows them and the
+//! [`cell_state`] cache it feeds; a scheduler decides on a [`cell_state::CellSnapshot`] using the one fit
+//! function in [`resources`]; its claims go through the [`commit`] protocol; the [`audit`] checks afterwards
+//! that no optimistic race broke an invariant. [`etcd_process`] runs a real etcd for tests and local cells.
+
+pub mod audit;
+pub mod cell_state;
+pub mod commit;
+pub mod error;
+pub mod etcd_process;
+pub mod keys;
+pub mod model;
+pub mod resources;
+pub mod store;
+pub mod watcher;
+
+pub use error::{Error, Result};

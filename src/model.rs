@@ -1,0 +1,294 @@
+//! The records Omega keeps in etcd, one type per key kind (see [`crate::keys`] for where each lives).
+//!
+//! Values are JSON so that `etcdctl watch --prefix /omega/` reads as prose. Every field that a later version
+//! might add carries `#[serde(default)]`, so an older reader still decodes a newer record.
+
+use crate::resources::Resources;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, the time format of every record.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A machine that can run tasks: what it is. What is claimed on it lives in its [`Allocation`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub capacity: Resources,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the node's agent serves (logs, ...), if it serves anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub registered_at_ms: u64,
+}
+
+/// The liveness record of a node, bound to its agent's lease: when the lease lapses etcd deletes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    pub node: String,
+    /// The lease that keeps this key alive (hex, as `etcdctl lease list` shows it).
+    pub lease: String,
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+/// A node's resource ledger: its capacity and every task claimed on it.
+///
+/// This one key is what the commit protocol compares and rewrites on every claim: its mod_revision is the
+/// node's sequence number (Omega's coarse conflict detection), and its content is the fresh state a fine check
+/// needs. Capacity is kept here, not only in [`Node`], so that a claim's compare covers capacity changes too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub node: String,
+    pub capacity: Resources,
+    /// Sum of `tasks`; kept so a person reading etcd sees it, and checked by the audit.
+    pub used: Resources,
+    /// Task id -> resources it holds here.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Resources>,
+    /// False while the node is drained or down: nothing new may be claimed on it.
+    #[serde(default = "default_true")]
+    pub schedulable: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Allocation {
+    /// An empty ledger for a newly registered node.
+    pub fn empty(node: &str, capacity: Resources) -> Self {
+        Allocation {
+            node: node.to_string(),
+            capacity,
+            used: Resources::ZERO,
+            tasks: BTreeMap::new(),
+            schedulable: true,
+        }
+    }
+
+    /// Whether `request` fits on this node now (the one fit function, plus the schedulable flag).
+    pub fn fits(&self, request: Resources) -> Result<(), crate::resources::Dimension> {
+        Resources::fit(self.capacity, self.used, request)
+    }
+
+    pub fn free(&self) -> Resources {
+        Resources::free(self.capacity, self.used)
+    }
+
+    /// Records a claim. The caller has checked fit; this only keeps the ledger and its sum in step.
+    pub fn add(&mut self, task_id: &str, request: Resources) {
+        if let Some(old) = self.tasks.insert(task_id.to_string(), request) {
+            self.used = self.used.saturating_sub(old);
+        }
+        self.used = self.used.saturating_add(request);
+    }
+
+    /// Releases a task's claim, if it has one here.
+    pub fn remove(&mut self, task_id: &str) -> Option<Resources> {
+        let held = self.tasks.remove(task_id)?;
+        self.used = self.used.saturating_sub(held);
+        Some(held)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Batch,
+    Service,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Some tasks are not yet placed.
+    Pending,
+    /// Every task is placed or running.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// A submitted job: what to run, how many, and who schedules it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    /// The scheduler that owns this job's placements (like Kubernetes' `schedulerName`).
+    pub scheduler: String,
+    #[serde(default)]
+    pub priority: i32,
+    /// Number of tasks (batch) or replicas (service).
+    pub tasks: u32,
+    /// What each task asks for.
+    pub resources: Resources,
+    /// All tasks are placed together or not at all.
+    #[serde(default)]
+    pub gang: bool,
+    pub state: JobState,
+    #[serde(default)]
+    pub submitted_at_ms: u64,
+}
+
+/// The life of a task. Resources are held exactly in `Assigned` and `Running`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Pending,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Lost,
+    Killed,
+}
+
+impl TaskState {
+    /// Whether a task in this state holds a claim in its node's [`Allocation`].
+    pub fn holds_resources(self) -> bool {
+        matches!(self, TaskState::Assigned | TaskState::Running)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Lost | TaskState::Killed)
+    }
+
+    /// The transitions the state machine allows; anything else is a bug in the writer.
+    pub fn can_become(self, next: TaskState) -> bool {
+        use TaskState::*;
+        match (self, next) {
+            (Pending, Assigned) | (Pending, Killed) => true,
+            (Assigned, Running) | (Assigned, Pending) => true,
+            (Assigned | Running, Succeeded | Failed | Lost | Killed) => true,
+            // An evicted or lost task goes back to pending for its scheduler.
+            (Running, Pending) | (Lost, Pending) | (Failed, Pending) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            TaskState::Pending => "pending",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Lost => "lost",
+            TaskState::Killed => "killed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One task of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// `<job>/<index>`.
+    pub id: String,
+    pub job: String,
+    pub index: u32,
+    pub resources: Resources,
+    pub state: TaskState,
+    /// The node holding its claim while `Assigned`/`Running`; the last node afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The scheduler instance that placed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_by: Option<String>,
+    #[serde(default)]
+    pub priority: i32,
+    /// How many times a claim for this task was committed (restarts and re-placements count).
+    #[serde(default)]
+    pub placements: u32,
+    /// Why it is in its state, in words (pending reasons, failure causes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub updated_at_ms: u64,
+}
+
+impl Task {
+    /// A new pending task of `job`.
+    pub fn pending(job: &Job, index: u32) -> Self {
+        Task {
+            id: crate::keys::task_id(&job.id, index),
+            job: job.id.clone(),
+            index,
+            resources: job.resources,
+            state: TaskState::Pending,
+            node: None,
+            placed_by: None,
+            priority: job.priority,
+            placements: 0,
+            reason: None,
+            updated_at_ms: now_ms(),
+        }
+    }
+}
+
+/// What an agent reads to know it must run a task: written in the same transaction as the claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task: String,
+    pub job: String,
+    pub node: String,
+    pub resources: Resources,
+    /// Which placement of the task this is (the task's `placements` at commit), so an agent can tell a
+    /// re-placement on the same node from the assignment it already runs.
+    pub placement: u32,
+    pub placed_by: String,
+    pub assigned_at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_keeps_its_sum() {
+        let mut a = Allocation::empty("n", Resources::new(1000, 1000));
+        a.add("j/0", Resources::new(300, 100));
+        a.add("j/1", Resources::new(200, 100));
+        assert_eq!(a.used, Resources::new(500, 200));
+        a.add("j/1", Resources::new(100, 100));
+        assert_eq!(a.used, Resources::new(400, 200));
+        assert_eq!(a.remove("j/0"), Some(Resources::new(300, 100)));
+        assert_eq!(a.remove("j/0"), None);
+        assert_eq!(a.used, Resources::new(100, 100));
+        assert_eq!(a.fits(Resources::new(900, 900)), Ok(()));
+        assert!(a.fits(Resources::new(901, 0)).is_err());
+    }
+
+    #[test]
+    fn records_read_as_json_and_tolerate_missing_fields() {
+        let a: Allocation = serde_json::from_str(
+            r#"{"node":"n","capacity":{"cpu_millis":1,"memory_bytes":2},"used":{"cpu_millis":0,"memory_bytes":0}}"#,
+        )
+        .unwrap();
+        assert!(a.schedulable);
+        assert!(a.tasks.is_empty());
+        let s = serde_json::to_string(&TaskState::Assigned).unwrap();
+        assert_eq!(s, "\"assigned\"");
+    }
+
+    #[test]
+    fn state_machine() {
+        use TaskState::*;
+        assert!(Pending.can_become(Assigned));
+        assert!(Assigned.can_become(Running));
+        assert!(Running.can_become(Succeeded));
+        assert!(!Succeeded.can_become(Running));
+        assert!(!Pending.can_become(Running));
+        assert!(Assigned.holds_resources() && Running.holds_resources());
+        assert!(!Pending.holds_resources() && !Succeeded.holds_resources());
+    }
+}

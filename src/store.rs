@@ -1,0 +1,248 @@
+//! etcd access shared by every component: connecting (with retries a person can follow in the log),
+//! paginated revision-pinned range reads, and the few plain writes that are not claims (registering a node,
+//! creating a job with its pending tasks).
+
+use crate::error::{Error, Result};
+use crate::keys::{self, prefix_end, Keys};
+use crate::model::{now_ms, Allocation, Job, Liveness, Node, Task};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// Large enough for a page of big allocation records; etcd's own reply limit is far above this.
+pub const MAX_DECODING_BYTES: usize = 64 << 20;
+
+/// Keys per page in a range scan: large pages cost fewer round trips; small ones keep each reply well under
+/// the gRPC limit and the server's per-request memory low.
+pub const DEFAULT_PAGE_SIZE: i64 = 2000;
+
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+
+/// A connected etcd client plus the key layout.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("endpoints", &self.endpoints).field("prefix", &self.keys.prefix()).finish()
+    }
+}
+
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+}
+
+impl Store {
+    /// Connects once; fails with [`Error::Unreachable`] if etcd does not answer a status request in time.
+    pub async fn connect(endpoints: &[String], keys: Keys) -> Result<Store> {
+        Self::connect_with_retry(endpoints, keys, Duration::ZERO).await
+    }
+
+    /// Connects, retrying with backoff (and a log line per attempt) for up to `max_wait`. Components that
+    /// start before etcd, or beside an etcd that is restarting, use this rather than failing at once.
+    pub async fn connect_with_retry(endpoints: &[String], keys: Keys, max_wait: Duration) -> Result<Store> {
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument("no etcd endpoint given".into()));
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let last_error = match Self::try_connect(endpoints).await {
+                Ok(client) => {
+                    if attempt > 1 {
+                        tracing::info!(endpoints = ?endpoints, attempt, "connected to etcd");
+                    }
+                    return Ok(Store { client, keys, endpoints: endpoints.to_vec() });
+                }
+                Err(e) => e.to_string(),
+            };
+            let waited = started.elapsed();
+            if waited + backoff > max_wait {
+                return Err(Error::Unreachable { endpoints: endpoints.join(","), waited, last_error });
+            }
+            tracing::warn!(endpoints = ?endpoints, attempt, error = %last_error, retry_in = ?backoff,
+                "etcd not reachable yet");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn try_connect(endpoints: &[String]) -> Result<Client> {
+        let mut client = Client::connect(endpoints, Some(connect_options())).await?;
+        // Connecting is lazy; a status call proves someone answers.
+        tokio::time::timeout(Duration::from_secs(3), client.status())
+            .await
+            .map_err(|_| Error::Timeout(Duration::from_secs(3), "etcd status".into()))??;
+        Ok(client)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A handle on the underlying client (cheap: it shares one channel).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&self) -> Result<i64> {
+        let resp = self.client.kv_client().get("\0", Some(GetOptions::new().with_count_only())).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Every key under `prefix` at one revision, read in pages of `page_size`.
+    ///
+    /// With `revision == None` the first page fixes the revision and later pages are pinned to it, so the
+    /// result is one consistent cut even while others write. Returns the kvs and that revision.
+    pub async fn list(&self, prefix: &str, page_size: i64, revision: Option<i64>) -> Result<(Vec<KeyValue>, i64)> {
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_DECODING_BYTES);
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut pinned = revision;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page_size.max(1));
+            if let Some(rev) = pinned {
+                opts = opts.with_revision(rev);
+            }
+            let mut resp = kv.get(start.clone(), Some(opts)).await?;
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let pinned_rev = *pinned.get_or_insert(rev);
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else {
+                return Ok((out, pinned_rev));
+            };
+            // The next page starts just after the last key of this one.
+            start = last.key().to_vec();
+            start.push(0);
+            out.extend(kvs);
+            if !more {
+                return Ok((out, pinned_rev));
+            }
+        }
+    }
+
+    /// Reads and decodes one key; `None` when absent. Also returns its mod_revision.
+    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>> {
+        let resp = self.client.kv_client().get(key, None).await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some((decode(kv)?, kv.mod_revision()))),
+        }
+    }
+
+    /// Registers (or re-registers) a node: writes its record and makes sure its ledger exists with the
+    /// node's current capacity. A ledger that already holds claims is kept; only its capacity follows the
+    /// node. Returns the revision of the write.
+    pub async fn register_node(&self, node: &Node) -> Result<i64> {
+        keys::validate_name("node", &node.name)?;
+        let node_key = self.keys.node(&node.name);
+        let alloc_key = self.keys.alloc(&node.name);
+        let node_json = encode(&node_key, node)?;
+        let mut kv = self.client.kv_client();
+        // Compare-and-swap on the ledger so a concurrent claim is never overwritten.
+        for _ in 0..16 {
+            let existing: Option<(Allocation, i64)> = self.get_json(&alloc_key).await?;
+            let (ledger, cmp) = match existing {
+                Some((mut a, rev)) => {
+                    if a.capacity == node.capacity {
+                        let resp = kv.put(node_key.as_str(), node_json.clone(), None).await?;
+                        return Ok(resp.header().map(|h| h.revision()).unwrap_or(0));
+                    }
+                    a.capacity = node.capacity;
+                    (a, Compare::mod_revision(alloc_key.as_str(), CompareOp::Equal, rev))
+                }
+                None => (
+                    Allocation::empty(&node.name, node.capacity),
+                    Compare::create_revision(alloc_key.as_str(), CompareOp::Equal, 0),
+                ),
+            };
+            let txn = Txn::new().when([cmp]).and_then([
+                TxnOp::put(node_key.as_str(), node_json.clone(), None),
+                TxnOp::put(alloc_key.as_str(), encode(&alloc_key, &ledger)?, None),
+            ]);
+            let resp = kv.txn(txn).await?;
+            if resp.succeeded() {
+                return Ok(resp.header().map(|h| h.revision()).unwrap_or(0));
+            }
+        }
+        Err(Error::InvalidArgument(format!("node {} ledger kept changing while registering", node.name)))
+    }
+
+    /// Grants a lease of `ttl_secs`; its holder must keep it alive or every key bound to it goes.
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
+        Ok(self.client.lease_client().grant(ttl_secs, None).await?.id())
+    }
+
+    /// Writes a node's liveness key bound to `lease`. Claims are only committed on nodes whose liveness key
+    /// exists, so a node whose lease lapsed receives no new work.
+    pub async fn put_liveness(&self, node: &str, lease: i64) -> Result<i64> {
+        let key = self.keys.live(node);
+        let value = Liveness { node: node.to_string(), lease: format!("{lease:x}"), since_ms: now_ms() };
+        let resp = self
+            .client
+            .kv_client()
+            .put(key.as_str(), encode(&key, &value)?, Some(PutOptions::new().with_lease(lease)))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Writes a new job and its pending tasks. Fails with [`Error::AlreadyExists`] if the id is taken.
+    ///
+    /// The job record goes first, guarded by "does not exist"; tasks follow in batches that respect the
+    /// server's transaction size. A reader that sees the job before all tasks exist sees fewer pending tasks
+    /// for a moment, never a task without its job.
+    pub async fn create_job(&self, job: &Job, max_txn_ops: usize) -> Result<i64> {
+        keys::validate_name("job", &job.id)?;
+        let job_key = self.keys.job(&job.id);
+        let mut kv = self.client.kv_client();
+        let txn = Txn::new()
+            .when([Compare::create_revision(job_key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(job_key.as_str(), encode(&job_key, job)?, None)]);
+        let resp = kv.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(Error::AlreadyExists(format!("job {}", job.id)));
+        }
+        let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let per_txn = max_txn_ops.max(1);
+        let mut ops = Vec::with_capacity(per_txn);
+        for index in 0..job.tasks {
+            let task = Task::pending(job, index);
+            let key = self.keys.task(&task.id);
+            ops.push(TxnOp::put(key.as_str(), encode(&key, &task)?, None));
+            if ops.len() == per_txn || index + 1 == job.tasks {
+                let resp = kv.txn(Txn::new().and_then(std::mem::take(&mut ops))).await?;
+                revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+            }
+        }
+        Ok(revision)
+    }
+}
+
+/// Decodes a JSON value, naming the key on failure.
+pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(kv.value())
+        .map_err(|source| Error::Decode { key: String::from_utf8_lossy(kv.key()).into_owned(), source })
+}
+
+/// Encodes a value as JSON, naming the key on failure.
+pub fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| Error::Encode { key: key.to_string(), source })
+}

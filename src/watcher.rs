@@ -1,0 +1,190 @@
+//! A watch over one key range that never silently loses an event.
+//!
+//! etcd-client does not resume a broken watch, so this does: it lists the range at one revision, watches from
+//! the next one, and after any stream error or end re-watches from `last seen + 1`. If that revision has been
+//! compacted away, etcd cancels the watch with a compact revision; the watcher then re-lists and tells its
+//! consumer to rebuild ([`WatchEvent::Reset`]). The consumer (the cell-state cache, an agent) sees a sequence
+//! of resets and change batches and never has to reason about connections.
+
+use crate::keys::prefix_end;
+use crate::store::{Store, MAX_DECODING_BYTES};
+use etcd_client::{EventType, KeyValue, WatchOptions, WatchStream};
+use std::time::Duration;
+
+/// What a [`Watcher`] yields.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// The full content of the range at `revision`: replace whatever was known before.
+    Reset { kvs: Vec<KeyValue>, revision: i64 },
+    /// Changes in revision order; after applying them the consumer is consistent at `revision`.
+    Changes { changes: Vec<Change>, revision: i64 },
+    /// Nothing changed in the range up to `revision` (a progress notification).
+    Progress { revision: i64 },
+}
+
+/// One change to one key.
+#[derive(Debug)]
+pub enum Change {
+    Put(KeyValue),
+    /// A delete, with the key's last value when etcd still had it (`prev_kv`).
+    Delete {
+        key: Vec<u8>,
+        mod_revision: i64,
+        prev: Option<KeyValue>,
+    },
+}
+
+/// Counters a caller can show (how often the watch broke, how often it had to rebuild).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WatcherStats {
+    pub lists: u64,
+    pub rewatches: u64,
+    pub compactions_seen: u64,
+}
+
+enum State {
+    NeedList,
+    NeedWatch { from: i64 },
+    Watching { stream: Box<WatchStream>, from: i64 },
+}
+
+/// A resumable list-then-watch over `prefix`.
+pub struct Watcher {
+    store: Store,
+    prefix: String,
+    page_size: i64,
+    state: State,
+    backoff: Duration,
+    stats: WatcherStats,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Watcher {
+    pub fn new(store: Store, prefix: impl Into<String>, page_size: i64) -> Self {
+        Watcher {
+            store,
+            prefix: prefix.into(),
+            page_size,
+            state: State::NeedList,
+            backoff: MIN_BACKOFF,
+            stats: WatcherStats::default(),
+        }
+    }
+
+    /// Starts from `revision` instead of listing first (the caller already holds the state at
+    /// `revision - 1`). Falls back to a list if that revision is compacted.
+    pub fn resume_from(mut self, revision: i64) -> Self {
+        self.state = State::NeedWatch { from: revision };
+        self
+    }
+
+    pub fn stats(&self) -> WatcherStats {
+        self.stats
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// The next event. Retries etcd failures forever (with backoff and a log line each), so it only returns
+    /// something to apply.
+    pub async fn next(&mut self) -> WatchEvent {
+        loop {
+            match std::mem::replace(&mut self.state, State::NeedList) {
+                State::NeedList => match self.store.list(&self.prefix, self.page_size, None).await {
+                    Ok((kvs, revision)) => {
+                        self.stats.lists += 1;
+                        self.backoff = MIN_BACKOFF;
+                        self.state = State::NeedWatch { from: revision + 1 };
+                        return WatchEvent::Reset { kvs, revision };
+                    }
+                    Err(e) => {
+                        tracing::warn!(prefix = %self.prefix, error = %e, "list failed; retrying");
+                        self.state = State::NeedList;
+                        self.pause().await;
+                    }
+                },
+                State::NeedWatch { from } => {
+                    let opts = WatchOptions::new()
+                        .with_range(prefix_end(self.prefix.as_bytes()))
+                        .with_start_revision(from)
+                        .with_prev_key()
+                        .with_progress_notify();
+                    let mut client = self.store.client().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
+                    match client.watch(self.prefix.as_str(), Some(opts)).await {
+                        Ok(stream) => {
+                            self.stats.rewatches += 1;
+                            self.state = State::Watching { stream: Box::new(stream), from };
+                        }
+                        Err(e) => {
+                            tracing::warn!(prefix = %self.prefix, from, error = %e, "watch failed; retrying");
+                            self.state = State::NeedWatch { from };
+                            self.pause().await;
+                        }
+                    }
+                }
+                State::Watching { mut stream, from } => match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            if resp.compact_revision() > 0 {
+                                self.stats.compactions_seen += 1;
+                                tracing::info!(prefix = %self.prefix, from, compacted = resp.compact_revision(),
+                                    "watch start revision was compacted; re-listing");
+                                self.state = State::NeedList;
+                            } else {
+                                tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(),
+                                    "watch canceled by server; re-watching");
+                                self.state = State::NeedWatch { from };
+                                self.pause().await;
+                            }
+                            continue;
+                        }
+                        self.backoff = MIN_BACKOFF;
+                        let events = resp.events();
+                        if events.is_empty() {
+                            // A creation notice or a progress notification. Only the latter says something
+                            // about revisions: the watch has delivered everything up to the header revision.
+                            let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                            if !resp.created() && header_rev >= from {
+                                self.state = State::Watching { stream, from: header_rev + 1 };
+                                return WatchEvent::Progress { revision: header_rev };
+                            }
+                            self.state = State::Watching { stream, from };
+                            continue;
+                        }
+                        let mut changes = Vec::with_capacity(events.len());
+                        let mut revision = from - 1;
+                        for ev in events {
+                            let Some(kv) = ev.kv() else { continue };
+                            revision = revision.max(kv.mod_revision());
+                            match ev.event_type() {
+                                EventType::Put => changes.push(Change::Put(kv.clone())),
+                                EventType::Delete => changes.push(Change::Delete {
+                                    key: kv.key().to_vec(),
+                                    mod_revision: kv.mod_revision(),
+                                    prev: ev.prev_kv().cloned(),
+                                }),
+                            }
+                        }
+                        // Resume after the last revision delivered, never before: no event is seen twice.
+                        self.state = State::Watching { stream, from: revision + 1 };
+                        return WatchEvent::Changes { changes, revision };
+                    }
+                    Ok(None) => {
+                        tracing::warn!(prefix = %self.prefix, from, "watch stream ended; re-watching");
+                        self.state = State::NeedWatch { from };
+                        self.pause().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(prefix = %self.prefix, from, error = %e, "watch stream broke; re-watching");
+                        self.state = State::NeedWatch { from };
+                        self.pause().await;
+                    }
+                },
+            }
+        }
+    }
+}
