@@ -456,7 +456,7 @@ impl Committer {
                         continue;
                     }
                     report.failed_node_txns += 1;
-                    let fresh = self.read_fresh(&sub, chunk.claims.len())?;
+                    let fresh = Fresh::read(&mut else_gets(&sub), chunk.claims.len())?;
                     report.fresh_allocations.insert(chunk.node.clone(), fresh.ledger.clone());
                     let queue = queues.get_mut(&chunk.node).expect("queue of a chunk's node");
                     match self.config.detection {
@@ -636,21 +636,6 @@ impl Committer {
         Ok((resp, started.elapsed()))
     }
 
-    /// Decodes the `else` branch of a failed node compare: ledger, liveness, then each task.
-    fn read_fresh(&self, resp: &TxnResponse, n_tasks: usize) -> Result<Fresh> {
-        let mut gets = resp.op_responses().into_iter().map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-            _ => None,
-        });
-        let ledger = gets.next().flatten().map(|kv| versioned::<Allocation>(&kv)).transpose()?;
-        let live = gets.next().flatten().is_some();
-        let mut tasks = Vec::with_capacity(n_tasks);
-        for _ in 0..n_tasks {
-            tasks.push(gets.next().flatten().map(|kv| versioned::<Task>(&kv)).transpose()?);
-        }
-        Ok(Fresh { ledger, live, tasks })
-    }
-
     async fn commit_gang(&self, snapshot: &CellSnapshot, claims: &[Claim]) -> Result<CommitReport> {
         let mut report = CommitReport::default();
         let n = claims.len();
@@ -730,24 +715,10 @@ impl Committer {
             }
             report.failed_node_txns += 1;
             // The else branch holds, per chunk: ledger, liveness, then each of its tasks.
-            let gets: Vec<Option<KeyValue>> = resp
-                .op_responses()
-                .into_iter()
-                .map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-                    _ => None,
-                })
-                .collect();
-            let mut gets = gets.into_iter();
+            let mut gets = else_gets(&resp);
             let mut culprits = Vec::new();
             for chunk in &chunks {
-                let ledger = gets.next().flatten().map(|kv| versioned::<Allocation>(&kv)).transpose()?;
-                let live = gets.next().flatten().is_some();
-                let mut fresh_tasks = Vec::with_capacity(chunk.claims.len());
-                for _ in &chunk.claims {
-                    fresh_tasks.push(gets.next().flatten().map(|kv| versioned::<Task>(&kv)).transpose()?);
-                }
-                let fresh = Fresh { ledger, live, tasks: fresh_tasks };
+                let fresh = Fresh::read(&mut gets, chunk.claims.len())?;
                 let node_changed = fresh.ledger.as_ref().map(|l| l.mod_revision) != Some(chunk.base_rev) || !fresh.live;
                 for (k, &i) in chunk.claims.iter().enumerate() {
                     let coarse = self.config.detection == Detection::Coarse;
@@ -826,6 +797,27 @@ impl Committer {
             writes: chunks.len() + 2 * claims,
             max_txn_ops: self.max_txn_ops(),
         }
+    }
+}
+
+/// The values of a failed transaction's `get`s, in order (`None` for an absent key).
+fn else_gets(resp: &TxnResponse) -> impl Iterator<Item = Option<KeyValue>> {
+    resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    })
+}
+
+impl Fresh {
+    /// Decodes one node's part of an `else` branch: ledger, liveness, then each of `n_tasks` tasks.
+    fn read(gets: &mut impl Iterator<Item = Option<KeyValue>>, n_tasks: usize) -> Result<Fresh> {
+        let ledger = gets.next().flatten().map(|kv| versioned::<Allocation>(&kv)).transpose()?;
+        let live = gets.next().flatten().is_some();
+        let mut tasks = Vec::with_capacity(n_tasks);
+        for _ in 0..n_tasks {
+            tasks.push(gets.next().flatten().map(|kv| versioned::<Task>(&kv)).transpose()?);
+        }
+        Ok(Fresh { ledger, live, tasks })
     }
 }
 

@@ -43,10 +43,11 @@ impl Resources {
     /// Whether `request` fits on a node of `capacity` that already has `used` claimed. Returns the first
     /// dimension that would be exceeded, so a refusal can say why.
     pub fn fit(capacity: Resources, used: Resources, request: Resources) -> Result<(), Dimension> {
-        if used.cpu_millis.saturating_add(request.cpu_millis) > capacity.cpu_millis {
+        // An overflowing sum cannot fit any capacity.
+        if used.cpu_millis.checked_add(request.cpu_millis).is_none_or(|sum| sum > capacity.cpu_millis) {
             return Err(Dimension::Cpu);
         }
-        if used.memory_bytes.saturating_add(request.memory_bytes) > capacity.memory_bytes {
+        if used.memory_bytes.checked_add(request.memory_bytes).is_none_or(|sum| sum > capacity.memory_bytes) {
             return Err(Dimension::Memory);
         }
         Ok(())
