@@ -493,21 +493,12 @@ async fn omega_worker(
             .context("commit timed out")??;
         let done = Instant::now();
 
-        // Keep this worker's copy of its ledgers current, as the cache would after its own commit.
-        for (claim, outcome) in claims.iter().zip(&report.outcomes) {
-            if let ClaimOutcome::Committed { revision } = outcome {
-                let mut ledger = local
-                    .allocations
-                    .get(&claim.node)
-                    .map(|l| (*l.value).clone())
-                    .context("ledger of a committed claim")?;
-                ledger.add(&claim.task.value.id, claim.task.value.resources);
-                local.allocations.insert(claim.node.clone(), Versioned::new(ledger, *revision));
-                out.max_revision = out.max_revision.max(*revision);
-            }
+        // Keep this worker's copy of its ledgers current from what the commit reports it wrote (or found).
+        if let Some(rev) = report.max_revision() {
+            out.max_revision = out.max_revision.max(rev);
         }
-        for (node, fresh) in &report.fresh_allocations {
-            match fresh {
+        for (node, ledger) in &report.ledgers {
+            match ledger {
                 Some(l) => drop(local.allocations.insert(node.clone(), l.clone())),
                 None => drop(local.allocations.remove(node)),
             }

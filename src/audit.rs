@@ -1,8 +1,8 @@
 //! The cell's invariants, checked on one consistent read of etcd.
 //!
 //! This is how we know optimistic concurrency did its job: whatever schedulers raced, at any single revision
-//! no node is over-committed, every placed task is on exactly one node, and every node's ledger matches the
-//! tasks that claim to be on it. [`audit`] reads the whole prefix at one revision (paginated, pinned);
+//! no node is over-committed, every placed task is on exactly one node (its own record names one node, and
+//! exactly one assignment names it), and every node's ledger equals the sum of the tasks placed on it. [`audit`] reads the whole prefix at one revision (paginated, pinned);
 //! [`check`] is the pure part, usable on any listing.
 
 use crate::error::Result;
@@ -20,59 +20,19 @@ use std::fmt;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Violation {
     /// A node's ledger claims more than its capacity.
-    OverCommitted {
-        node: String,
-        dimension: Dimension,
-        used: u64,
-        capacity: u64,
-    },
-    /// A ledger's `used` is not the sum of its tasks.
-    LedgerSumMismatch {
-        node: String,
-        recorded: Resources,
-        sum: Resources,
-    },
+    OverCommitted { node: String, dimension: Dimension, used: u64, capacity: u64 },
+    /// A ledger's sums differ from the tasks placed on its node.
+    LedgerMismatch { node: String, ledger_used: Resources, ledger_tasks: u32, tasks_sum: Resources, tasks: u32 },
     /// The ledger's capacity differs from the node record's.
-    CapacityMismatch {
-        node: String,
-        ledger: Resources,
-        node_record: Resources,
-    },
-    /// A ledger holds a task that does not exist, or is not placed on this node, or holds other resources.
-    LedgerEntryInvalid {
-        node: String,
-        task: String,
-        why: String,
-    },
-    /// A placed task (assigned or running) is missing from its node's ledger.
-    TaskNotInLedger {
-        task: String,
-        node: String,
-    },
-    /// A task appears in more than one ledger.
-    TaskInSeveralLedgers {
-        task: String,
-        nodes: Vec<String>,
-    },
-    /// A placed task has no node.
-    PlacedWithoutNode {
-        task: String,
-    },
-    /// A placed task has no assignment key on its node, or an assignment disagrees with its task.
-    AssignmentMissing {
-        task: String,
-        node: String,
-    },
-    AssignmentInvalid {
-        node: String,
-        task: String,
-        why: String,
-    },
+    CapacityMismatch { node: String, ledger: Resources, node_record: Resources },
+    /// A placed task (assigned or running) has no node, or a node without a ledger.
+    PlacedOnNoNode { task: String, node: Option<String> },
+    /// A placed task has no assignment key on its node.
+    AssignmentMissing { task: String, node: String },
+    /// An assignment that names no task placed on its node (so a task would run in two places).
+    AssignmentInvalid { node: String, task: String, why: String },
     /// A value that does not decode.
-    Undecodable {
-        key: String,
-        error: String,
-    },
+    Undecodable { key: String, error: String },
 }
 
 impl fmt::Display for Violation {
@@ -81,23 +41,18 @@ impl fmt::Display for Violation {
             Violation::OverCommitted { node, dimension, used, capacity } => {
                 write!(f, "node {node}: {dimension} over-committed ({used} claimed of {capacity})")
             }
-            Violation::LedgerSumMismatch { node, recorded, sum } => {
-                write!(f, "node {node}: ledger says used {recorded} but its tasks sum to {sum}")
-            }
+            Violation::LedgerMismatch { node, ledger_used, ledger_tasks, tasks_sum, tasks } => write!(
+                f,
+                "node {node}: ledger says {ledger_tasks} tasks using {ledger_used}, but {tasks} tasks placed there use {tasks_sum}"
+            ),
             Violation::CapacityMismatch { node, ledger, node_record } => {
                 write!(f, "node {node}: ledger capacity {ledger} differs from node record {node_record}")
             }
-            Violation::LedgerEntryInvalid { node, task, why } => write!(f, "node {node}: ledger entry {task}: {why}"),
-            Violation::TaskNotInLedger { task, node } => {
-                write!(f, "task {task}: placed on {node} but not in its ledger")
-            }
-            Violation::TaskInSeveralLedgers { task, nodes } => {
-                write!(f, "task {task}: held in several ledgers: {}", nodes.join(", "))
-            }
-            Violation::PlacedWithoutNode { task } => write!(f, "task {task}: placed but has no node"),
-            Violation::AssignmentMissing { task, node } => {
-                write!(f, "task {task}: placed on {node} but has no assignment")
-            }
+            Violation::PlacedOnNoNode { task, node } => match node {
+                Some(n) => write!(f, "task {task}: placed on {n}, which has no ledger"),
+                None => write!(f, "task {task}: placed but has no node"),
+            },
+            Violation::AssignmentMissing { task, node } => write!(f, "task {task}: placed on {node} but has no assignment"),
             Violation::AssignmentInvalid { node, task, why } => write!(f, "assignment {node}/{task}: {why}"),
             Violation::Undecodable { key, error } => write!(f, "{key}: cannot decode: {error}"),
         }
@@ -164,8 +119,31 @@ pub fn check(keys: &Keys, kvs: &[KeyValue], revision: i64) -> AuditReport {
     report.tasks = tasks.len();
     report.assignments = assignments.len();
 
-    // Ledgers: within capacity, summing right, each entry a task placed here with the same resources.
-    let mut holders: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    // What the tasks say each node holds.
+    let mut held: BTreeMap<&str, (Resources, u32)> = BTreeMap::new();
+    let assigned: BTreeMap<(&str, &str), &Assignment> =
+        assignments.iter().map(|(n, t, a)| ((n.as_str(), t.as_str()), a)).collect();
+    for (id, task) in &tasks {
+        if !task.state.holds_resources() {
+            continue;
+        }
+        report.placed_tasks += 1;
+        let node = match task.node.as_deref() {
+            Some(n) if ledgers.contains_key(n) => n,
+            other => {
+                report.violations.push(Violation::PlacedOnNoNode { task: id.clone(), node: other.map(str::to_string) });
+                continue;
+            }
+        };
+        let entry = held.entry(node).or_default();
+        entry.0 = entry.0.saturating_add(task.resources);
+        entry.1 += 1;
+        if !assigned.contains_key(&(node, id.as_str())) {
+            report.violations.push(Violation::AssignmentMissing { task: id.clone(), node: node.to_string() });
+        }
+    }
+
+    // Ledgers: within capacity, and equal to what the tasks placed on their node hold.
     for (name, ledger) in &ledgers {
         report.used = report.used.saturating_add(ledger.used);
         report.capacity = report.capacity.saturating_add(ledger.capacity);
@@ -177,9 +155,15 @@ pub fn check(keys: &Keys, kvs: &[KeyValue], revision: i64) -> AuditReport {
             };
             v.push(Violation::OverCommitted { node: name.clone(), dimension: d, used, capacity });
         }
-        let sum: Resources = ledger.tasks.values().copied().sum();
-        if sum != ledger.used {
-            v.push(Violation::LedgerSumMismatch { node: name.clone(), recorded: ledger.used, sum });
+        let (tasks_sum, count) = held.get(name.as_str()).copied().unwrap_or_default();
+        if tasks_sum != ledger.used || count != ledger.tasks {
+            v.push(Violation::LedgerMismatch {
+                node: name.clone(),
+                ledger_used: ledger.used,
+                ledger_tasks: ledger.tasks,
+                tasks_sum,
+                tasks: count,
+            });
         }
         if let Some(node) = nodes.get(name) {
             if node.capacity != ledger.capacity {
@@ -190,47 +174,8 @@ pub fn check(keys: &Keys, kvs: &[KeyValue], revision: i64) -> AuditReport {
                 });
             }
         }
-        for (task_id, held) in &ledger.tasks {
-            holders.entry(task_id.as_str()).or_default().push(name.clone());
-            let why = match tasks.get(task_id) {
-                None => Some("no such task".to_string()),
-                Some(t) if !t.state.holds_resources() => Some(format!("task is {}", t.state)),
-                Some(t) if t.node.as_deref() != Some(name.as_str()) => {
-                    Some(format!("task is placed on {}", t.node.as_deref().unwrap_or("no node")))
-                }
-                Some(t) if t.resources != *held => Some(format!("holds {held} but the task asks {}", t.resources)),
-                Some(_) => None,
-            };
-            if let Some(why) = why {
-                v.push(Violation::LedgerEntryInvalid { node: name.clone(), task: task_id.clone(), why });
-            }
-        }
-    }
-    for (task, nodes) in holders {
-        if nodes.len() > 1 {
-            report.violations.push(Violation::TaskInSeveralLedgers { task: task.to_string(), nodes });
-        }
     }
 
-    // Tasks: every placed task is in its node's ledger and has its assignment.
-    let assigned: BTreeMap<(&str, &str), &Assignment> =
-        assignments.iter().map(|(n, t, a)| ((n.as_str(), t.as_str()), a)).collect();
-    for (id, task) in &tasks {
-        if !task.state.holds_resources() {
-            continue;
-        }
-        report.placed_tasks += 1;
-        let Some(node) = task.node.as_deref() else {
-            report.violations.push(Violation::PlacedWithoutNode { task: id.clone() });
-            continue;
-        };
-        if !ledgers.get(node).is_some_and(|l| l.tasks.contains_key(id)) {
-            report.violations.push(Violation::TaskNotInLedger { task: id.clone(), node: node.to_string() });
-        }
-        if !assigned.contains_key(&(node, id.as_str())) {
-            report.violations.push(Violation::AssignmentMissing { task: id.clone(), node: node.to_string() });
-        }
-    }
     // Assignments: each names a task placed on that node.
     for (node, task_id, a) in &assignments {
         let why = match tasks.get(task_id) {

@@ -68,16 +68,21 @@ impl CellSnapshot {
         s
     }
 
-    /// Applies one put.
+    /// Applies one put from etcd.
     pub fn apply_put(&mut self, keys: &Keys, kv: &KeyValue) {
-        let Ok(key) = std::str::from_utf8(kv.key()) else { return };
-        let rev = kv.mod_revision();
+        self.apply_put_bytes(keys, kv.key(), kv.value(), kv.mod_revision());
+    }
+
+    /// Applies one put given as raw key and value (what [`apply_put`](Self::apply_put) unpacks; also for
+    /// tests and benchmarks that have no etcd `KeyValue`).
+    pub fn apply_put_bytes(&mut self, keys: &Keys, key: &[u8], value: &[u8], mod_revision: i64) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
         let ok = match keys.parse(key) {
-            Some(Key::Node(name)) => put(&mut self.nodes, name, kv, rev),
-            Some(Key::Live(name)) => put(&mut self.live, name, kv, rev),
-            Some(Key::Alloc(name)) => put(&mut self.allocations, name, kv, rev),
-            Some(Key::Job(name)) => put(&mut self.jobs, name, kv, rev),
-            Some(Key::Task(id)) => put(&mut self.tasks, id, kv, rev),
+            Some(Key::Node(name)) => put(&mut self.nodes, name, key, value, mod_revision),
+            Some(Key::Live(name)) => put(&mut self.live, name, key, value, mod_revision),
+            Some(Key::Alloc(name)) => put(&mut self.allocations, name, key, value, mod_revision),
+            Some(Key::Job(name)) => put(&mut self.jobs, name, key, value, mod_revision),
+            Some(Key::Task(id)) => put(&mut self.tasks, id, key, value, mod_revision),
             Some(Key::Assignment { .. }) | None => true,
         };
         if !ok {
@@ -117,14 +122,14 @@ impl CellSnapshot {
 
 /// Decodes and stores; a value that does not decode is logged and its entry removed, so the cache never
 /// holds a stale value for a key whose current value it cannot read.
-fn put<T: DeserializeOwned>(map: &mut Map<T>, name: &str, kv: &KeyValue, rev: i64) -> bool {
-    match serde_json::from_slice::<T>(kv.value()) {
+fn put<T: DeserializeOwned>(map: &mut Map<T>, name: &str, key: &str, value: &[u8], rev: i64) -> bool {
+    match serde_json::from_slice::<T>(value) {
         Ok(v) => {
             map.insert(name.to_string(), Versioned::new(v, rev));
             true
         }
         Err(e) => {
-            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "undecodable value in the cell; ignored");
+            tracing::warn!(key, error = %e, "undecodable value in the cell; ignored");
             map.remove(name);
             false
         }
@@ -232,5 +237,53 @@ impl CellState {
 impl Drop for CellState {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Allocation, TaskState};
+    use crate::resources::Resources;
+
+    #[test]
+    fn puts_deletes_and_garbage() {
+        let keys = Keys::default();
+        let mut s = CellSnapshot::default();
+        let ledger = serde_json::to_vec(&Allocation::empty("n1", Resources::new(1, 2))).unwrap();
+        s.apply_put_bytes(&keys, keys.alloc("n1").as_bytes(), &ledger, 7);
+        s.apply_put_bytes(&keys, keys.node("n2").as_bytes(), b"not json", 8);
+        s.apply_put_bytes(&keys, keys.assignment("n1", "j/0").as_bytes(), b"{}", 9);
+        assert_eq!(s.allocations.get("n1").map(|v| v.mod_revision), Some(7));
+        assert!(s.nodes.is_empty());
+        assert_eq!(s.undecodable, 1);
+        // Not schedulable without a liveness key.
+        assert!(!s.is_schedulable("n1"));
+        s.apply_delete(&keys, keys.alloc("n1").as_bytes());
+        assert!(s.allocations.is_empty());
+    }
+
+    #[test]
+    fn a_clone_is_unaffected_by_later_changes() {
+        let keys = Keys::default();
+        let mut s = CellSnapshot::default();
+        let job = crate::model::Job {
+            id: "j".into(),
+            kind: crate::model::JobKind::Batch,
+            scheduler: "batch".into(),
+            priority: 0,
+            tasks: 1,
+            resources: Resources::new(1, 1),
+            gang: false,
+            state: crate::model::JobState::Pending,
+            submitted_at_ms: 0,
+        };
+        let mut task = crate::model::Task::pending(&job, 0);
+        s.apply_put_bytes(&keys, keys.task("j/0").as_bytes(), &serde_json::to_vec(&task).unwrap(), 3);
+        let before = s.clone();
+        task.state = TaskState::Assigned;
+        s.apply_put_bytes(&keys, keys.task("j/0").as_bytes(), &serde_json::to_vec(&task).unwrap(), 4);
+        assert_eq!(before.tasks.get("j/0").unwrap().value.state, TaskState::Pending);
+        assert_eq!(s.tasks.get("j/0").unwrap().value.state, TaskState::Assigned);
     }
 }

@@ -146,9 +146,10 @@ pub struct CommitReport {
     pub retried_claims: u32,
     /// Latency of each transaction.
     pub latencies: Vec<Duration>,
-    /// Fresh ledgers learned from failed compares (`None`: the ledger is gone). A scheduler can place its
-    /// conflicted tasks again on these without waiting for its cache.
-    pub fresh_allocations: HashMap<String, Option<Versioned<Allocation>>>,
+    /// The newest ledger known for each node the commit touched: the one it wrote, or the fresh one a failed
+    /// compare returned (`None`: the ledger is gone). A scheduler can decide its next placements on these
+    /// without waiting for its cache to catch up.
+    pub ledgers: HashMap<String, Option<Versioned<Allocation>>>,
 }
 
 impl CommitReport {
@@ -389,7 +390,7 @@ impl Committer {
                     }
                     match new_ledger.fits(t.resources) {
                         Ok(()) => {
-                            new_ledger.add(&t.id, t.resources);
+                            new_ledger.add(t.resources);
                             taken.push(i);
                         }
                         Err(d) => settle(i, ClaimOutcome::Conflicted(Conflict::NoRoom(d)), &mut decided, &mut report),
@@ -449,15 +450,14 @@ impl Committer {
                         for &i in &chunk.claims {
                             settle(i, ClaimOutcome::Committed { revision }, &mut decided, &mut report);
                         }
-                        bases.insert(
-                            chunk.node.clone(),
-                            NodeBase { ledger: Some(Versioned::new(chunk.new_ledger, revision)), live: true },
-                        );
+                        let written = Versioned::new(chunk.new_ledger, revision);
+                        report.ledgers.insert(chunk.node.clone(), Some(written.clone()));
+                        bases.insert(chunk.node.clone(), NodeBase { ledger: Some(written), live: true });
                         continue;
                     }
                     report.failed_node_txns += 1;
                     let fresh = Fresh::read(&mut else_gets(&sub), chunk.claims.len())?;
-                    report.fresh_allocations.insert(chunk.node.clone(), fresh.ledger.clone());
+                    report.ledgers.insert(chunk.node.clone(), fresh.ledger.clone());
                     let queue = queues.get_mut(&chunk.node).expect("queue of a chunk's node");
                     match self.config.detection {
                         Detection::Coarse => {
@@ -545,11 +545,12 @@ impl Committer {
         batches
     }
 
-    /// A generous estimate of what a chunk adds to a request: keys twice (compare and write), values once.
+    /// A generous estimate of what a chunk adds to a request: keys twice (compare and write), values once,
+    /// the ledger's key and value.
     fn estimate_bytes(&self, chunk: &NodeChunk, tasks: &[Versioned<Task>]) -> usize {
         let per_task: usize =
             chunk.claims.iter().map(|&i| 3 * (self.keys().task(&tasks[i].value.id).len() + 64) + 512).sum();
-        per_task + 96 * chunk.new_ledger.tasks.len() + 512
+        per_task + 512
     }
 
     fn shrink_limits(&self, e: &Error) {
@@ -682,7 +683,7 @@ impl Committer {
                 }
                 match chunk.new_ledger.fits(t.resources) {
                     Ok(()) => {
-                        chunk.new_ledger.add(&t.id, t.resources);
+                        chunk.new_ledger.add(t.resources);
                         chunk.claims.push(i);
                     }
                     Err(d) => culprits.push((i, Conflict::NoRoom(d))),
@@ -711,6 +712,9 @@ impl Committer {
             if resp.succeeded() {
                 let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
                 report.outcomes = vec![ClaimOutcome::Committed { revision }; n];
+                for chunk in chunks {
+                    report.ledgers.insert(chunk.node, Some(Versioned::new(chunk.new_ledger, revision)));
+                }
                 return Ok(report);
             }
             report.failed_node_txns += 1;
@@ -733,7 +737,7 @@ impl Committer {
                         tasks[i] = t.clone();
                     }
                 }
-                report.fresh_allocations.insert(chunk.node.clone(), fresh.ledger.clone());
+                report.ledgers.insert(chunk.node.clone(), fresh.ledger.clone());
                 bases.insert(chunk.node.clone(), NodeBase { ledger: fresh.ledger, live: fresh.live });
             }
             if !culprits.is_empty() {

@@ -37,20 +37,24 @@ pub struct Liveness {
     pub since_ms: u64,
 }
 
-/// A node's resource ledger: its capacity and every task claimed on it.
+/// A node's resource ledger: its capacity and the sum of what is claimed on it.
 ///
 /// This one key is what the commit protocol compares and rewrites on every claim: its mod_revision is the
 /// node's sequence number (Omega's coarse conflict detection), and its content is the fresh state a fine check
 /// needs. Capacity is kept here, not only in [`Node`], so that a claim's compare covers capacity changes too.
+///
+/// It holds sums, not the list of tasks: it is rewritten by every claim on the node, so its size is what every
+/// claim pays in etcd. Which tasks are on the node is in the tasks themselves (`Task::node`, written in the
+/// same transaction), and the audit checks that the sums match them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub node: String,
     pub capacity: Resources,
-    /// Sum of `tasks`; kept so a person reading etcd sees it, and checked by the audit.
+    /// Sum of the resources of the tasks placed here.
     pub used: Resources,
-    /// Task id -> resources it holds here.
+    /// How many tasks are placed here.
     #[serde(default)]
-    pub tasks: BTreeMap<String, Resources>,
+    pub tasks: u32,
     /// False while the node is drained or down: nothing new may be claimed on it.
     #[serde(default = "default_true")]
     pub schedulable: bool,
@@ -63,16 +67,10 @@ fn default_true() -> bool {
 impl Allocation {
     /// An empty ledger for a newly registered node.
     pub fn empty(node: &str, capacity: Resources) -> Self {
-        Allocation {
-            node: node.to_string(),
-            capacity,
-            used: Resources::ZERO,
-            tasks: BTreeMap::new(),
-            schedulable: true,
-        }
+        Allocation { node: node.to_string(), capacity, used: Resources::ZERO, tasks: 0, schedulable: true }
     }
 
-    /// Whether `request` fits on this node now (the one fit function, plus the schedulable flag).
+    /// Whether `request` fits on this node now (the one fit function).
     pub fn fits(&self, request: Resources) -> Result<(), crate::resources::Dimension> {
         Resources::fit(self.capacity, self.used, request)
     }
@@ -81,19 +79,17 @@ impl Allocation {
         Resources::free(self.capacity, self.used)
     }
 
-    /// Records a claim. The caller has checked fit; this only keeps the ledger and its sum in step.
-    pub fn add(&mut self, task_id: &str, request: Resources) {
-        if let Some(old) = self.tasks.insert(task_id.to_string(), request) {
-            self.used = self.used.saturating_sub(old);
-        }
+    /// Records a claim. The caller has checked fit; this only keeps the sums.
+    pub fn add(&mut self, request: Resources) {
         self.used = self.used.saturating_add(request);
+        self.tasks = self.tasks.saturating_add(1);
     }
 
-    /// Releases a task's claim, if it has one here.
-    pub fn remove(&mut self, task_id: &str) -> Option<Resources> {
-        let held = self.tasks.remove(task_id)?;
-        self.used = self.used.saturating_sub(held);
-        Some(held)
+    /// Releases a claim. The caller guarantees (by comparing the task in the same transaction) that the task
+    /// held it, so a claim is never released twice.
+    pub fn remove(&mut self, request: Resources) {
+        self.used = self.used.saturating_sub(request);
+        self.tasks = self.tasks.saturating_sub(1);
     }
 }
 
@@ -254,18 +250,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ledger_keeps_its_sum() {
+    fn ledger_keeps_its_sums() {
         let mut a = Allocation::empty("n", Resources::new(1000, 1000));
-        a.add("j/0", Resources::new(300, 100));
-        a.add("j/1", Resources::new(200, 100));
-        assert_eq!(a.used, Resources::new(500, 200));
-        a.add("j/1", Resources::new(100, 100));
-        assert_eq!(a.used, Resources::new(400, 200));
-        assert_eq!(a.remove("j/0"), Some(Resources::new(300, 100)));
-        assert_eq!(a.remove("j/0"), None);
-        assert_eq!(a.used, Resources::new(100, 100));
-        assert_eq!(a.fits(Resources::new(900, 900)), Ok(()));
-        assert!(a.fits(Resources::new(901, 0)).is_err());
+        a.add(Resources::new(300, 100));
+        a.add(Resources::new(200, 100));
+        assert_eq!((a.used, a.tasks), (Resources::new(500, 200), 2));
+        a.remove(Resources::new(300, 100));
+        assert_eq!((a.used, a.tasks), (Resources::new(200, 100), 1));
+        assert_eq!(a.fits(Resources::new(800, 900)), Ok(()));
+        assert!(a.fits(Resources::new(801, 0)).is_err());
     }
 
     #[test]
@@ -275,7 +268,7 @@ mod tests {
         )
         .unwrap();
         assert!(a.schedulable);
-        assert!(a.tasks.is_empty());
+        assert_eq!(a.tasks, 0);
         let s = serde_json::to_string(&TaskState::Assigned).unwrap();
         assert_eq!(s, "\"assigned\"");
     }

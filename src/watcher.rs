@@ -26,7 +26,8 @@ pub enum WatchEvent {
 #[derive(Debug)]
 pub enum Change {
     Put(KeyValue),
-    /// A delete, with the key's last value when etcd still had it (`prev_kv`).
+    /// A delete; `prev` holds the key's last value only if the watcher asked for it
+    /// ([`Watcher::with_prev_kv`]).
     Delete {
         key: Vec<u8>,
         mod_revision: i64,
@@ -53,6 +54,7 @@ pub struct Watcher {
     store: Store,
     prefix: String,
     page_size: i64,
+    prev_kv: bool,
     state: State,
     backoff: Duration,
     stats: WatcherStats,
@@ -67,10 +69,22 @@ impl Watcher {
             store,
             prefix: prefix.into(),
             page_size,
+            prev_kv: false,
             state: State::NeedList,
             backoff: MIN_BACKOFF,
             stats: WatcherStats::default(),
         }
+    }
+
+    /// Asks etcd for each deleted key's last value ([`Change::Delete::prev`]).
+    ///
+    /// Off by default because it is not free: etcd 3.4 reads the previous value of every event it sends, and
+    /// with one such watcher on the cell range etcd's ceiling for claims fell from about 30k to 13-15k per
+    /// second on a 2-core machine (benches/commit_throughput.rs, `OMEGA_BENCH_RAW_WATCH=prev_kv`). A consumer
+    /// that only needs to know *which* key went away gets that from the key itself.
+    pub fn with_prev_kv(mut self, prev_kv: bool) -> Self {
+        self.prev_kv = prev_kv;
+        self
     }
 
     /// Starts from `revision` instead of listing first (the caller already holds the state at
@@ -108,11 +122,13 @@ impl Watcher {
                     }
                 },
                 State::NeedWatch { from } => {
-                    let opts = WatchOptions::new()
+                    let mut opts = WatchOptions::new()
                         .with_range(prefix_end(self.prefix.as_bytes()))
                         .with_start_revision(from)
-                        .with_prev_key()
                         .with_progress_notify();
+                    if self.prev_kv {
+                        opts = opts.with_prev_key();
+                    }
                     let mut client = self.store.client().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
                     match client.watch(self.prefix.as_str(), Some(opts)).await {
                         Ok(stream) => {

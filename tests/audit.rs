@@ -6,7 +6,7 @@ use common::*;
 use omega::audit::{self, Violation};
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
-use omega::model::{Allocation, Task, TaskState};
+use omega::model::{Allocation, Assignment, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
 
@@ -36,7 +36,7 @@ async fn audit_names_every_broken_invariant() {
     assert_eq!(clean.used, Resources::new(4000, 4 << 30));
 
     let keys = store.keys().clone();
-    // 1. Node 2's ledger claims more than its capacity, and its sum is off.
+    // 1. Node 2's ledger claims more than its capacity (and more than its tasks hold).
     let mut over = Allocation::empty(&node_name(2), cap);
     over.used = Resources::new(5000, 0);
     put_json(&store, keys.alloc(&node_name(2)), &over).await;
@@ -45,34 +45,36 @@ async fn audit_names_every_broken_invariant() {
     t4.state = TaskState::Assigned;
     t4.node = Some(node_name(0));
     put_json(&store, keys.task("a/4"), &t4).await;
-    // 3. Node 1's ledger also lists a/0, which lives on node 0.
-    let (mut l1, _) = store.get_json::<Allocation>(&keys.alloc(&node_name(1))).await.unwrap().unwrap();
-    l1.add("a/0", Resources::new(1000, 1 << 30));
-    put_json(&store, keys.alloc(&node_name(1)), &l1).await;
-    // 4. An assignment for a task that is not placed there.
-    let (a, _) = store.get_json::<serde_json::Value>(&keys.assignment(&node_name(0), "a/0")).await.unwrap().unwrap();
-    put_json(&store, keys.assignment(&node_name(2), "a/5"), &a).await;
-    // 5. Garbage.
+    // 3. Task a/0 runs on node 0, and an assignment tells node 1 to run it too.
+    let (a0, _) = store.get_json::<Assignment>(&keys.assignment(&node_name(0), "a/0")).await.unwrap().unwrap();
+    put_json(&store, keys.assignment(&node_name(1), "a/0"), &Assignment { node: node_name(1), ..a0.clone() }).await;
+    // 4. An assignment for a task that is not placed anywhere.
+    put_json(&store, keys.assignment(&node_name(2), "a/5"), &Assignment { task: "a/5".into(), ..a0 }).await;
+    // 5. Task a/5 is placed on a node that does not exist.
+    let (mut t5, _) = store.get_json::<Task>(&keys.task("a/5")).await.unwrap().unwrap();
+    t5.state = TaskState::Running;
+    t5.node = Some("ghost".into());
+    put_json(&store, keys.task("a/5"), &t5).await;
+    // 6. Garbage.
     store.client().kv_client().put(keys.task("a/9"), "{not json", None).await.unwrap();
 
     let bad = audit::audit(&store).await.unwrap();
     let has = |f: &dyn Fn(&Violation) -> bool| bad.violations.iter().any(f);
-    assert!(
-        has(&|v| matches!(v, Violation::OverCommitted { node, .. } if *node == node_name(2))),
-        "{:#?}",
-        bad.violations
-    );
-    assert!(has(&|v| matches!(v, Violation::LedgerSumMismatch { node, .. } if *node == node_name(2))));
-    assert!(has(&|v| matches!(v, Violation::TaskNotInLedger { task, .. } if task == "a/4")));
+    let n = |i: usize| node_name(i);
+    assert!(has(&|v| matches!(v, Violation::OverCommitted { node, .. } if *node == n(2))), "{:#?}", bad.violations);
+    assert!(has(&|v| matches!(v, Violation::LedgerMismatch { node, .. } if *node == n(2))));
+    assert!(has(&|v| matches!(v, Violation::LedgerMismatch { node, tasks: 3, ledger_tasks: 2, .. } if *node == n(0))));
     assert!(has(&|v| matches!(v, Violation::AssignmentMissing { task, .. } if task == "a/4")));
-    assert!(has(&|v| matches!(v, Violation::TaskInSeveralLedgers { task, .. } if task == "a/0")));
-    assert!(has(
-        &|v| matches!(v, Violation::LedgerEntryInvalid { node, task, .. } if *node == node_name(1) && task == "a/0")
-    ));
+    assert!(has(&|v| matches!(v, Violation::AssignmentInvalid { node, task, .. } if *node == n(1) && task == "a/0")));
     assert!(has(&|v| matches!(v, Violation::AssignmentInvalid { task, .. } if task == "a/5")));
+    assert!(has(&|v| matches!(v, Violation::PlacedOnNoNode { task, .. } if task == "a/5")));
     assert!(has(&|v| matches!(v, Violation::Undecodable { key, .. } if key.ends_with("a/9"))));
-    // Every violation reads as a sentence naming what is wrong.
+    // Node 1's ledger still matches its tasks: only what is broken is reported.
+    assert!(!has(&|v| matches!(v, Violation::LedgerMismatch { node, .. } if *node == n(1))));
+    assert_eq!(bad.violations.len(), 8, "{:#?}", bad.violations);
+    // Every violation reads as a sentence naming what is wrong, and serialises for `-o json`.
     for v in &bad.violations {
         assert!(!v.to_string().is_empty());
+        assert!(serde_json::to_value(v).unwrap().get("kind").is_some());
     }
 }

@@ -79,7 +79,12 @@ async fn a_claim_writes_ledger_task_and_assignment_together() {
     let after = cache.wait_for_revision(rev, Duration::from_secs(10)).await.unwrap();
     let ledger = &after.allocations.get(&node_name(0)).unwrap().value;
     assert_eq!(ledger.used, Resources::new(2000, 2 << 30));
-    assert_eq!(ledger.tasks.len(), 2);
+    assert_eq!(ledger.tasks, 2);
+    assert_eq!(
+        report.ledgers.get(&node_name(0)).cloned().flatten().as_ref(),
+        after.allocations.get(&node_name(0)),
+        "the report carries the ledger it wrote"
+    );
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }
 
@@ -97,8 +102,13 @@ async fn coarse_refuses_a_changed_node_fine_commits_what_still_fits() {
         let me = committer(&store, detection);
         let report = me.commit(&stale, &claims(&stale, "mine", 1, node_name), CommitKind::Incremental).await.unwrap();
         assert_eq!(report.failed_node_txns, 1, "the stale compare failed once");
-        let fresh = report.fresh_allocations.get(&node_name(0)).expect("fresh ledger returned").as_ref().unwrap();
-        assert!(fresh.value.tasks.contains_key("theirs/0"), "the failure returned the node's fresh state");
+        let newest = report.ledgers.get(&node_name(0)).expect("ledger reported").as_ref().unwrap();
+        match detection {
+            // The failure returned the node's fresh state, holding the other scheduler's claim.
+            Detection::Coarse => assert_eq!(newest.value.used, TASK),
+            // The fresh state was used for the retry, and the report carries what the retry wrote.
+            Detection::Fine => assert_eq!(newest.value.used, Resources::new(2000, 2 << 30)),
+        }
         match detection {
             Detection::Coarse => {
                 assert_eq!(report.outcomes[0], ClaimOutcome::Conflicted(Conflict::NodeChanged));

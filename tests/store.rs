@@ -67,7 +67,7 @@ async fn registering_a_node_keeps_its_claims_and_follows_its_capacity() {
     store.register_node(&node).await.unwrap();
     let key = store.keys().alloc("n1");
     let (mut ledger, _) = store.get_json::<Allocation>(&key).await.unwrap().unwrap();
-    ledger.add("j/0", Resources::new(1000, 1 << 30));
+    ledger.add(Resources::new(1000, 1 << 30));
     store.client().kv_client().put(key.as_str(), serde_json::to_vec(&ledger).unwrap(), None).await.unwrap();
     node.capacity = Resources::new(8000, 16 << 30);
     store.register_node(&node).await.unwrap();
