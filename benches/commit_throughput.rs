@@ -42,7 +42,7 @@ use etcd_client::{
     Client, Compare, CompareOp, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
-use omega::commit::{Claim, ClaimOutcome, CommitConfig, CommitKind, Committer, Detection};
+use omega::commit::{Claim, CommitConfig, CommitKind, Committer, Detection};
 use omega::etcd_process::{EtcdOptions, EtcdProcess};
 use omega::keys::Keys;
 use omega::model::{now_ms, Job, JobKind, JobState, Node, Task, TaskState};

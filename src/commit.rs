@@ -48,6 +48,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+/// The smallest op limit the committer works with: one node's sub-transaction with one claim (3 ops) in an
+/// outer transaction.
+const MIN_TXN_OPS: usize = 8;
+
 /// How a conflict is decided (the Omega paper's two kinds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -294,7 +298,7 @@ struct Fresh {
 impl Committer {
     pub fn new(store: Store, config: CommitConfig) -> Self {
         Committer {
-            max_ops: AtomicUsize::new(config.max_txn_ops.max(8)),
+            max_ops: AtomicUsize::new(config.max_txn_ops.max(MIN_TXN_OPS)),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             store,
             config,
@@ -418,7 +422,9 @@ impl Committer {
                 let (resp, latency) = match result {
                     Ok(ok) => ok,
                     Err(e) if e.is_too_many_ops() || e.is_request_too_large() => {
-                        self.shrink_limits(&e);
+                        if !self.shrink_limits(&e) {
+                            return Err(e);
+                        }
                         for chunk in batch.into_iter().rev() {
                             let q = queues.get_mut(&chunk.node).expect("queue of a chunk's node");
                             for &i in chunk.claims.iter().rev() {
@@ -553,17 +559,17 @@ impl Committer {
         per_task + 512
     }
 
-    fn shrink_limits(&self, e: &Error) {
-        if e.is_too_many_ops() {
-            let now = self.max_ops.load(Ordering::Relaxed);
-            let lower = (now / 2).max(8);
-            self.max_ops.store(lower, Ordering::Relaxed);
-            tracing::warn!(from = now, to = lower, "etcd refused a batch as too many operations; lowering max-txn-ops");
-        } else {
-            tracing::warn!("etcd refused a batch as too large; re-sending in smaller pieces");
-            let now = self.max_ops.load(Ordering::Relaxed);
-            self.max_ops.store((now / 2).max(8), Ordering::Relaxed);
+    /// Halves the op limit after etcd refused a batch as too many operations or too large. Returns false if
+    /// the limit is already at its floor (a server this small cannot take even one node's claims).
+    fn shrink_limits(&self, e: &Error) -> bool {
+        let now = self.max_ops.load(Ordering::Relaxed);
+        if now <= MIN_TXN_OPS {
+            return false;
         }
+        let lower = (now / 2).max(MIN_TXN_OPS);
+        self.max_ops.store(lower, Ordering::Relaxed);
+        tracing::warn!(from = now, to = lower, error = %e, "etcd refused a batch; lowering the op limit and re-sending");
+        true
     }
 
     /// The compares, writes and fresh-state reads of one node's chunk.

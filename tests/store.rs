@@ -15,7 +15,8 @@ use std::time::Duration;
 async fn an_absent_etcd_is_a_clear_error() {
     init_tracing();
     let endpoint = format!("http://127.0.0.1:{}", free_port().unwrap());
-    let err = Store::connect(&[endpoint.clone()], Keys::default()).await.expect_err("nothing listens there");
+    let err =
+        Store::connect(std::slice::from_ref(&endpoint), Keys::default()).await.expect_err("nothing listens there");
     assert!(matches!(err, Error::Unreachable { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains(&endpoint) && msg.contains("is it running?"), "{msg}");
