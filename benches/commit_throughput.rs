@@ -45,7 +45,7 @@ use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer, Detection};
 use omega::etcd_process::{EtcdOptions, EtcdProcess};
 use omega::keys::Keys;
-use omega::model::{now_ms, Job, JobKind, JobState, Node, Task, TaskState};
+use omega::model::{now_ms, Job, JobKind, Node, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::{Store, DEFAULT_MAX_TXN_OPS, DEFAULT_PAGE_SIZE};
 use std::collections::{BTreeMap, HashMap};
@@ -361,17 +361,7 @@ async fn run_omega(config: &Config, batch: usize, pool: usize) -> Result<Outcome
         let mut k = 0;
         while left > 0 {
             let n = left.min(TASKS_PER_JOB);
-            jobs.push(Job {
-                id: format!("w{w}-j{k}"),
-                kind: JobKind::Batch,
-                scheduler: "bench".into(),
-                priority: 0,
-                tasks: n,
-                resources: REQUEST,
-                gang: false,
-                state: JobState::Pending,
-                submitted_at_ms: now_ms(),
-            });
+            jobs.push(Job { scheduler: "bench".into(), ..Job::new(&format!("w{w}-j{k}"), JobKind::Batch, n, REQUEST) });
             left -= n;
             k += 1;
         }

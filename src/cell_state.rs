@@ -267,17 +267,7 @@ mod tests {
     fn a_clone_is_unaffected_by_later_changes() {
         let keys = Keys::default();
         let mut s = CellSnapshot::default();
-        let job = crate::model::Job {
-            id: "j".into(),
-            kind: crate::model::JobKind::Batch,
-            scheduler: "batch".into(),
-            priority: 0,
-            tasks: 1,
-            resources: Resources::new(1, 1),
-            gang: false,
-            state: crate::model::JobState::Pending,
-            submitted_at_ms: 0,
-        };
+        let job = crate::model::Job::new("j", crate::model::JobKind::Batch, 1, Resources::new(1, 1));
         let mut task = crate::model::Task::pending(&job, 0);
         s.apply_put_bytes(&keys, keys.task("j/0").as_bytes(), &serde_json::to_vec(&task).unwrap(), 3);
         let before = s.clone();

@@ -112,7 +112,9 @@ pub enum JobState {
     Cancelled,
 }
 
-/// A submitted job: what to run, how many, and who schedules it.
+/// A submitted job: what to run, how many, where it may go, and who schedules it.
+///
+/// This is the validated form of a job file (`omega::job_spec` parses the YAML people write).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
@@ -125,12 +127,155 @@ pub struct Job {
     pub tasks: u32,
     /// What each task asks for.
     pub resources: Resources,
-    /// All tasks are placed together or not at all.
+    /// All tasks are placed together or not at all (batch only).
     #[serde(default)]
     pub gang: bool,
     pub state: JobState,
     #[serde(default)]
     pub submitted_at_ms: u64,
+    /// Container image (a name known to the node's containerd).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// Replaces the image's entrypoint when not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Every constraint must hold on a node for a task to go there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// Spread the tasks evenly over the values of this node label (e.g. `zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    /// No two tasks of this job on one node.
+    #[serde(default)]
+    pub anti_affinity: bool,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How long a task runs on a simulated node (real nodes run the command until it exits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+impl Job {
+    /// A pending job with the defaults of its kind: scheduled by the scheduler named like the kind, restarted
+    /// never (batch) or always (service), no constraints.
+    pub fn new(id: &str, kind: JobKind, tasks: u32, resources: Resources) -> Job {
+        Job {
+            id: id.to_string(),
+            kind,
+            scheduler: kind.default_scheduler().to_string(),
+            priority: 0,
+            tasks,
+            resources,
+            gang: false,
+            state: JobState::Pending,
+            submitted_at_ms: now_ms(),
+            image: String::new(),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            constraints: Vec::new(),
+            spread: None,
+            anti_affinity: false,
+            restart: RestartPolicy {
+                mode: match kind {
+                    JobKind::Batch => RestartMode::Never,
+                    JobKind::Service => RestartMode::Always,
+                },
+                ..RestartPolicy::default()
+            },
+            duration_ms: None,
+        }
+    }
+}
+
+impl JobKind {
+    /// The scheduler a job of this kind goes to when its file names none.
+    pub fn default_scheduler(self) -> &'static str {
+        match self {
+            JobKind::Batch => "batch",
+            JobKind::Service => "service",
+        }
+    }
+}
+
+/// A condition on a node label.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Constraint {
+    /// The label is present and equals `value`.
+    Equals { label: String, value: String },
+    /// The label is present and is one of `values`.
+    In { label: String, values: Vec<String> },
+    /// The label is absent or is none of `values`.
+    NotIn { label: String, values: Vec<String> },
+}
+
+impl Constraint {
+    pub fn label(&self) -> &str {
+        match self {
+            Constraint::Equals { label, .. } | Constraint::In { label, .. } | Constraint::NotIn { label, .. } => label,
+        }
+    }
+
+    /// Whether a node with these labels satisfies the constraint.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Constraint::Equals { label, value } => labels.get(label) == Some(value),
+            Constraint::In { label, values } => labels.get(label).is_some_and(|v| values.contains(v)),
+            Constraint::NotIn { label, values } => labels.get(label).is_none_or(|v| !values.contains(v)),
+        }
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    /// The form pending reasons use: `zone=b`, `zone in (a,b)`, `zone notin (c)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Constraint::Equals { label, value } => write!(f, "{label}={value}"),
+            Constraint::In { label, values } => write!(f, "{label} in ({})", values.join(",")),
+            Constraint::NotIn { label, values } => write!(f, "{label} notin ({})", values.join(",")),
+        }
+    }
+}
+
+/// When a finished task is started again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartMode {
+    /// Never (the batch default).
+    #[default]
+    Never,
+    /// After a failure, up to `max_restarts` times.
+    OnFailure,
+    /// After any exit (the service default).
+    Always,
+}
+
+/// A job's restart policy: which exits restart a task, how often, and how long to wait between tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    #[serde(default)]
+    pub mode: RestartMode,
+    /// Restarts allowed per task before it is left failed (`0` with `always`: unlimited).
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// Wait before the first restart; doubles on each further one, up to a minute.
+    #[serde(default = "default_restart_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_restart_backoff_ms() -> u64 {
+    1000
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy { mode: RestartMode::Never, max_restarts: 0, backoff_ms: default_restart_backoff_ms() }
+    }
 }
 
 /// The life of a task. Resources are held exactly in `Assigned` and `Running`.
@@ -271,6 +416,25 @@ mod tests {
         assert_eq!(a.tasks, 0);
         let s = serde_json::to_string(&TaskState::Assigned).unwrap();
         assert_eq!(s, "\"assigned\"");
+    }
+
+    #[test]
+    fn constraints_match_labels() {
+        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        let eq = |v: &str| Constraint::Equals { label: "zone".into(), value: v.into() };
+        assert!(eq("a").matches(&labels));
+        assert!(!eq("b").matches(&labels));
+        let within = Constraint::In { label: "zone".into(), values: vec!["a".into(), "b".into()] };
+        assert!(within.matches(&labels));
+        let not_in = Constraint::NotIn { label: "zone".into(), values: vec!["a".into()] };
+        assert!(!not_in.matches(&labels));
+        let absent = Constraint::NotIn { label: "disk".into(), values: vec!["hdd".into()] };
+        assert!(absent.matches(&labels), "notin holds on nodes without the label");
+        assert!(!Constraint::In { label: "disk".into(), values: vec!["ssd".into()] }.matches(&labels));
+        assert_eq!(within.to_string(), "zone in (a,b)");
+        assert_eq!(eq("b").to_string(), "zone=b");
+        let json = serde_json::to_string(&within).unwrap();
+        assert_eq!(json, r#"{"op":"in","label":"zone","values":["a","b"]}"#);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use etcd_client::{PutOptions, Txn, TxnOp};
 use omega::cell_state::{CellSnapshot, CellState};
 use omega::etcd_process::{EtcdOptions, EtcdProcess};
 use omega::keys::Keys;
-use omega::model::{Allocation, Job, JobKind, JobState, Liveness, Node};
+use omega::model::{Allocation, Job, JobKind, Liveness, Node};
 use omega::resources::Resources;
 use omega::store::{encode, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,17 +71,7 @@ pub async fn seed_nodes(store: &Store, n: usize, capacity: Resources) -> i64 {
 
 /// A batch job of `tasks` tasks asking `resources` each.
 pub fn batch_job(id: &str, tasks: u32, resources: Resources) -> Job {
-    Job {
-        id: id.to_string(),
-        kind: JobKind::Batch,
-        scheduler: "batch".into(),
-        priority: 0,
-        tasks,
-        resources,
-        gang: false,
-        state: JobState::Pending,
-        submitted_at_ms: 0,
-    }
+    Job::new(id, JobKind::Batch, tasks, resources)
 }
 
 /// Reads the cell range from etcd and waits until `cache` reflects that revision, then checks that the cache
