@@ -53,6 +53,7 @@ fn task(i: usize, revision: i64) -> Task {
         priority: 100,
         placements: 1,
         reason: None,
+        preempted: Vec::new(),
         updated_at_ms: 1_700_000_000_000 + revision as u64,
     }
 }

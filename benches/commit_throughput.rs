@@ -471,7 +471,7 @@ async fn omega_worker(
         claims.clear();
         for _ in 0..batch {
             let Some(task) = next_task.next() else { break };
-            claims.push(Claim { task, node: nodes[next_node].clone() });
+            claims.push(Claim::new(task, nodes[next_node].clone()));
             next_node = (next_node + 1) % nodes.len();
         }
         if claims.len() < batch {

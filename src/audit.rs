@@ -109,7 +109,7 @@ pub fn check(keys: &Keys, kvs: &[KeyValue], revision: i64) -> AuditReport {
                 report.jobs += 1;
                 Ok(())
             }
-            Some(Key::Live(_)) | None => Ok(()),
+            Some(Key::Live(_) | Key::Owner(_) | Key::Scheduler(_) | Key::Status(_)) | None => Ok(()),
         };
         if let Err(e) = result {
             report.violations.push(undecodable(e));

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Job, Liveness, Node, Task};
+use crate::model::{Allocation, Job, JobOwner, Liveness, Node, SchedulerInstance, Task};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
 use etcd_client::KeyValue;
@@ -54,6 +54,13 @@ pub struct CellSnapshot {
     pub allocations: Map<Allocation>,
     pub jobs: Map<Job>,
     pub tasks: Map<Task>,
+    /// Job id -> the scheduler instance placing it.
+    pub owners: Map<JobOwner>,
+    /// `<scheduler>/<instance>` -> a live scheduler instance.
+    pub schedulers: Map<SchedulerInstance>,
+    /// Node -> ids of the tasks holding resources there (derived from `tasks`; for anti-affinity, spread and
+    /// choosing preemption victims without scanning every task).
+    pub node_tasks: imbl::HashMap<String, imbl::HashSet<String>>,
     /// Values under the cell prefix that could not be decoded (logged and left out).
     pub undecodable: u64,
 }
@@ -82,8 +89,15 @@ impl CellSnapshot {
             Some(Key::Live(name)) => put(&mut self.live, name, key, value, mod_revision),
             Some(Key::Alloc(name)) => put(&mut self.allocations, name, key, value, mod_revision),
             Some(Key::Job(name)) => put(&mut self.jobs, name, key, value, mod_revision),
-            Some(Key::Task(id)) => put(&mut self.tasks, id, key, value, mod_revision),
-            Some(Key::Assignment { .. }) | None => true,
+            Some(Key::Task(id)) => {
+                self.unindex_task(id);
+                let ok = put(&mut self.tasks, id, key, value, mod_revision);
+                self.index_task(id);
+                ok
+            }
+            Some(Key::Owner(job)) => put(&mut self.owners, job, key, value, mod_revision),
+            Some(Key::Scheduler(name)) => put(&mut self.schedulers, name, key, value, mod_revision),
+            Some(Key::Assignment { .. }) | Some(Key::Status(_)) | None => true,
         };
         if !ok {
             self.undecodable += 1;
@@ -98,9 +112,43 @@ impl CellSnapshot {
             Some(Key::Live(name)) => drop(self.live.remove(name)),
             Some(Key::Alloc(name)) => drop(self.allocations.remove(name)),
             Some(Key::Job(name)) => drop(self.jobs.remove(name)),
-            Some(Key::Task(id)) => drop(self.tasks.remove(id)),
-            Some(Key::Assignment { .. }) | None => {}
+            Some(Key::Task(id)) => {
+                self.unindex_task(id);
+                self.tasks.remove(id);
+            }
+            Some(Key::Owner(job)) => drop(self.owners.remove(job)),
+            Some(Key::Scheduler(name)) => drop(self.schedulers.remove(name)),
+            Some(Key::Assignment { .. }) | Some(Key::Status(_)) | None => {}
         }
+    }
+
+    fn unindex_task(&mut self, id: &str) {
+        let Some(old) = self.tasks.get(id) else { return };
+        if let (true, Some(node)) = (old.value.state.holds_resources(), old.value.node.as_deref()) {
+            if let Some(set) = self.node_tasks.get_mut(node) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.node_tasks.remove(node);
+                }
+            }
+        }
+    }
+
+    fn index_task(&mut self, id: &str) {
+        let Some(new) = self.tasks.get(id) else { return };
+        if let (true, Some(node)) = (new.value.state.holds_resources(), new.value.node.as_deref()) {
+            self.node_tasks.entry(node.to_string()).or_default().insert(id.to_string());
+        }
+    }
+
+    /// The tasks holding resources on `node`.
+    pub fn tasks_on(&self, node: &str) -> impl Iterator<Item = &Versioned<Task>> {
+        self.node_tasks.get(node).into_iter().flat_map(|ids| ids.iter().filter_map(|id| self.tasks.get(id)))
+    }
+
+    /// The tasks of a job, by index (a job's task ids are `<job>/0 .. <job>/<n-1>`).
+    pub fn tasks_of<'a>(&'a self, job: &'a Job) -> impl Iterator<Item = &'a Versioned<Task>> + 'a {
+        (0..job.tasks).filter_map(move |i| self.tasks.get(&crate::keys::task_id(&job.id, i)))
     }
 
     /// Applies a batch of watch changes and moves to `revision`.

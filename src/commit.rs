@@ -78,6 +78,21 @@ pub enum CommitKind {
 pub struct Claim {
     pub task: Versioned<Task>,
     pub node: String,
+    /// Lower-priority tasks on `node` to evict so this one fits (preemption). They are evicted in the same
+    /// sub-transaction as the claim: both happen or neither does. Each goes back to `pending` for its own
+    /// scheduler with the reason recorded; the claimed task records whom it preempted.
+    pub preempts: Vec<Versioned<Task>>,
+}
+
+impl Claim {
+    pub fn new(task: Versioned<Task>, node: impl Into<String>) -> Self {
+        Claim { task, node: node.into(), preempts: Vec::new() }
+    }
+
+    /// A claim that evicts `victims` from `node` to make room.
+    pub fn preempting(task: Versioned<Task>, node: impl Into<String>, victims: Vec<Versioned<Task>>) -> Self {
+        Claim { task, node: node.into(), preempts: victims }
+    }
 }
 
 /// Why a claim was not committed. Stable names, for metrics and for people.
@@ -100,6 +115,8 @@ pub enum Conflict {
     GangAborted,
     /// The same task appears more than once in one commit; only its first claim is tried.
     Duplicate,
+    /// A task this claim meant to preempt changed (finished, moved, or was preempted by someone else).
+    VictimChanged,
     /// The request failed in transport; it may or may not have been applied. Re-read the cell.
     Unknown,
 }
@@ -115,6 +132,7 @@ impl fmt::Display for Conflict {
             Conflict::Contention => f.write_str("lost the race on the node too many times"),
             Conflict::GangAborted => f.write_str("another claim of the gang conflicted"),
             Conflict::Duplicate => f.write_str("task claimed twice in one commit"),
+            Conflict::VictimChanged => f.write_str("a task to preempt changed"),
             Conflict::Unknown => f.write_str("outcome unknown (request failed)"),
         }
     }
@@ -286,6 +304,15 @@ struct NodeChunk {
     new_ledger: Allocation,
     /// Indices into the commit's claims.
     claims: Vec<usize>,
+    /// Tasks evicted by this chunk's claims: (index of the claim, the victim as seen).
+    victims: Vec<(usize, Versioned<Task>)>,
+}
+
+impl NodeChunk {
+    /// Ops this chunk needs in its sub-transaction: the ledger, then two per claim and two per victim.
+    fn ops(&self) -> usize {
+        1 + 2 * (self.claims.len() + self.victims.len())
+    }
 }
 
 /// Fresh state read back from a failed compare.
@@ -346,9 +373,11 @@ impl Committer {
         let mut bases: BTreeMap<String, NodeBase> = BTreeMap::new();
         let mut queues: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
         let mut retries: HashMap<String, u32> = HashMap::new();
-        let mut seen = HashSet::new();
+        let mut seen_ids = HashSet::new();
+        // Victims already taken by an earlier claim of this commit (a key may be written once per txn).
+        let mut evicted: HashSet<String> = HashSet::new();
         for (i, c) in claims.iter().enumerate() {
-            if !seen.insert(c.task.value.id.as_str()) {
+            if !seen_ids.insert(c.task.value.id.as_str()) {
                 report.outcomes[i] = ClaimOutcome::Conflicted(Conflict::Duplicate);
                 decided[i] = true;
                 continue;
@@ -384,20 +413,47 @@ impl Committer {
                 }
                 let ledger = base.ledger.as_ref().expect("refusal() checked the ledger");
                 let mut new_ledger = (*ledger.value).clone();
-                let mut taken = Vec::new();
-                while taken.len() < per_node {
+                let (mut taken, mut victims) = (Vec::new(), Vec::new());
+                while taken.len() + victims.len() < per_node {
                     let Some(i) = queue.pop_front() else { break };
                     let t = &tasks[i].value;
                     if t.state != TaskState::Pending {
                         settle(i, ClaimOutcome::Conflicted(Conflict::TaskChanged), &mut decided, &mut report);
                         continue;
                     }
-                    match new_ledger.fits(t.resources) {
+                    // Victims must hold resources here now (as far as we know) and be evicted only once.
+                    let preempts = &claims[i].preempts;
+                    let victim_ok = |v: &Versioned<Task>| {
+                        v.value.state.holds_resources() && v.value.node.as_deref() == Some(node.as_str())
+                    };
+                    if !preempts.iter().all(victim_ok) {
+                        settle(i, ClaimOutcome::Conflicted(Conflict::VictimChanged), &mut decided, &mut report);
+                        continue;
+                    }
+                    if preempts
+                        .iter()
+                        .any(|v| !evicted.insert(v.value.id.clone()) || seen_ids.contains(v.value.id.as_str()))
+                    {
+                        settle(i, ClaimOutcome::Conflicted(Conflict::Duplicate), &mut decided, &mut report);
+                        continue;
+                    }
+                    let mut trial = new_ledger.clone();
+                    for v in preempts {
+                        trial.remove(v.value.resources);
+                    }
+                    match trial.fits(t.resources) {
                         Ok(()) => {
-                            new_ledger.add(t.resources);
+                            trial.add(t.resources);
+                            new_ledger = trial;
                             taken.push(i);
+                            victims.extend(preempts.iter().map(|v| (i, v.clone())));
                         }
-                        Err(d) => settle(i, ClaimOutcome::Conflicted(Conflict::NoRoom(d)), &mut decided, &mut report),
+                        Err(d) => {
+                            for v in preempts {
+                                evicted.remove(&v.value.id);
+                            }
+                            settle(i, ClaimOutcome::Conflicted(Conflict::NoRoom(d)), &mut decided, &mut report)
+                        }
                     }
                 }
                 if !taken.is_empty() {
@@ -406,6 +462,7 @@ impl Committer {
                         base_rev: ledger.mod_revision,
                         new_ledger,
                         claims: taken,
+                        victims,
                     });
                 }
             }
@@ -426,6 +483,9 @@ impl Committer {
                             return Err(e);
                         }
                         for chunk in batch.into_iter().rev() {
+                            for (_, v) in &chunk.victims {
+                                evicted.remove(&v.value.id);
+                            }
                             let q = queues.get_mut(&chunk.node).expect("queue of a chunk's node");
                             for &i in chunk.claims.iter().rev() {
                                 q.push_front(i);
@@ -462,7 +522,10 @@ impl Committer {
                         continue;
                     }
                     report.failed_node_txns += 1;
-                    let fresh = Fresh::read(&mut else_gets(&sub), chunk.claims.len())?;
+                    let fresh = Fresh::read(&mut else_gets(&sub), chunk.claims.len() + chunk.victims.len())?;
+                    for (_, v) in &chunk.victims {
+                        evicted.remove(&v.value.id);
+                    }
                     report.ledgers.insert(chunk.node.clone(), fresh.ledger.clone());
                     let queue = queues.get_mut(&chunk.node).expect("queue of a chunk's node");
                     match self.config.detection {
@@ -482,8 +545,22 @@ impl Committer {
                             let tries = retries.entry(chunk.node.clone()).or_default();
                             *tries += 1;
                             let exhausted = *tries > self.config.max_fine_retries;
+                            let n_claims = chunk.claims.len();
+                            let victim_moved = |i: usize| {
+                                chunk
+                                    .victims
+                                    .iter()
+                                    .enumerate()
+                                    .any(|(k, (owner, v))| *owner == i && task_moved(v, &fresh.tasks[n_claims + k]))
+                            };
                             for (k, &i) in chunk.claims.iter().enumerate().rev() {
                                 match &fresh.tasks[k] {
+                                    Some(_) if victim_moved(i) => settle(
+                                        i,
+                                        ClaimOutcome::Conflicted(Conflict::VictimChanged),
+                                        &mut decided,
+                                        &mut report,
+                                    ),
                                     Some(t) if t.value.state == TaskState::Pending => {
                                         tasks[i] = t.clone();
                                         if exhausted {
@@ -533,7 +610,7 @@ impl Committer {
         let mut batch: Vec<NodeChunk> = Vec::new();
         let (mut widest, mut bytes) = (0usize, 0usize);
         for chunk in chunks {
-            let ops = 1 + 2 * chunk.claims.len();
+            let ops = chunk.ops();
             let size = self.estimate_bytes(&chunk, tasks);
             let fits = batch.len() + 1 + widest.max(ops) <= limit && bytes + size <= byte_budget;
             if !batch.is_empty() && !fits {
@@ -599,6 +676,8 @@ impl Committer {
             placed.placements += 1;
             placed.reason = None;
             placed.updated_at_ms = now;
+            placed.preempted =
+                chunk.victims.iter().filter(|(owner, _)| *owner == i).map(|(_, v)| v.value.id.clone()).collect();
             let assignment = Assignment {
                 task: placed.id.clone(),
                 job: placed.job.clone(),
@@ -611,6 +690,21 @@ impl Committer {
             let assign_key = keys.assignment(&chunk.node, &placed.id);
             writes.push(TxnOp::put(task_key.as_str(), encode(&task_key, &placed)?, None));
             writes.push(TxnOp::put(assign_key.as_str(), encode(&assign_key, &assignment)?, None));
+            reads.push(TxnOp::get(task_key.as_str(), None));
+        }
+        for (owner, victim) in &chunk.victims {
+            let by = &tasks[*owner].value;
+            let task_key = keys.task(&victim.value.id);
+            compares.push(Compare::mod_revision(task_key.as_str(), CompareOp::Equal, victim.mod_revision));
+            let mut evicted = (*victim.value).clone();
+            evicted.state = TaskState::Pending;
+            evicted.reason = Some(format!(
+                "preempted by {} (priority {} over {}) on {}",
+                by.id, by.priority, evicted.priority, chunk.node
+            ));
+            evicted.updated_at_ms = now;
+            writes.push(TxnOp::put(task_key.as_str(), encode(&task_key, &evicted)?, None));
+            writes.push(TxnOp::delete(keys.assignment(&chunk.node, &victim.value.id), None));
             reads.push(TxnOp::get(task_key.as_str(), None));
         }
         Ok((compares, writes, reads))
@@ -652,6 +746,9 @@ impl Committer {
             report.outcomes[dup] = ClaimOutcome::Conflicted(Conflict::Duplicate);
             return Ok(report);
         }
+        if claims.iter().any(|c| !c.preempts.is_empty()) {
+            return Err(Error::InvalidArgument("gang commits do not preempt; commit evictions incrementally".into()));
+        }
         let mut tasks: Vec<Versioned<Task>> = claims.iter().map(|c| c.task.clone()).collect();
         let mut bases: BTreeMap<String, NodeBase> = BTreeMap::new();
         for c in claims {
@@ -681,6 +778,7 @@ impl Committer {
                     base_rev: ledger.mod_revision,
                     new_ledger: (*ledger.value).clone(),
                     claims: Vec::new(),
+                    victims: Vec::new(),
                 });
                 let t = &tasks[i].value;
                 if t.state != TaskState::Pending {

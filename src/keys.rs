@@ -11,6 +11,9 @@
 //! | `<prefix>cell/alloc/<node>`           | [`crate::model::Allocation`]           |
 //! | `<prefix>cell/jobs/<job>`             | [`crate::model::Job`]                  |
 //! | `<prefix>cell/tasks/<job>/<index>`    | [`crate::model::Task`]                 |
+//! | `<prefix>cell/owners/<job>`           | [`crate::model::JobOwner`], lease-bound|
+//! | `<prefix>cell/schedulers/<name>/<id>` | [`crate::model::SchedulerInstance`], lease-bound |
+//! | `<prefix>status/<job>`                | [`crate::model::JobStatus`]            |
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
 
 use crate::error::{Error, Result};
@@ -37,6 +40,12 @@ pub enum Key<'a> {
         node: &'a str,
         task: &'a str,
     },
+    /// Which scheduler instance owns a job's placements.
+    Owner(&'a str),
+    /// A live scheduler instance, by `<scheduler>/<instance>`.
+    Scheduler(&'a str),
+    /// A job's placement status (pending reasons), outside the cached range.
+    Status(&'a str),
 }
 
 impl Default for Keys {
@@ -96,6 +105,21 @@ impl Keys {
     pub fn task(&self, task_id: &str) -> String {
         format!("{}cell/tasks/{task_id}", self.prefix)
     }
+    pub fn owner(&self, job: &str) -> String {
+        format!("{}cell/owners/{job}", self.prefix)
+    }
+    pub fn schedulers_prefix(&self) -> String {
+        format!("{}cell/schedulers/", self.prefix)
+    }
+    pub fn scheduler(&self, scheduler: &str, instance: &str) -> String {
+        format!("{}cell/schedulers/{scheduler}/{instance}", self.prefix)
+    }
+    pub fn status_prefix(&self) -> String {
+        format!("{}status/", self.prefix)
+    }
+    pub fn status(&self, job: &str) -> String {
+        format!("{}status/{job}", self.prefix)
+    }
     pub fn assignments_prefix(&self) -> String {
         format!("{}assign/", self.prefix)
     }
@@ -121,8 +145,13 @@ impl Keys {
                 "alloc" => Some(Key::Alloc(name)),
                 "jobs" => Some(Key::Job(name)),
                 "tasks" => name.contains('/').then_some(Key::Task(name)),
+                "owners" => Some(Key::Owner(name)),
+                "schedulers" => name.contains('/').then_some(Key::Scheduler(name)),
                 _ => None,
             };
+        }
+        if let Some(job) = rest.strip_prefix("status/") {
+            return (!job.is_empty()).then_some(Key::Status(job));
         }
         let assign = rest.strip_prefix("assign/")?;
         let (node, task) = assign.split_once('/')?;
@@ -180,6 +209,10 @@ mod tests {
         assert_eq!(k.parse(&k.job("j")), Some(Key::Job("j")));
         assert_eq!(k.parse(&k.task("j/3")), Some(Key::Task("j/3")));
         assert_eq!(k.parse(&k.assignment("n1", "j/3")), Some(Key::Assignment { node: "n1", task: "j/3" }));
+        assert_eq!(k.parse(&k.owner("j")), Some(Key::Owner("j")));
+        assert_eq!(k.parse(&k.scheduler("batch", "b-1")), Some(Key::Scheduler("batch/b-1")));
+        assert_eq!(k.parse(&k.status("j")), Some(Key::Status("j")));
+        assert!(!k.status("j").starts_with(&k.cell_prefix()));
         assert_eq!(k.parse("/omega/cell/tasks/j"), None);
         assert_eq!(k.parse("/omega/cell/bogus/x"), None);
         assert_eq!(k.parse("/other/cell/nodes/x"), None);

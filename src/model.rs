@@ -350,9 +350,12 @@ pub struct Task {
     /// How many times a claim for this task was committed (restarts and re-placements count).
     #[serde(default)]
     pub placements: u32,
-    /// Why it is in its state, in words (pending reasons, failure causes).
+    /// Why it is in its state, in words (pending reasons, failure causes, "preempted by ...").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Tasks this task's placement evicted (set on the preemptor, so both sides of a preemption show).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preempted: Vec<String>,
     #[serde(default)]
     pub updated_at_ms: u64,
 }
@@ -371,9 +374,58 @@ impl Task {
             priority: job.priority,
             placements: 0,
             reason: None,
+            preempted: Vec::new(),
             updated_at_ms: now_ms(),
         }
     }
+}
+
+/// The scheduler instance that currently places a job's tasks. Bound to the instance's lease: when the
+/// instance dies, the key goes and another instance of the same scheduler takes the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOwner {
+    pub job: String,
+    pub scheduler: String,
+    pub instance: String,
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+/// A running scheduler instance, bound to its lease (what `omctl schedulers` lists).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerInstance {
+    pub scheduler: String,
+    pub instance: String,
+    pub kind: JobKind,
+    #[serde(default)]
+    pub started_ms: u64,
+    /// Where its Prometheus metrics are served, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+/// Why a job's tasks are not all placed: written by its scheduler only when the reason changes (or at most
+/// every few seconds), never once per attempt, so an unplaceable job costs etcd almost nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job: String,
+    /// Tasks still pending after the last attempt.
+    pub pending: u32,
+    /// The reason in words, e.g. "0/120 nodes: 80 insufficient memory, 40 constraint zone=b".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Stable reason codes -> node counts, for scripts (`insufficient_memory`, `constraint`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, u32>,
+    /// Placement attempts so far, and how many of them hit a conflict.
+    #[serde(default)]
+    pub attempts: u64,
+    #[serde(default)]
+    pub conflicts: u64,
+    #[serde(default)]
+    pub last_attempt_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scheduler_instance: String,
 }
 
 /// What an agent reads to know it must run a task: written in the same transaction as the claim.

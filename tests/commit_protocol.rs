@@ -23,10 +23,7 @@ fn committer(store: &Store, detection: Detection) -> Committer {
 /// Claims for the first `n` pending tasks of `job` (in index order), on `node_of(i)`.
 fn claims(snap: &CellSnapshot, job: &str, n: usize, node_of: impl Fn(usize) -> String) -> Vec<Claim> {
     (0..n)
-        .map(|i| Claim {
-            task: snap.tasks.get(&format!("{job}/{i}")).expect("task in snapshot").clone(),
-            node: node_of(i),
-        })
+        .map(|i| Claim::new(snap.tasks.get(&format!("{job}/{i}")).expect("task in snapshot").clone(), node_of(i)))
         .collect()
 }
 
@@ -168,7 +165,7 @@ async fn nodes_without_liveness_or_ledger_get_nothing() {
     kv.delete(store.keys().live(&node_name(0)), None).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
     let mut c = claims(&snap, "a", 2, |_| node_name(0));
-    c.push(Claim { task: snap.tasks.get("a/2").unwrap().clone(), node: "no-such-node".into() });
+    c.push(Claim::new(snap.tasks.get("a/2").unwrap().clone(), "no-such-node"));
     let report = committer(&store, Detection::Fine).commit(&snap, &c, CommitKind::Incremental).await.unwrap();
     assert_eq!(report.outcomes[0], ClaimOutcome::Conflicted(Conflict::NotSchedulable));
     assert_eq!(report.outcomes[1], ClaimOutcome::Conflicted(Conflict::NotSchedulable));
@@ -191,7 +188,7 @@ async fn a_task_claimed_twice_in_one_commit_is_tried_once() {
     let (_etcd, store, cache) = setup(2, Resources::new(8000, 8 << 30), &[("a", 1)]).await;
     let snap = cache.snapshot();
     let t = snap.tasks.get("a/0").unwrap().clone();
-    let c = vec![Claim { task: t.clone(), node: node_name(0) }, Claim { task: t, node: node_name(1) }];
+    let c = vec![Claim::new(t.clone(), node_name(0)), Claim::new(t, node_name(1))];
     let report = committer(&store, Detection::Fine).commit(&snap, &c, CommitKind::Incremental).await.unwrap();
     assert!(report.outcomes[0].is_committed());
     assert_eq!(report.outcomes[1], ClaimOutcome::Conflicted(Conflict::Duplicate));
@@ -332,4 +329,76 @@ async fn a_snapshot_is_immutable_while_the_cache_moves_on() {
     assert!(before.tasks.values().all(|t| t.value.state == TaskState::Pending));
     assert!(after.tasks.values().all(|t| t.value.state == TaskState::Assigned));
     assert!(after.revision > before.revision);
+}
+
+/// Preemption: a high-priority task evicts a lower-priority one from a full node in the claim's own
+/// sub-transaction; both sides record it, and the victim goes back to pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_evicts_and_claims_in_one_transaction() {
+    // One node with room for exactly one task.
+    let (_etcd, store, cache) = setup(1, Resources::new(1000, 8 << 30), &[("low", 2)]).await;
+    let mut high = batch_job("high", 1, TASK);
+    high.priority = 100;
+    store.create_job(&high, 128).await.unwrap();
+    let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+    let low = claims(&snap, "low", 1, node_name);
+    let placed_low = committer(&store, Detection::Fine).commit(&snap, &low, CommitKind::Incremental).await.unwrap();
+    assert!(placed_low.outcomes[0].is_committed());
+    let snap = cache.wait_for_revision(placed_low.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+
+    // Without preemption the high-priority task does not fit.
+    let plain = vec![Claim::new(snap.tasks.get("high/0").unwrap().clone(), node_name(0))];
+    let report = committer(&store, Detection::Fine).commit(&snap, &plain, CommitKind::Incremental).await.unwrap();
+    assert_eq!(report.outcomes[0], ClaimOutcome::Conflicted(Conflict::NoRoom(Dimension::Cpu)));
+
+    let victim = snap.tasks.get("low/0").unwrap().clone();
+    let preempting = vec![Claim::preempting(snap.tasks.get("high/0").unwrap().clone(), node_name(0), vec![victim])];
+    let report = committer(&store, Detection::Fine).commit(&snap, &preempting, CommitKind::Incremental).await.unwrap();
+    assert!(report.outcomes[0].is_committed(), "{:?}", report.outcomes);
+    let high0 = task_in_etcd(&store, "high/0").await;
+    assert_eq!(high0.state, TaskState::Assigned);
+    assert_eq!(high0.preempted, vec!["low/0".to_string()]);
+    let low0 = task_in_etcd(&store, "low/0").await;
+    assert_eq!(low0.state, TaskState::Pending, "the victim is pending again for its scheduler");
+    assert!(low0.reason.as_deref().unwrap_or("").contains("preempted by high/0"), "{:?}", low0.reason);
+    assert!(store.get_json::<Assignment>(&store.keys().assignment(&node_name(0), "low/0")).await.unwrap().is_none());
+    let audit = audit::audit(&store).await.unwrap();
+    assert!(audit.is_ok(), "{:?}", audit.violations);
+    assert_eq!(audit.placed_tasks, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_of_a_changed_victim_is_refused_and_evicts_nothing() {
+    let (_etcd, store, cache) = setup(1, Resources::new(2000, 8 << 30), &[("low", 2), ("high", 2)]).await;
+    let snap = cache.snapshot();
+    let r = committer(&store, Detection::Fine)
+        .commit(&snap, &claims(&snap, "low", 2, |_| node_name(0)), CommitKind::Incremental)
+        .await;
+    let rev = r.unwrap().max_revision().unwrap();
+    let snap = cache.wait_for_revision(rev, Duration::from_secs(10)).await.unwrap();
+    let (v0, v1) = (snap.tasks.get("low/0").unwrap().clone(), snap.tasks.get("low/1").unwrap().clone());
+
+    // The same victim promised to two claims: only the first may have it.
+    let twice = vec![
+        Claim::preempting(snap.tasks.get("high/0").unwrap().clone(), node_name(0), vec![v0.clone()]),
+        Claim::preempting(snap.tasks.get("high/1").unwrap().clone(), node_name(0), vec![v0.clone()]),
+    ];
+    // Committed against a copy whose victim then changes under us: low/1 finishes after the snapshot.
+    let mut finished = (*v1.value).clone();
+    finished.state = TaskState::Succeeded;
+    store
+        .client()
+        .kv_client()
+        .put(store.keys().task("low/1"), serde_json::to_vec(&finished).unwrap(), None)
+        .await
+        .unwrap();
+    let changed = vec![Claim::preempting(snap.tasks.get("high/1").unwrap().clone(), node_name(0), vec![v1])];
+    let report = committer(&store, Detection::Fine).commit(&snap, &changed, CommitKind::Incremental).await.unwrap();
+    assert_eq!(report.outcomes[0], ClaimOutcome::Conflicted(Conflict::VictimChanged));
+    assert_eq!(task_in_etcd(&store, "high/1").await.state, TaskState::Pending);
+
+    let report = committer(&store, Detection::Fine).commit(&snap, &twice, CommitKind::Incremental).await.unwrap();
+    assert!(report.outcomes[0].is_committed(), "{:?}", report.outcomes);
+    assert_eq!(report.outcomes[1], ClaimOutcome::Conflicted(Conflict::Duplicate));
+    assert_eq!(task_in_etcd(&store, "low/0").await.state, TaskState::Pending);
 }

@@ -106,7 +106,7 @@ async fn race(detection: Detection, kind: CommitKind) {
                         let f = free.get_mut(&node).expect("node in free map");
                         *f = f.saturating_sub(task.resources);
                         let seen = snapshot.tasks.get(&task.id).expect("task in snapshot").clone();
-                        claims.push(Claim { task: seen, node });
+                        claims.push(Claim::new(seen, node));
                     }
                     if claims.is_empty() {
                         break;
