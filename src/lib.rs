@@ -14,6 +14,7 @@ pub mod error;
 pub mod etcd_process;
 pub mod keys;
 pub mod model;
+pub mod placement;
 pub mod resources;
 pub mod store;
 pub mod watcher;

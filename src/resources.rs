@@ -17,7 +17,7 @@ pub struct Resources {
 }
 
 /// A resource dimension, named in conflict reasons and pending reasons.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
     Cpu,

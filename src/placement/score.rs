@@ -1,0 +1,51 @@
+//! Scoring: among feasible nodes, which is best for one more task. Higher is better.
+//!
+//! Two strategies, one per scheduler. The batch scheduler packs (best fit: the fullest node that still
+//! fits), which keeps whole nodes free for large tasks and costs little to compute. The service scheduler
+//! spreads: first over the values of the job's spread label, then away from nodes already holding the job,
+//! then towards balanced and less-used nodes, so a node or zone failure takes few replicas with it.
+
+use super::feasible::Candidate;
+use crate::resources::Resources;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Best fit: prefer the node left fullest.
+    BinPack,
+    /// Spread and balance.
+    Spread,
+}
+
+/// Fraction of capacity used after adding `request`, per dimension.
+fn fractions(c: &Candidate<'_>, request: Resources) -> (f64, f64) {
+    let frac = |cap: u64, free: u64, req: u64| {
+        if cap == 0 {
+            1.0
+        } else {
+            (cap.saturating_sub(free).saturating_add(req)) as f64 / cap as f64
+        }
+    };
+    (
+        frac(c.capacity.cpu_millis, c.free.cpu_millis, request.cpu_millis),
+        frac(c.capacity.memory_bytes, c.free.memory_bytes, request.memory_bytes),
+    )
+}
+
+/// Best fit: the mean utilisation after placing, in [0, 1].
+pub fn bin_pack(c: &Candidate<'_>, request: Resources) -> f64 {
+    let (cpu, mem) = fractions(c, request);
+    (cpu + mem) / 2.0
+}
+
+/// Spread: tasks of the job in the node's spread group weigh most (each costs 1000), then tasks of the job
+/// on the node itself (100 each), then balance between cpu and memory and free room (0-200).
+pub fn spread(c: &Candidate<'_>, request: Resources, group_tasks: &HashMap<&str, u32>, spread_label: bool) -> f64 {
+    let (cpu, mem) = fractions(c, request);
+    let balance = 100.0 * (1.0 - (cpu - mem).abs());
+    let least_used = 100.0 * (1.0 - (cpu + mem) / 2.0);
+    let group = if spread_label { group_tasks.get(c.spread_value).copied().unwrap_or(0) } else { 0 };
+    -1000.0 * group as f64 - 100.0 * c.job_tasks as f64 + balance + least_used
+}

@@ -1,0 +1,238 @@
+//! Placement on hand-built snapshots: pure logic, no etcd.
+
+use super::*;
+use crate::keys::Keys;
+use crate::model::{Allocation, Constraint, Job, JobKind, Liveness, Node, TaskState};
+use crate::resources::{Dimension, Resources};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+
+const GI: u64 = 1 << 30;
+
+struct Cell {
+    keys: Keys,
+    snap: CellSnapshot,
+    rev: i64,
+}
+
+impl Cell {
+    fn new() -> Self {
+        Cell { keys: Keys::default(), snap: CellSnapshot::default(), rev: 1 }
+    }
+
+    fn put<T: serde::Serialize>(&mut self, key: String, value: &T) {
+        self.rev += 1;
+        self.snap.apply_put_bytes(&self.keys, key.as_bytes(), &serde_json::to_vec(value).unwrap(), self.rev);
+    }
+
+    fn node(&mut self, name: &str, cpu: u64, mem: u64, zone: &str) {
+        let labels: BTreeMap<String, String> = [("zone".to_string(), zone.to_string())].into();
+        let capacity = Resources::new(cpu, mem);
+        self.put(
+            self.keys.node(name),
+            &Node { name: name.into(), capacity, labels, address: None, registered_at_ms: 0 },
+        );
+        self.put(self.keys.alloc(name), &Allocation::empty(name, capacity));
+        self.put(self.keys.live(name), &Liveness { node: name.into(), lease: "1".into(), since_ms: 0 });
+    }
+
+    fn job(&mut self, job: &Job) -> Vec<Versioned<Task>> {
+        self.put(self.keys.job(&job.id), job);
+        for i in 0..job.tasks {
+            self.put(self.keys.task(&crate::keys::task_id(&job.id, i)), &Task::pending(job, i));
+        }
+        self.snap.tasks_of(job).cloned().collect()
+    }
+
+    /// Records `task` as running on `node`, with the ledger updated.
+    fn run(&mut self, task: &Versioned<Task>, node: &str) {
+        let mut t = (*task.value).clone();
+        t.state = TaskState::Running;
+        t.node = Some(node.into());
+        self.put(self.keys.task(&t.id), &t);
+        let mut ledger = (*self.snap.allocations.get(node).unwrap().value).clone();
+        ledger.add(t.resources);
+        self.put(self.keys.alloc(node), &ledger);
+    }
+}
+
+fn job(id: &str, kind: JobKind, tasks: u32, cpu: u64, mem: u64) -> Job {
+    Job::new(id, kind, tasks, Resources::new(cpu, mem))
+}
+
+fn nodes_of(p: &Placement) -> Vec<String> {
+    p.claims.iter().map(|c| c.node.clone()).collect()
+}
+
+fn rng() -> StdRng {
+    StdRng::seed_from_u64(7)
+}
+
+#[test]
+fn bin_packing_fills_the_fullest_node_first() {
+    let mut cell = Cell::new();
+    for n in ["a", "b", "c"] {
+        cell.node(n, 4000, 16 * GI, "z");
+    }
+    let filler = cell.job(&job("filler", JobKind::Batch, 1, 2000, GI));
+    cell.run(&filler[0], "b");
+    let pending = cell.job(&job("j", JobKind::Batch, 3, 1000, GI));
+    let opts = PlacementOptions { top_k: 1, ..PlacementOptions::batch() };
+    let p = place(&cell.snap, &cell.snap.jobs.get("j").unwrap().value, &pending, &opts, &mut rng());
+    // b has 2000 free: two tasks fill it, the third goes elsewhere.
+    assert_eq!(&nodes_of(&p)[..2], ["b", "b"]);
+    assert_ne!(nodes_of(&p)[2], "b");
+    assert!(p.unplaced.is_empty());
+}
+
+#[test]
+fn constraints_filter_and_are_explained() {
+    let mut cell = Cell::new();
+    cell.node("a1", 4000, 16 * GI, "a");
+    cell.node("a2", 4000, 16 * GI, "a");
+    cell.node("b1", 1000, 16 * GI, "b");
+    let mut j = job("j", JobKind::Service, 2, 1000, GI);
+    j.constraints = vec![Constraint::Equals { label: "zone".into(), value: "b".into() }];
+    let pending = cell.job(&j);
+    let p = place(&cell.snap, &j, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(nodes_of(&p), ["b1"]);
+    assert_eq!(p.unplaced.len(), 1);
+    let e = p.explanation.unwrap();
+    assert_eq!(e.to_string(), "0/3 nodes available: 2 constraint zone=b, 1 insufficient cpu");
+}
+
+#[test]
+fn anti_affinity_puts_one_task_per_node() {
+    let mut cell = Cell::new();
+    for n in ["a", "b", "c"] {
+        cell.node(n, 64_000, 64 * GI, "z");
+    }
+    let mut j = job("j", JobKind::Service, 5, 100, GI);
+    j.anti_affinity = true;
+    let pending = cell.job(&j);
+    let p = place(&cell.snap, &j, &pending, &PlacementOptions::service(), &mut rng());
+    let mut placed = nodes_of(&p);
+    placed.sort();
+    assert_eq!(placed, ["a", "b", "c"]);
+    assert_eq!(p.unplaced.len(), 2);
+    assert_eq!(p.explanation.unwrap().to_string(), "0/3 nodes available: 3 anti-affinity");
+}
+
+#[test]
+fn spread_balances_tasks_over_label_values() {
+    let mut cell = Cell::new();
+    for (n, z) in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("c1", "c"), ("c2", "c")] {
+        cell.node(n, 64_000, 64 * GI, z);
+    }
+    let mut j = job("j", JobKind::Service, 6, 100, GI);
+    j.spread = Some("zone".into());
+    let pending = cell.job(&j);
+    let p = place(&cell.snap, &j, &pending, &PlacementOptions::service(), &mut rng());
+    let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &p.claims {
+        let zone = cell.snap.nodes.get(&c.node).unwrap().value.labels["zone"].clone();
+        *per_zone
+            .entry(if zone == "a" {
+                "a"
+            } else if zone == "b" {
+                "b"
+            } else {
+                "c"
+            })
+            .or_default() += 1;
+    }
+    assert_eq!(per_zone.values().copied().collect::<Vec<_>>(), [2, 2, 2], "{per_zone:?}");
+}
+
+#[test]
+fn down_and_drained_nodes_are_not_used() {
+    let mut cell = Cell::new();
+    cell.node("up", 1000, GI, "z");
+    cell.node("down", 64_000, 64 * GI, "z");
+    cell.node("drained", 64_000, 64 * GI, "z");
+    cell.snap.apply_delete(&cell.keys, cell.keys.live("down").as_bytes());
+    let mut ledger = (*cell.snap.allocations.get("drained").unwrap().value).clone();
+    ledger.schedulable = false;
+    cell.put(cell.keys.alloc("drained"), &ledger);
+    let pending = cell.job(&job("j", JobKind::Batch, 2, 1000, GI));
+    let p =
+        place(&cell.snap, &cell.snap.jobs.get("j").unwrap().value, &pending, &PlacementOptions::batch(), &mut rng());
+    assert_eq!(nodes_of(&p), ["up"]);
+    let e = p.explanation.unwrap();
+    assert_eq!(e.to_string(), "0/3 nodes available: 2 not schedulable, 1 insufficient cpu");
+    assert_eq!(e.codes().get("not_schedulable"), Some(&2));
+}
+
+#[test]
+fn a_gang_that_does_not_fit_whole_proposes_nothing() {
+    let mut cell = Cell::new();
+    cell.node("a", 2000, 16 * GI, "z");
+    let mut j = job("g", JobKind::Batch, 3, 1000, GI);
+    j.gang = true;
+    let pending = cell.job(&j);
+    let p = place(&cell.snap, &j, &pending, &PlacementOptions::batch(), &mut rng());
+    assert!(p.claims.is_empty());
+    assert_eq!(p.unplaced.len(), 3);
+    assert_eq!(p.explanation.unwrap().codes().get("insufficient_cpu"), Some(&1));
+}
+
+#[test]
+fn preemption_evicts_the_cheapest_lower_priority_set() {
+    let mut cell = Cell::new();
+    cell.node("a", 4000, 16 * GI, "z");
+    cell.node("b", 4000, 16 * GI, "z");
+    // a: two low-priority tasks of 2000; b: one priority-50 task of 4000.
+    let low = cell.job(&job("low", JobKind::Batch, 2, 2000, GI));
+    cell.run(&low[0], "a");
+    cell.run(&low[1], "a");
+    let mut mid = job("mid", JobKind::Batch, 1, 4000, GI);
+    mid.priority = 50;
+    let mid = cell.job(&mid);
+    cell.run(&mid[0], "b");
+
+    let mut high = job("high", JobKind::Service, 1, 2000, GI);
+    high.priority = 100;
+    let pending = cell.job(&high);
+    let p = place(&cell.snap, &high, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(p.claims.len(), 1);
+    let claim = &p.claims[0];
+    assert_eq!(claim.node, "a", "evicting one priority-0 task beats evicting a priority-50 one");
+    assert_eq!(claim.preempts.len(), 1);
+    assert_eq!(claim.preempts[0].value.job, "low");
+
+    // Equal priority never preempts.
+    let mut peer = job("peer", JobKind::Service, 1, 2000, GI);
+    peer.priority = 0;
+    let pending = cell.job(&peer);
+    let p = place(&cell.snap, &peer, &pending, &PlacementOptions::service(), &mut rng());
+    assert!(p.claims.is_empty());
+    assert_eq!(p.explanation.unwrap().codes().get("insufficient_cpu"), Some(&2));
+}
+
+#[test]
+fn identical_schedulers_do_not_all_pick_the_same_node() {
+    let mut cell = Cell::new();
+    for i in 0..20 {
+        cell.node(&format!("n{i:02}"), 4000, 16 * GI, "z");
+    }
+    let j = job("j", JobKind::Batch, 1, 1000, GI);
+    let pending = cell.job(&j);
+    let picks: std::collections::HashSet<String> = (0..16)
+        .map(|seed| {
+            let p = place(&cell.snap, &j, &pending, &PlacementOptions::batch(), &mut StdRng::seed_from_u64(seed));
+            p.claims[0].node.clone()
+        })
+        .collect();
+    assert!(picks.len() > 1, "random choice among equally good nodes: {picks:?}");
+}
+
+#[test]
+fn tasks_larger_than_any_node_are_explained() {
+    let mut cell = Cell::new();
+    cell.node("a", 1000, GI, "z");
+    let j = job("j", JobKind::Batch, 1, 500, 2 * GI);
+    let pending = cell.job(&j);
+    let p = place(&cell.snap, &j, &pending, &PlacementOptions::batch(), &mut rng());
+    assert_eq!(p.explanation.unwrap().rejected.get(&Reason::Insufficient(Dimension::Memory)), Some(&1));
+}
