@@ -122,6 +122,15 @@ impl CellSnapshot {
         }
     }
 
+    /// Replaces a task in this snapshot (keeping the node index right). For a scheduler's private view: what
+    /// it reserved during a decision or learned from its own commit, before its cache shows it.
+    pub fn put_task(&mut self, task: Versioned<Task>) {
+        let id = task.value.id.clone();
+        self.unindex_task(&id);
+        self.tasks.insert(id.clone(), task);
+        self.index_task(&id);
+    }
+
     fn unindex_task(&mut self, id: &str) {
         let Some(old) = self.tasks.get(id) else { return };
         if let (true, Some(node)) = (old.value.state.holds_resources(), old.value.node.as_deref()) {

@@ -1,0 +1,14 @@
+//! Omega's scheduler processes. One binary, two schedulers (`--kind batch|service`), as many instances of
+//! each as wanted, side by side on one cell with no leader: only optimistic commits in etcd.
+//!
+//! - [`config`] - flags.
+//! - [`instance`] - this process's lease and record in etcd.
+//! - [`ownership`] - which instance places which job (lease-bound claims, rendezvous hashing).
+//! - [`scheduler`] - the loop: decide on the cached cell, commit, re-place conflicts, explain what is left.
+//! - [`status`] - pending reasons, written only when they change.
+
+pub mod config;
+pub mod instance;
+pub mod ownership;
+pub mod scheduler;
+pub mod status;

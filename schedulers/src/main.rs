@@ -1,0 +1,51 @@
+use anyhow::Context;
+use clap::Parser;
+use omega::cell_state::{CellState, CellStateOptions};
+use omega::keys::Keys;
+use omega::store::Store;
+use omega_schedulers::config::Config;
+use omega_schedulers::{instance, scheduler::Scheduler};
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let config = Config::parse();
+    let name = config.scheduler_name();
+    let instance_id = config.instance_id();
+    omega::keys::validate_name("scheduler", &name)?;
+    omega::keys::validate_name("instance", &instance_id)?;
+
+    if let Some(addr) = config.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .add_global_label("scheduler", name.clone())
+            .add_global_label("instance", instance_id.clone())
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+
+    let keys = Keys::new(&config.prefix)?;
+    // Wait for etcd rather than fail: a scheduler may start before its store.
+    let store = Store::connect_with_retry(&config.etcd, keys, Duration::from_secs(600)).await?;
+    let record =
+        instance::record(&name, &instance_id, config.kind.job_kind(), config.metrics_addr.map(|a| a.to_string()));
+    let (presence, keeper) = instance::register(&store, record, config.lease_ttl).await?;
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
+    tracing::info!(scheduler = name, instance = instance_id, kind = ?config.kind, detection = ?config.detection(),
+        etcd = ?config.etcd, "scheduler started");
+
+    let lease_of = presence.clone();
+    let scheduler = Scheduler::new(config, store.clone(), cache, Box::new(move || lease_of.lease()));
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    scheduler.run(shutdown).await;
+    keeper.abort();
+    // Give the jobs back at once instead of making the others wait out the lease.
+    let _ = store.client().lease_client().revoke(presence.lease()).await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
