@@ -12,6 +12,7 @@ pub mod cell_state;
 pub mod commit;
 pub mod error;
 pub mod etcd_process;
+pub mod job_spec;
 pub mod keys;
 pub mod model;
 pub mod placement;
