@@ -118,23 +118,9 @@ impl Config {
     }
 }
 
-/// `250ms`, `2s`, `1m`, `1h`, or a plain number of milliseconds.
+/// A duration flag: `250ms`, `2s`, `1m30s`, `1h`, or a plain number of milliseconds (the job-file syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (use e.g. 250ms, 2s, 1m)"))?;
-    let ms = match unit {
-        "" | "ms" => n,
-        "s" => n * 1e3,
-        "m" => n * 60e3,
-        "h" => n * 3600e3,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !ms.is_finite() || !(0.0..=1e12).contains(&ms) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_micros((ms * 1e3) as u64))
+    omega::job_spec::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 #[cfg(test)]

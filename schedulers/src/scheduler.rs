@@ -1,8 +1,8 @@
 //! The scheduling loop: take jobs, decide on the cached cell, commit, handle conflicts, explain what is left.
 //!
 //! One attempt reads top to bottom: snapshot the cache -> think (the decision-time knob) -> place each job's
-//! pending tasks on a private view of the snapshot (reserving as it goes, so jobs decided together do not
-//! double-book) -> commit all claims (incremental; gangs on their own, all-or-nothing) -> re-place only what
+//! pending tasks on a private view of the snapshot (one node table per decision, so jobs decided together
+//! do not double-book) -> commit all claims (incremental; gangs on their own, all-or-nothing) -> re-place only what
 //! conflicted, on the fresh ledgers the commit returned, a bounded number of times -> record why what is
 //! left is pending, and back the job off until the cell changes.
 //!
@@ -230,13 +230,14 @@ impl Scheduler {
             // Decide.
             let decided = Instant::now();
             let (mut incremental, mut gangs) = (Vec::new(), Vec::new());
+            // One node table for every job of this decision: what one job takes, the next sees taken.
+            let mut table = placement::NodeTable::new(&view);
             for job in &jobs {
                 let tasks = pending.get(&job.id).map(Vec::as_slice).unwrap_or(&[]);
                 if tasks.is_empty() {
                     continue;
                 }
-                let p = placement::place(&view, job, tasks, &self.options, &mut self.rng);
-                reserve(&mut view, &p.claims);
+                let p = placement::place_in(&mut table, &view, job, tasks, &self.options, &mut self.rng);
                 if let Some(e) = p.explanation {
                     explanations.insert(job.id.clone(), e);
                 }
@@ -350,24 +351,6 @@ impl Scheduler {
             }
         }
         tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
-    }
-}
-
-/// Records claims in a private view, so the next job of the same decision sees their room taken.
-fn reserve(view: &mut CellSnapshot, claims: &[Claim]) {
-    for claim in claims {
-        if let Some(ledger) = view.allocations.get(&claim.node) {
-            let mut l = (*ledger.value).clone();
-            for v in &claim.preempts {
-                l.remove(v.value.resources);
-            }
-            l.add(claim.task.value.resources);
-            view.allocations.insert(claim.node.clone(), Versioned::new(l, ledger.mod_revision));
-        }
-        let mut t = (*claim.task.value).clone();
-        t.state = TaskState::Assigned;
-        t.node = Some(claim.node.clone());
-        view.put_task(Versioned::new(t, claim.task.mod_revision));
     }
 }
 

@@ -6,13 +6,14 @@
 //! placed and run per task.
 
 use super::explain::Reason;
-use crate::cell_state::CellSnapshot;
 use crate::model::{Job, Node};
 use crate::resources::Resources;
 
 /// A node that passed the static filters, with what this decision has placed on it so far.
 #[derive(Clone, Debug)]
 pub struct Candidate<'a> {
+    /// Index in the decision's [`super::NodeTable`].
+    pub index: usize,
     pub name: &'a str,
     pub node: &'a Node,
     pub capacity: Resources,
@@ -24,11 +25,8 @@ pub struct Candidate<'a> {
     pub spread_value: &'a str,
 }
 
-/// The first static reason `node` cannot take any task of `job`, if any.
-pub fn static_reject(snapshot: &CellSnapshot, job: &Job, name: &str, node: &Node) -> Option<Reason> {
-    if !snapshot.is_schedulable(name) {
-        return Some(Reason::NotSchedulable);
-    }
+/// The first constraint of `job` that `node` fails, as a reason.
+pub fn constraint_reject(job: &Job, node: &Node) -> Option<Reason> {
     job.constraints.iter().find(|c| !c.matches(&node.labels)).map(|c| Reason::Constraint(c.to_string()))
 }
 

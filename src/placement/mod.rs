@@ -16,7 +16,8 @@ pub mod score;
 
 use crate::cell_state::{CellSnapshot, Versioned};
 use crate::commit::Claim;
-use crate::model::{Job, Task};
+use crate::model::{Job, Node, Task};
+use crate::resources::Resources;
 use explain::{Explanation, Reason};
 use feasible::Candidate;
 use rand::Rng;
@@ -31,14 +32,19 @@ pub struct PlacementOptions {
     pub top_k: usize,
     /// Try evicting lower-priority tasks when a task fits nowhere.
     pub preemption: bool,
+    /// Score at most this many feasible nodes, from a random starting point (`None`: all). Like Borg's and
+    /// kube-scheduler's sampling: past a few hundred candidates a better fit is rarely worth the scan, and
+    /// the random start spreads identical schedulers over different nodes. A task that fits none of the
+    /// sample is tried against every node before it is declared unplaceable.
+    pub sample: Option<usize>,
 }
 
 impl PlacementOptions {
     pub fn batch() -> Self {
-        PlacementOptions { strategy: Strategy::BinPack, top_k: 4, preemption: false }
+        PlacementOptions { strategy: Strategy::BinPack, top_k: 4, preemption: false, sample: Some(256) }
     }
     pub fn service() -> Self {
-        PlacementOptions { strategy: Strategy::Spread, top_k: 2, preemption: true }
+        PlacementOptions { strategy: Strategy::Spread, top_k: 2, preemption: true, sample: None }
     }
 }
 
@@ -52,6 +58,54 @@ pub struct Placement {
     pub explanation: Option<Explanation>,
 }
 
+/// One entry of a [`NodeTable`].
+#[derive(Clone, Debug)]
+pub struct NodeEntry<'a> {
+    pub name: &'a str,
+    pub node: &'a Node,
+    pub capacity: Resources,
+    /// Free room, less what this decision has placed here so far.
+    pub free: Resources,
+}
+
+/// The schedulable nodes of a snapshot in a flat table, built once per decision and shared by every job
+/// decided in it: walking persistent maps and hashing names is the expensive part of a decision, so it is
+/// done once, not once per job. Placing a job updates the table's free room, so the next job of the same
+/// decision sees it taken.
+pub struct NodeTable<'a> {
+    pub entries: Vec<NodeEntry<'a>>,
+    index: HashMap<&'a str, usize>,
+    /// Nodes in the snapshot that cannot take anything (down, drained, no ledger).
+    unschedulable: usize,
+}
+
+impl<'a> NodeTable<'a> {
+    pub fn new(snapshot: &'a CellSnapshot) -> Self {
+        let mut entries = Vec::with_capacity(snapshot.nodes.len());
+        let mut unschedulable = 0;
+        for (name, node) in snapshot.nodes.iter() {
+            match snapshot.allocations.get(name) {
+                Some(ledger) if ledger.value.schedulable && snapshot.live.contains_key(name) => {
+                    entries.push(NodeEntry {
+                        name,
+                        node: &node.value,
+                        capacity: ledger.value.capacity,
+                        free: ledger.value.free(),
+                    })
+                }
+                _ => unschedulable += 1,
+            }
+        }
+        let index = entries.iter().enumerate().map(|(i, e)| (e.name, i)).collect();
+        NodeTable { entries, index, unschedulable }
+    }
+
+    /// Nodes in the snapshot, schedulable or not.
+    pub fn nodes(&self) -> usize {
+        self.entries.len() + self.unschedulable
+    }
+}
+
 /// Places `pending` (tasks of `job`, as seen in `snapshot`) on `snapshot`.
 pub fn place(
     snapshot: &CellSnapshot,
@@ -60,47 +114,45 @@ pub fn place(
     options: &PlacementOptions,
     rng: &mut impl Rng,
 ) -> Placement {
+    place_in(&mut NodeTable::new(snapshot), snapshot, job, pending, options, rng)
+}
+
+/// Places `pending` using a table built from `snapshot` (shared by the jobs of one decision).
+pub fn place_in<'a>(
+    table: &mut NodeTable<'a>,
+    snapshot: &'a CellSnapshot,
+    job: &Job,
+    pending: &[Versioned<Task>],
+    options: &PlacementOptions,
+    rng: &mut impl Rng,
+) -> Placement {
     let mut placement = Placement::default();
-    if pending.is_empty() {
+    if pending.is_empty() || table.nodes() == 0 {
+        if !pending.is_empty() {
+            placement.unplaced = pending.to_vec();
+            placement.explanation = Some(Explanation::default());
+        }
         return placement;
     }
-    // Static filters once: nodes the job may use at all.
-    let mut job_on_node: HashMap<&str, u32> = HashMap::new();
-    let mut group_tasks: HashMap<&str, u32> = HashMap::new();
+    // Where the job's tasks already are (by table index), and per spread group.
+    let mut job_on_node: HashMap<usize, u32> = HashMap::new();
     for t in snapshot.tasks_of(job) {
         if let (true, Some(node)) = (t.value.state.holds_resources(), t.value.node.as_deref()) {
-            *job_on_node.entry(node).or_default() += 1;
+            if let Some(&i) = table.index.get(node) {
+                *job_on_node.entry(i).or_default() += 1;
+            }
         }
     }
-    let spread_label = job.spread.as_deref();
-    let mut statically_rejected = Explanation::default();
-    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(snapshot.nodes.len());
-    for (name, node) in snapshot.nodes.iter() {
-        statically_rejected.nodes += 1;
-        if let Some(reason) = feasible::static_reject(snapshot, job, name, &node.value) {
-            statically_rejected.reject(reason);
-            continue;
+    let sampled = options.sample.filter(|&n| n < table.entries.len());
+    let start = if sampled.is_some() { rng.random_range(0..table.entries.len()) } else { 0 };
+    let mut candidates = candidates(table, job, &job_on_node, start, sampled);
+    let mut group_tasks: HashMap<&str, u32> = HashMap::new();
+    if job.spread.is_some() {
+        for c in &candidates {
+            *group_tasks.entry(c.spread_value).or_default() += c.job_tasks;
         }
-        let Some(ledger) = snapshot.allocations.get(name) else {
-            statically_rejected.reject(Reason::NotSchedulable);
-            continue;
-        };
-        let spread_value = spread_label.and_then(|l| node.value.labels.get(l)).map(String::as_str).unwrap_or("");
-        let job_tasks = job_on_node.get(name.as_str()).copied().unwrap_or(0);
-        if spread_label.is_some() {
-            *group_tasks.entry(spread_value).or_default() += job_tasks;
-        }
-        candidates.push(Candidate {
-            name,
-            node: &node.value,
-            capacity: ledger.value.capacity,
-            free: ledger.value.free(),
-            job_tasks,
-            spread_value,
-        });
     }
-    // A stable order, so a seeded decision is repeatable.
-    candidates.sort_unstable_by(|a, b| a.name.cmp(b.name));
+    let mut full_scan = sampled.is_none();
 
     let mut victims_taken: HashSet<String> = HashSet::new();
     // Batch packing: keep filling the node chosen last while the task still fits there (it stays the best
@@ -111,12 +163,21 @@ pub fn place(
         let reusable = last.filter(|&i| {
             options.strategy == Strategy::BinPack && feasible::dynamic_reject(job, &candidates[i], request).is_none()
         });
-        let chosen = reusable.or_else(|| best(&candidates, job, request, options, &group_tasks, rng));
+        let mut chosen = reusable.or_else(|| best(&candidates, job, request, options, &group_tasks, rng));
+        if chosen.is_none() && !full_scan {
+            // Nothing in the sample: look at every node before giving up.
+            sync_back(table, &candidates);
+            candidates = candidates_all(table, job, &job_on_node);
+            full_scan = true;
+            last = None;
+            chosen = best(&candidates, job, request, options, &group_tasks, rng);
+        }
         match chosen {
             Some(i) => {
                 let c = &mut candidates[i];
                 c.free = c.free.saturating_sub(request);
                 c.job_tasks += 1;
+                *job_on_node.entry(c.index).or_default() += 1;
                 *group_tasks.entry(c.spread_value).or_default() += 1;
                 placement.claims.push(Claim::new(task.clone(), c.name));
                 last = Some(i);
@@ -127,34 +188,83 @@ pub fn place(
                     .flatten();
                 if let Some((i, victims)) = preempted {
                     let c = &mut candidates[i];
-                    let freed: crate::resources::Resources = victims.iter().map(|v| v.value.resources).sum();
+                    let freed: Resources = victims.iter().map(|v| v.value.resources).sum();
                     c.free = c.free.saturating_add(freed).saturating_sub(request);
                     c.job_tasks += 1;
+                    *job_on_node.entry(c.index).or_default() += 1;
                     *group_tasks.entry(c.spread_value).or_default() += 1;
                     victims_taken.extend(victims.iter().map(|v| v.value.id.clone()));
                     placement.claims.push(Claim::preempting(task.clone(), c.name, victims));
                     continue;
                 }
                 if placement.explanation.is_none() {
-                    placement.explanation = Some(explain(&statically_rejected, &candidates, job, request));
+                    placement.explanation = Some(explain(table, &candidates, job, request));
                 }
                 placement.unplaced.push(task.clone());
             }
         }
     }
     if job.gang && !placement.unplaced.is_empty() {
-        // All or nothing: a gang that does not fit whole proposes nothing.
+        // All or nothing: a gang that does not fit whole proposes nothing, and takes no room.
         placement.unplaced = pending.to_vec();
         placement.claims.clear();
+        return placement;
     }
+    sync_back(table, &candidates);
     placement
+}
+
+/// Candidates for `job`: table entries passing its constraints, starting at `start` and wrapping, at most
+/// `limit` of them (all with `None`).
+fn candidates<'a>(
+    table: &NodeTable<'a>,
+    job: &Job,
+    job_on_node: &HashMap<usize, u32>,
+    start: usize,
+    limit: Option<usize>,
+) -> Vec<Candidate<'a>> {
+    let n = table.entries.len();
+    let limit = limit.unwrap_or(n);
+    let spread_label = job.spread.as_deref();
+    let mut out = Vec::with_capacity(limit.min(n));
+    for k in 0..n {
+        if out.len() >= limit {
+            break;
+        }
+        let index = (start + k) % n;
+        let e = &table.entries[index];
+        if feasible::constraint_reject(job, e.node).is_some() {
+            continue;
+        }
+        out.push(Candidate {
+            index,
+            name: e.name,
+            node: e.node,
+            capacity: e.capacity,
+            free: e.free,
+            job_tasks: job_on_node.get(&index).copied().unwrap_or(0),
+            spread_value: spread_label.and_then(|l| e.node.labels.get(l)).map(String::as_str).unwrap_or(""),
+        });
+    }
+    out
+}
+
+fn candidates_all<'a>(table: &NodeTable<'a>, job: &Job, job_on_node: &HashMap<usize, u32>) -> Vec<Candidate<'a>> {
+    candidates(table, job, job_on_node, 0, None)
+}
+
+/// Writes what this job took back into the decision's table.
+fn sync_back(table: &mut NodeTable<'_>, candidates: &[Candidate<'_>]) {
+    for c in candidates {
+        table.entries[c.index].free = c.free;
+    }
 }
 
 /// The index of a node chosen at random among the `top_k` best-scoring feasible candidates.
 fn best(
     candidates: &[Candidate<'_>],
     job: &Job,
-    request: crate::resources::Resources,
+    request: Resources,
     options: &PlacementOptions,
     group_tasks: &HashMap<&str, u32>,
     rng: &mut impl Rng,
@@ -203,13 +313,20 @@ fn preemption(
 }
 
 /// Every node's first reason for refusing one more task asking `request`.
-fn explain(
-    statically_rejected: &Explanation,
-    candidates: &[Candidate<'_>],
-    job: &Job,
-    request: crate::resources::Resources,
-) -> Explanation {
-    let mut e = statically_rejected.clone();
+fn explain(table: &NodeTable<'_>, candidates: &[Candidate<'_>], job: &Job, request: Resources) -> Explanation {
+    let mut e = Explanation { nodes: table.nodes(), ..Default::default() };
+    for _ in 0..table.unschedulable {
+        e.reject(Reason::NotSchedulable);
+    }
+    // `candidates` is the full scan here: every schedulable node passing the constraints.
+    let passing: HashSet<usize> = candidates.iter().map(|c| c.index).collect();
+    for (i, entry) in table.entries.iter().enumerate() {
+        if !passing.contains(&i) {
+            if let Some(reason) = feasible::constraint_reject(job, entry.node) {
+                e.reject(reason);
+            }
+        }
+    }
     for c in candidates {
         if let Some(reason) = feasible::dynamic_reject(job, c, request) {
             e.reject(reason);

@@ -236,3 +236,44 @@ fn tasks_larger_than_any_node_are_explained() {
     let p = place(&cell.snap, &j, &pending, &PlacementOptions::batch(), &mut rng());
     assert_eq!(p.explanation.unwrap().rejected.get(&Reason::Insufficient(Dimension::Memory)), Some(&1));
 }
+
+#[test]
+fn a_sample_that_misses_the_only_free_node_falls_back_to_every_node() {
+    let mut cell = Cell::new();
+    for i in 0..50 {
+        cell.node(&format!("n{i:02}"), 1000, 16 * GI, "z");
+    }
+    let filler = cell.job(&job("filler", JobKind::Batch, 49, 1000, GI));
+    for (i, t) in filler.iter().enumerate() {
+        cell.run(t, &format!("n{:02}", if i >= 17 { i + 1 } else { i }));
+    }
+    // Only n17 has room; a sample of 2 nodes almost never contains it.
+    let j = job("j", JobKind::Batch, 1, 1000, GI);
+    let pending = cell.job(&j);
+    for seed in 0..10 {
+        let opts = PlacementOptions { sample: Some(2), ..PlacementOptions::batch() };
+        let p = place(&cell.snap, &j, &pending, &opts, &mut StdRng::seed_from_u64(seed));
+        assert_eq!(nodes_of(&p), ["n17"], "seed {seed}");
+    }
+    // And a task that fits nowhere is explained over every node, not over the sample.
+    let big = job("big", JobKind::Batch, 1, 2000, GI);
+    let pending = cell.job(&big);
+    let opts = PlacementOptions { sample: Some(2), ..PlacementOptions::batch() };
+    let p = place(&cell.snap, &big, &pending, &opts, &mut rng());
+    assert_eq!(p.explanation.unwrap().to_string(), "0/50 nodes available: 50 insufficient cpu");
+}
+
+#[test]
+fn jobs_decided_on_one_table_do_not_double_book() {
+    let mut cell = Cell::new();
+    cell.node("only", 1000, 16 * GI, "z");
+    let a = job("a", JobKind::Batch, 1, 1000, GI);
+    let b = job("b", JobKind::Batch, 1, 1000, GI);
+    let (pa, pb) = (cell.job(&a), cell.job(&b));
+    let mut table = NodeTable::new(&cell.snap);
+    let first = place_in(&mut table, &cell.snap, &a, &pa, &PlacementOptions::batch(), &mut rng());
+    let second = place_in(&mut table, &cell.snap, &b, &pb, &PlacementOptions::batch(), &mut rng());
+    assert_eq!(nodes_of(&first), ["only"]);
+    assert!(second.claims.is_empty(), "the room the first job took is gone for the second");
+    assert_eq!(second.explanation.unwrap().to_string(), "0/1 nodes available: 1 insufficient cpu");
+}
