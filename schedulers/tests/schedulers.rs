@@ -89,6 +89,24 @@ async fn status(store: &Store, job: &str) -> Option<JobStatus> {
     store.get_json::<JobStatus>(&store.keys().status(job)).await.unwrap().map(|(s, _)| s)
 }
 
+/// GET /metrics over plain HTTP/1.0 on loopback.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics listener");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The sum of a metric's samples (over all label sets).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn placed(t: &Task) -> bool {
     t.state == TaskState::Assigned
 }
@@ -99,7 +117,9 @@ fn placed(t: &Task) -> bool {
 async fn batch_and_service_share_a_cell() {
     let (etcd, store) = start_etcd().await;
     seed_nodes(&store, 12, Resources::new(4 * CPU, 16 * MEM)).await; // zones: zone-0, zone-1, zone-2
-    let _batch = SchedulerProcess::start(&etcd.endpoint(), "batch", "batch-1", &[]);
+    let metrics_port = omega::etcd_process::free_port().unwrap();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let _batch = SchedulerProcess::start(&etcd.endpoint(), "batch", "batch-1", &["--metrics-addr", &metrics_addr]);
     let _service = SchedulerProcess::start(&etcd.endpoint(), "service", "service-1", &[]);
 
     let mut jobs = Vec::new();
@@ -165,6 +185,14 @@ async fn batch_and_service_share_a_cell() {
     assert!(huge.reason.contains("insufficient cpu"), "{huge:?}");
     assert_eq!(huge.reasons.get("insufficient_cpu"), Some(&12));
     assert_eq!(nowhere.reason, "0/12 nodes available: 12 constraint zone=zone-9", "{nowhere:?}");
+    // The batch scheduler's metrics say what it did.
+    let metrics = scrape(&metrics_addr).await;
+    let placements = metric(&metrics, "omega_scheduler_placements_total");
+    assert!(placements >= (4 * 6 + 4) as f64, "placements counted: {placements}\n{metrics}");
+    assert!(metric(&metrics, "omega_scheduler_attempts_total") >= 1.0);
+    assert!(metrics.contains("omega_scheduler_commit_txn_seconds"), "commit latency histogram served");
+    assert!(metrics.contains("omega_scheduler_decision_seconds"));
+    assert!(metrics.contains(r#"instance="batch-1""#));
     // Fully placed jobs are marked running.
     let (web_job, _) = store.get_json::<Job>(&store.keys().job("web")).await.unwrap().unwrap();
     assert_eq!(web_job.state, omega::model::JobState::Running);
