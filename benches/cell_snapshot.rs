@@ -54,6 +54,7 @@ fn task(i: usize, revision: i64) -> Task {
         placements: 1,
         reason: None,
         preempted: Vec::new(),
+        run: None,
         updated_at_ms: 1_700_000_000_000 + revision as u64,
     }
 }

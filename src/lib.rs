@@ -16,6 +16,7 @@ pub mod job_spec;
 pub mod keys;
 pub mod model;
 pub mod placement;
+pub mod release;
 pub mod resources;
 pub mod store;
 pub mod watcher;

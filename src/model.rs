@@ -356,6 +356,9 @@ pub struct Task {
     /// Tasks this task's placement evicted (set on the preemptor, so both sides of a preemption show).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preempted: Vec<String>,
+    /// What the node's agent reported about the process, once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunInfo>,
     #[serde(default)]
     pub updated_at_ms: u64,
 }
@@ -375,9 +378,32 @@ impl Task {
             placements: 0,
             reason: None,
             preempted: Vec::new(),
+            run: None,
             updated_at_ms: now_ms(),
         }
     }
+}
+
+/// A task's process as its agent saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The container (or simulated run) id on the node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub started_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The kernel killed it for exceeding its memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Restarts on this placement so far.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// The scheduler instance that currently places a job's tasks. Bound to the instance's lease: when the

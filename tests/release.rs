@@ -1,0 +1,159 @@
+//! Releasing tasks: ledger, task and assignment change together; never twice; safe beside racing claims.
+
+mod common;
+
+use common::*;
+use omega::audit;
+use omega::cell_state::{CellState, CellStateOptions};
+use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
+use omega::model::{Allocation, RunInfo, TaskState};
+use omega::release::{release, update_task, Release, ReleaseOutcome};
+use omega::resources::Resources;
+use std::time::Duration;
+
+const TASK: Resources = Resources::new(1000, 1 << 30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_task_frees_its_node_once() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 1, Resources::new(4000, 8 << 30)).await;
+    store.create_job(&batch_job("a", 3, TASK), 128).await.unwrap();
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
+    let snap = assert_converged(&store, &cache).await;
+    let claims: Vec<Claim> =
+        (0..2).map(|i| Claim::new(snap.tasks.get(&format!("a/{i}")).unwrap().clone(), node_name(0))).collect();
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &claims, CommitKind::Incremental)
+        .await
+        .unwrap();
+    let snap = cache.wait_for_revision(report.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+
+    // a/0 runs (a transition that keeps its resources), then succeeds.
+    let seen = snap.tasks.get("a/0").unwrap().clone();
+    let mut running = (*seen.value).clone();
+    running.state = TaskState::Running;
+    let rev = update_task(&store, &seen, &running).await.unwrap().expect("task unchanged");
+    let snap = cache.wait_for_revision(rev, Duration::from_secs(10)).await.unwrap();
+    let run = RunInfo { container: "c0".into(), exit_code: Some(0), ..Default::default() };
+    let done = Release {
+        task: snap.tasks.get("a/0").unwrap().clone(),
+        state: TaskState::Succeeded,
+        reason: None,
+        run: Some(run),
+    };
+    // a/2 is still pending: cancelling it only writes its state.
+    let cancel = Release {
+        task: snap.tasks.get("a/2").unwrap().clone(),
+        state: TaskState::Killed,
+        reason: Some("cancelled".into()),
+        run: None,
+    };
+    let out = release(&store, &[done.clone(), cancel]).await.unwrap();
+    assert!(out.iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })), "{out:?}");
+
+    let (ledger, _) = store.get_json::<Allocation>(&store.keys().alloc(&node_name(0))).await.unwrap().unwrap();
+    assert_eq!((ledger.used, ledger.tasks), (TASK, 1), "only a/1 holds the node now");
+    assert!(store
+        .get_json::<serde_json::Value>(&store.keys().assignment(&node_name(0), "a/0"))
+        .await
+        .unwrap()
+        .is_none());
+    let (t0, _) = store.get_json::<omega::model::Task>(&store.keys().task("a/0")).await.unwrap().unwrap();
+    assert_eq!(t0.state, TaskState::Succeeded);
+    assert_eq!(t0.run.unwrap().exit_code, Some(0));
+    // The same release again (stale task) does nothing.
+    assert_eq!(release(&store, &[done]).await.unwrap(), vec![ReleaseOutcome::TaskChanged]);
+    let (again, _) = store.get_json::<Allocation>(&store.keys().alloc(&node_name(0))).await.unwrap().unwrap();
+    assert_eq!(again.used, TASK);
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+    assert!(release(&store, &[Release { task: seen, state: TaskState::Running, reason: None, run: None }])
+        .await
+        .is_err());
+}
+
+/// Claims and releases race on the same few nodes; the ledgers stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn releases_racing_claims_keep_ledgers_exact() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 3, Resources::new(1000 * 100, 100 << 30)).await;
+    store.create_job(&batch_job("first", 150, TASK), 128).await.unwrap();
+    store.create_job(&batch_job("second", 150, TASK), 128).await.unwrap();
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
+    let snap = assert_converged(&store, &cache).await;
+    let first: Vec<Claim> = (0..150)
+        .map(|i| Claim::new(snap.tasks.get(&format!("first/{i}")).unwrap().clone(), node_name(i % 3)))
+        .collect();
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &first, CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.committed(), 150);
+    let snap = cache.wait_for_revision(report.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+
+    // Release all of `first` while `second` is claimed onto the same nodes, in small concurrent pieces.
+    let releases: Vec<Release> = (0..150)
+        .map(|i| Release {
+            task: snap.tasks.get(&format!("first/{i}")).unwrap().clone(),
+            state: TaskState::Succeeded,
+            reason: None,
+            run: None,
+        })
+        .collect();
+    let claims: Vec<Claim> = (0..150)
+        .map(|i| Claim::new(snap.tasks.get(&format!("second/{i}")).unwrap().clone(), node_name(i % 3)))
+        .collect();
+    let mut handles = Vec::new();
+    for part in releases.chunks(10) {
+        let (store, part) = (store.clone(), part.to_vec());
+        handles.push(tokio::spawn(async move { release(&store, &part).await.unwrap() }));
+    }
+    let committer = std::sync::Arc::new(Committer::new(store.clone(), CommitConfig::default()));
+    let mut commits = Vec::new();
+    for part in claims.chunks(10) {
+        let (committer, part, snap) = (committer.clone(), part.to_vec(), snap.clone());
+        commits.push(tokio::spawn(async move {
+            let report = committer.commit(&snap, &part, CommitKind::Incremental).await.unwrap();
+            (part, report)
+        }));
+    }
+    for h in handles {
+        assert!(h.await.unwrap().iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })));
+    }
+    let mut placed = 0;
+    let mut left: Vec<String> = Vec::new();
+    for c in commits {
+        let (part, report): (Vec<Claim>, omega::commit::CommitReport) = c.await.unwrap();
+        placed += report.committed();
+        for (claim, outcome) in part.iter().zip(&report.outcomes) {
+            if let omega::commit::ClaimOutcome::Conflicted(why) = outcome {
+                assert_eq!(why, &omega::commit::Conflict::Contention, "only lost races, never a wrong refusal");
+                left.push(claim.task.value.id.clone());
+            }
+        }
+    }
+    // What lost its races is placed again on a fresh snapshot, as a scheduler would.
+    for _ in 0..20 {
+        if left.is_empty() {
+            break;
+        }
+        let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+        let again: Vec<Claim> = left
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Claim::new(snap.tasks.get(id).unwrap().clone(), node_name(i % 3)))
+            .collect();
+        let report = committer.commit(&snap, &again, CommitKind::Incremental).await.unwrap();
+        placed += report.committed();
+        left = again
+            .iter()
+            .zip(&report.outcomes)
+            .filter(|(_, o)| !o.is_committed())
+            .map(|(c, _)| c.task.value.id.clone())
+            .collect();
+    }
+    assert_eq!(placed, 150, "every claim lands once its races are over");
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.violations);
+    assert_eq!(report.placed_tasks, 150);
+    assert_eq!(report.used, Resources::new(150 * 1000, 150 << 30));
+}
