@@ -233,3 +233,41 @@ pub async fn update_task(store: &Store, seen: &Versioned<Task>, new: &Task) -> R
     let resp = store.client().kv_client().txn(txn).await?;
     Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
 }
+
+/// Writes many tasks' new records, each guarded by its own mod_revision compare, in as few round trips as the
+/// server allows (one nested sub-transaction per task). For transitions that keep resources; returns, per
+/// update in order, the new revision or `None` where the task had changed.
+pub async fn update_tasks(store: &Store, updates: &[(Versioned<Task>, Task)]) -> Result<Vec<Option<i64>>> {
+    for (seen, new) in updates {
+        if seen.value.state.holds_resources() != new.state.holds_resources() {
+            return Err(Error::InvalidArgument(format!(
+                "task {}: {} -> {} changes what it holds; use release",
+                new.id, seen.value.state, new.state
+            )));
+        }
+    }
+    let keys = store.keys();
+    let mut kv = store.client().kv_client();
+    let mut out = Vec::with_capacity(updates.len());
+    // One compare and one put per sub-transaction: 125 of them fit in etcd's default 128 ops.
+    for chunk in updates.chunks(DEFAULT_MAX_TXN_OPS - 3) {
+        let mut subs = Vec::with_capacity(chunk.len());
+        for (seen, new) in chunk {
+            let key = keys.task(&new.id);
+            subs.push(TxnOp::txn(
+                Txn::new()
+                    .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen.mod_revision)])
+                    .and_then([TxnOp::put(key.as_str(), encode(&key, new)?, None)]),
+            ));
+        }
+        let resp = kv.txn(Txn::new().and_then(subs)).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        for sub in resp.op_responses() {
+            out.push(match sub {
+                TxnOpResponse::Txn(t) if t.succeeded() => Some(revision),
+                _ => None,
+            });
+        }
+    }
+    Ok(out)
+}

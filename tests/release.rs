@@ -157,3 +157,39 @@ async fn releases_racing_claims_keep_ledgers_exact() {
     assert_eq!(report.placed_tasks, 150);
     assert_eq!(report.used, Resources::new(150 * 1000, 150 << 30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_start_running_in_few_round_trips() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 4, Resources::new(1000 * 100, 100 << 30)).await;
+    store.create_job(&batch_job("many", 300, TASK), 128).await.unwrap();
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
+    let snap = assert_converged(&store, &cache).await;
+    let claims: Vec<Claim> =
+        (0..300).map(|i| Claim::new(snap.tasks.get(&format!("many/{i}")).unwrap().clone(), node_name(i % 4))).collect();
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &claims, CommitKind::Incremental)
+        .await
+        .unwrap();
+    let snap = cache.wait_for_revision(report.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+    let mut updates: Vec<_> = (0..300)
+        .map(|i| {
+            let seen = snap.tasks.get(&format!("many/{i}")).unwrap().clone();
+            let mut new = (*seen.value).clone();
+            new.state = TaskState::Running;
+            (seen, new)
+        })
+        .collect();
+    // One of them is stale: it must be refused alone.
+    let (stale, _) = updates[7].clone();
+    let mut changed = (*stale.value).clone();
+    changed.reason = Some("touched".into());
+    omega::release::update_task(&store, &stale, &changed).await.unwrap().unwrap();
+    let out = omega::release::update_tasks(&store, &updates).await.unwrap();
+    assert_eq!(out.iter().filter(|r| r.is_some()).count(), 299);
+    assert!(out[7].is_none());
+    updates.truncate(1);
+    updates[0].1.state = TaskState::Succeeded;
+    assert!(omega::release::update_tasks(&store, &updates).await.is_err(), "leaving a node goes through release()");
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+}
