@@ -14,6 +14,7 @@ pub mod error;
 pub mod etcd_process;
 pub mod job_spec;
 pub mod keys;
+pub mod lease;
 pub mod model;
 pub mod placement;
 pub mod release;

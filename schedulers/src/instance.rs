@@ -6,6 +6,7 @@
 //! re-registers, and says so in the log; job ownership is re-taken through the normal claiming path.
 
 use etcd_client::PutOptions;
+use omega::lease::Renewer;
 use omega::model::{now_ms, SchedulerInstance};
 use omega::store::{encode, Store};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -49,47 +50,25 @@ async fn grant_and_put(store: &Store, record: &SchedulerInstance, ttl_secs: i64)
 
 async fn keep_alive(store: Store, presence: Presence, ttl_secs: i64) {
     let period = Duration::from_millis((ttl_secs as u64 * 1000) / 3);
-    // One keep-alive stream, reopened after any failure.
-    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut renewer = Renewer::new(store.clone(), presence.lease());
     loop {
         tokio::time::sleep(period).await;
-        let lease = presence.lease();
-        if stream.is_none() {
-            match store.client().lease_client().keep_alive(lease).await {
-                Ok(s) => stream = Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the lease keep-alive stream; will retry");
-                    continue;
-                }
-            }
-        }
-        let Some((keeper, responses)) = stream.as_mut() else { continue };
-        let renewed = async {
-            keeper.keep_alive().await?;
-            match tokio::time::timeout(Duration::from_secs(3), responses.message()).await {
-                Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
-                Ok(Ok(None)) => anyhow::bail!("keep-alive stream ended"),
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => anyhow::bail!("no keep-alive answer within 3s"),
-            }
-        };
-        match renewed.await {
+        match renewer.renew().await {
             Ok(true) => {}
             Ok(false) => {
-                stream = None;
                 tracing::warn!(
-                    lease = format!("{lease:x}"),
+                    lease = format!("{:x}", renewer.lease()),
                     "lease expired; this instance lost its jobs; re-registering"
                 );
                 match grant_and_put(&store, &presence.record, ttl_secs).await {
-                    Ok(new) => presence.lease.store(new, Ordering::Relaxed),
+                    Ok(new) => {
+                        presence.lease.store(new, Ordering::Relaxed);
+                        renewer.set_lease(new);
+                    }
                     Err(e) => tracing::warn!(error = %e, "re-registering failed; will retry"),
                 }
             }
-            Err(e) => {
-                stream = None;
-                tracing::warn!(error = %e, "lease keep-alive failed; will retry");
-            }
+            Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; will retry"),
         }
     }
 }
