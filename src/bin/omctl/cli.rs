@@ -1,0 +1,220 @@
+//! The command line: global options and one subcommand per thing people do with a cell.
+
+use crate::output::Format;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use omega::model::TaskState;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "omctl",
+    version,
+    about = "Submit, inspect and cancel jobs on an Omega cell; watch and audit its state in etcd",
+    long_about = "omctl talks to the cell's etcd directly: every Omega component shares its state there, so omctl \
+needs no server of its own. Read commands take one consistent cut of the cell (a single etcd revision).\n\n\
+Exit codes: 0 ok; 1 user error (not found, bad job file, already exists, bad arguments); 2 the audit found \
+violations; 3 etcd cannot be reached (or a request to it failed); 4 `submit --wait` timed out with tasks still \
+pending.",
+    after_help = "Examples:\n  omctl submit web.yaml --wait\n  omctl jobs\n  omctl job web\n  \
+omctl tasks --job web --state pending\n  omctl nodes -o json\n  omctl watch --prefix-kind tasks\n  omctl cancel web"
+)]
+pub struct Cli {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, global = true, env = "OMEGA_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cell in etcd.
+    #[arg(long, global = true, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Output format: aligned tables for people, or json / yaml with a stable schema for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// How long to keep trying to reach etcd before giving up (exit code 3).
+    #[arg(long, global = true, default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Submit a job file (YAML), or check it with --dry-run.
+    #[command(long_about = "Submit a job file (YAML; `-` reads standard input). The file is validated first: a \
+mistake is reported as file:line:column: field: message, and nothing is written. --dry-run validates, prints \
+the job as it would be stored, and says where its tasks could go right now (like `nomad job plan`). --wait \
+waits until every task has left `pending`, printing progress.")]
+    Submit(SubmitArgs),
+    /// List jobs: kind, scheduler, priority, state, placed tasks, why the rest are pending.
+    Jobs(JobsArgs),
+    /// Describe one job: its spec, state, tasks, scheduling status and preemptions.
+    Job(JobArgs),
+    /// List tasks, optionally of one job, in one state, or on one node.
+    Tasks(TasksArgs),
+    /// List nodes: liveness, schedulability, CPU and memory claimed, tasks, labels.
+    Nodes,
+    /// Cancel a job: mark it cancelled and kill its tasks, freeing the nodes they hold.
+    #[command(long_about = "Cancel a job: set its state to `cancelled` (compare-and-swap on the job record), then \
+kill every task that has not finished: pending tasks become `killed` with reason \"cancelled\"; tasks holding \
+resources are released from their nodes (ledger, task and assignment change in one transaction) and become \
+`killed`. Cancelling a cancelled job succeeds and sweeps any task a previous cancel left behind.")]
+    Cancel(CancelArgs),
+    /// Check the cell's invariants at one revision (exit code 2 if any is broken).
+    #[command(long_about = "Check the cell's invariants on one consistent read: no ledger over capacity; each \
+ledger equal to the tasks placed on its node; each placed task in its node's ledger and with its assignment; \
+each assignment naming a task placed on that node. Exit code 0 if clean, 2 if violations were found.")]
+    Audit,
+    /// Stream changes to the cell as they happen, one line each (NDJSON with -o json).
+    #[command(long_about = "Stream changes under the cell's prefix as they happen, one line per change: time, \
+kind, name, and what changed (e.g. `task web/2 pending -> assigned on node-3`). With -o json (or yaml) each \
+change is one JSON object per line (NDJSON). The watch resumes by itself after connection losses and re-lists \
+after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.")]
+    Watch(WatchArgs),
+    /// List live scheduler instances, the jobs they own, their attempts and conflicts.
+    Schedulers,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The job file (`-` for standard input).
+    pub file: String,
+    /// Validate only: print the job and where its tasks could go now; write nothing.
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
+    /// After submitting, wait until no task is pending (exit code 4 on timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "wait")]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<JobStateArg>,
+}
+
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    /// The job id (its `name:` in the job file).
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct TasksArgs {
+    /// Only tasks of this job.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Only tasks in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<TaskStateArg>,
+    /// Only tasks on (or last on) this node.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The job id.
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Which records to watch.
+    #[arg(long, value_enum, default_value_t = WatchKind::All)]
+    pub prefix_kind: WatchKind,
+    /// Stop after this many changes.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long (e.g. `30s`, `5m`).
+    #[arg(long = "for", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// The ranges `omctl watch` can follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WatchKind {
+    /// Everything under the prefix.
+    All,
+    /// Everything schedulers cache (`cell/`).
+    Cell,
+    Jobs,
+    Tasks,
+    Nodes,
+    /// Node liveness keys.
+    Live,
+    /// Node ledgers.
+    Alloc,
+    /// Job ownership by scheduler instances.
+    Owners,
+    /// Scheduler instances.
+    Schedulers,
+    /// Job statuses (pending reasons).
+    Status,
+    /// Assignments to node agents.
+    Assign,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TaskStateArg {
+    Pending,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Lost,
+    Killed,
+}
+
+impl TaskStateArg {
+    pub fn state(self) -> TaskState {
+        match self {
+            TaskStateArg::Pending => TaskState::Pending,
+            TaskStateArg::Assigned => TaskState::Assigned,
+            TaskStateArg::Running => TaskState::Running,
+            TaskStateArg::Succeeded => TaskState::Succeeded,
+            TaskStateArg::Failed => TaskState::Failed,
+            TaskStateArg::Lost => TaskState::Lost,
+            TaskStateArg::Killed => TaskState::Killed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum JobStateArg {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStateArg {
+    pub fn state(self) -> omega::model::JobState {
+        use omega::model::JobState;
+        match self {
+            JobStateArg::Pending => JobState::Pending,
+            JobStateArg::Running => JobState::Running,
+            JobStateArg::Succeeded => JobState::Succeeded,
+            JobStateArg::Failed => JobState::Failed,
+            JobStateArg::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+/// A duration flag: `250ms`, `2s`, `1m30s`, `1h`, or whole milliseconds (the job-file syntax).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    omega::job_spec::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,11 @@
+//! One module per command (or group of closely related commands).
+
+pub mod audit;
+pub mod cancel;
+pub mod job;
+pub mod jobs;
+pub mod nodes;
+pub mod schedulers;
+pub mod submit;
+pub mod tasks;
+pub mod watch;

@@ -1,0 +1,342 @@
+//! `omctl submit FILE`: validate a job file, write the job and its pending tasks; optionally plan only
+//! (`--dry-run`) or wait until the schedulers have placed every task (`--wait`).
+
+use crate::cell::{self, TaskCounts};
+use crate::cli::{Cli, SubmitArgs};
+use crate::exit::{user, Code};
+use crate::output::{emit, Fields};
+use crate::units;
+use omega::cell_state::{CellSnapshot, Versioned};
+use omega::model::{Job, JobKind, JobState, JobStatus, Task, TaskState};
+use omega::placement::explain::{Explanation, Reason};
+use omega::placement::feasible::{self, Candidate};
+use omega::placement::{self, NodeTable, PlacementOptions};
+use omega::store::{Store, DEFAULT_MAX_TXN_OPS, DEFAULT_PAGE_SIZE};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::time::{Duration, Instant};
+
+/// How often `--wait` looks at the job's tasks.
+const POLL: Duration = Duration::from_millis(250);
+
+/// `omctl submit FILE -o json`.
+#[derive(Serialize)]
+pub struct SubmitOutput {
+    pub job: String,
+    pub kind: JobKind,
+    pub scheduler: String,
+    pub tasks: u32,
+    /// The revision of the last write of the submission.
+    pub revision: i64,
+    /// With `--wait`: how the wait ended.
+    pub wait: Option<WaitOutput>,
+}
+
+#[derive(Serialize)]
+pub struct WaitOutput {
+    /// Every task left `pending` in time.
+    pub done: bool,
+    pub waited_ms: u64,
+    pub tasks: TaskCounts,
+    /// On timeout: why tasks are still pending.
+    pub pending_reason: Option<String>,
+    /// On timeout: the job's status record, if its scheduler wrote one.
+    pub status: Option<JobStatus>,
+}
+
+/// `omctl submit --dry-run FILE -o json`.
+#[derive(Serialize)]
+pub struct DryRunOutput {
+    pub dry_run: bool,
+    /// The job as it would be stored.
+    pub job: Job,
+    /// The same job in the job-file format (canonical quantities).
+    pub job_file: String,
+    /// The cell revision the plan was made on.
+    pub revision: i64,
+    pub already_exists: bool,
+    /// Live instances of the job's scheduler.
+    pub scheduler_instances: usize,
+    pub nodes: usize,
+    pub schedulable_nodes: usize,
+    /// Nodes that could take one of its tasks right now.
+    pub feasible_nodes: usize,
+    /// Why the others could not, like a pending reason: `3/5 nodes available: 2 constraint zone=a`.
+    pub one_task: String,
+    /// Reason codes -> node counts for one task.
+    pub reasons: BTreeMap<String, u32>,
+    /// Of the job's tasks, how many one placement decision would place now, and where.
+    pub placeable_tasks: usize,
+    pub placement: BTreeMap<String, u32>,
+    /// Tasks that placement would evict to make room (service jobs with higher priority).
+    pub preemptions: usize,
+    /// Why the rest would stay pending.
+    pub unplaced_reason: Option<String>,
+}
+
+pub async fn run(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<Code> {
+    let (source, text) = read_source(&args.file)?;
+    let job = omega::job_spec::parse_job(&source, &text).map_err(|e| user(e.to_string()))?;
+    if args.dry_run {
+        return dry_run(cli, job).await;
+    }
+    let store = crate::connect::connect(cli).await?;
+    let revision = match store.create_job(&job, DEFAULT_MAX_TXN_OPS).await {
+        Ok(rev) => rev,
+        Err(omega::Error::AlreadyExists(_)) => {
+            return Err(user(format!(
+                "job {} already exists; give the new one another `name:` in {source}, or see the existing one with \
+                 `omctl job {}`",
+                job.id, job.id
+            )))
+        }
+        Err(omega::Error::InvalidArgument(m)) => return Err(user(format!("{source}: {m}"))),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("submitting job {}", job.id))),
+    };
+    let mut out = SubmitOutput {
+        job: job.id.clone(),
+        kind: job.kind,
+        scheduler: job.scheduler.clone(),
+        tasks: job.tasks,
+        revision,
+        wait: None,
+    };
+    if !args.wait {
+        emit(cli.output, &out, || {
+            format!(
+                "job {} submitted: {} {} for scheduler {} (revision {revision}); follow it with `omctl job {}`\n",
+                job.id,
+                job.tasks,
+                if job.tasks == 1 { "task" } else { "tasks" },
+                job.scheduler,
+                job.id
+            )
+        })?;
+        return Ok(Code::Ok);
+    }
+    eprintln!(
+        "job {} submitted ({} tasks); waiting up to {} for placement",
+        job.id,
+        job.tasks,
+        units::span(args.timeout.as_millis() as u64)
+    );
+    let wait = wait(&store, &job.id, args.timeout).await?;
+    let done = wait.done;
+    out.wait = Some(wait);
+    emit(cli.output, &out, || render_wait(&out, args.timeout))?;
+    if done {
+        Ok(Code::Ok)
+    } else {
+        Ok(Code::WaitTimedOut)
+    }
+}
+
+/// The file's name for messages and its text; `-` is standard input.
+fn read_source(file: &str) -> anyhow::Result<(String, String)> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| user(format!("cannot read the job from standard input: {e}")))?;
+        return Ok(("<stdin>".into(), text));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| user(format!("cannot read job file {file}: {e}")))?;
+    Ok((file.to_string(), text))
+}
+
+/// Polls the job's tasks until none is pending, the job is cancelled, or `timeout` passes.
+async fn wait(store: &Store, id: &str, timeout: Duration) -> anyhow::Result<WaitOutput> {
+    let keys = store.keys();
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let read = cell::read(store, &[keys.tasks_of_job(id), keys.schedulers_prefix()]).await?;
+        let Some((job, _)) = cell::get_at::<Job>(store, &keys.job(id), read.revision).await? else {
+            return Err(user(format!("job {id} disappeared while waiting for it")));
+        };
+        let counts = TaskCounts::of(job.tasks, read.snapshot.tasks.values().map(|t| &*t.value));
+        let pending = counts.in_state(TaskState::Pending) + job.tasks.saturating_sub(counts.present);
+        let line = format!("{id}: {}/{} placed ({})", counts.placed, counts.total, counts.describe());
+        if line != last {
+            eprintln!("  {:>6.1}s  {line}", started.elapsed().as_secs_f64());
+            last = line;
+        }
+        if job.state == JobState::Cancelled {
+            return Err(user(format!("job {id} was cancelled while waiting for it")));
+        }
+        let waited_ms = started.elapsed().as_millis() as u64;
+        if pending == 0 {
+            return Ok(WaitOutput { done: true, waited_ms, tasks: counts, pending_reason: None, status: None });
+        }
+        let remaining = timeout.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            let status = cell::get_at::<JobStatus>(store, &keys.status(id), read.revision).await?.map(|(s, _)| s);
+            let pending_reason = super::jobs::pending_reason(&read.snapshot, &job, &counts, status.as_ref());
+            return Ok(WaitOutput { done: false, waited_ms, tasks: counts, pending_reason, status });
+        }
+        tokio::time::sleep(remaining.min(POLL)).await;
+    }
+}
+
+fn render_wait(out: &SubmitOutput, timeout: Duration) -> String {
+    let Some(w) = &out.wait else { return String::new() };
+    if w.done {
+        return format!(
+            "job {}: all {} tasks placed after {:.1}s ({})\n",
+            out.job,
+            w.tasks.total,
+            w.waited_ms as f64 / 1000.0,
+            w.tasks.describe()
+        );
+    }
+    let pending = w.tasks.in_state(TaskState::Pending) + w.tasks.total.saturating_sub(w.tasks.present);
+    let mut s = format!(
+        "job {}: timed out after {}: {} of {} tasks still pending: {}\n",
+        out.job,
+        units::span(timeout.as_millis() as u64),
+        pending,
+        w.tasks.total,
+        w.pending_reason.as_deref().unwrap_or("no reason recorded")
+    );
+    if let Some(st) = &w.status {
+        if !st.reasons.is_empty() {
+            let codes: Vec<String> = st.reasons.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "  reason codes: {}", codes.join(", "));
+        }
+        let _ = writeln!(s, "  attempts: {}, with conflicts: {}", st.attempts, st.conflicts);
+    }
+    let _ = writeln!(
+        s,
+        "  the job stays submitted; `omctl job {}` shows it, `omctl cancel {}` removes its tasks",
+        out.job, out.job
+    );
+    s
+}
+
+async fn dry_run(cli: &Cli, job: Job) -> anyhow::Result<Code> {
+    let store = crate::connect::connect(cli).await?;
+    let keys = store.keys();
+    let (kvs, revision) = store.list(&keys.cell_prefix(), DEFAULT_PAGE_SIZE, None).await?;
+    let mut snapshot = CellSnapshot::from_kvs(keys, &kvs, revision);
+    let already_exists = snapshot.jobs.contains_key(&job.id);
+    if already_exists {
+        // Plan the file's job as new: tasks of the existing job with the same name would otherwise count as
+        // its own (anti-affinity, spread). Their resources stay claimed in the ledgers, as they are.
+        let own = format!("{}/", job.id);
+        let existing: Vec<String> = snapshot.tasks.keys().filter(|id| id.starts_with(&own)).cloned().collect();
+        for id in existing {
+            snapshot.apply_delete(keys, keys.task(&id).as_bytes());
+        }
+    }
+    let mut out = plan(&snapshot, job);
+    out.already_exists = already_exists;
+    emit(cli.output, &out, || render_plan(&out))?;
+    Ok(Code::Ok)
+}
+
+/// What submitting `job` on `snapshot` would do now.
+fn plan(snapshot: &CellSnapshot, job: Job) -> DryRunOutput {
+    let table = NodeTable::new(snapshot);
+    let one = one_task(&table, &job);
+    let feasible_nodes = one.nodes.saturating_sub(one.rejected.values().sum::<usize>());
+    let pending: Vec<Versioned<Task>> = (0..job.tasks).map(|i| Versioned::new(Task::pending(&job, i), 0)).collect();
+    let options = match job.kind {
+        JobKind::Batch => PlacementOptions::batch(),
+        JobKind::Service => PlacementOptions::service(),
+    };
+    let decided = placement::place(snapshot, &job, &pending, &options, &mut rand::rng());
+    let mut where_to: BTreeMap<String, u32> = BTreeMap::new();
+    for c in &decided.claims {
+        *where_to.entry(c.node.clone()).or_default() += 1;
+    }
+    DryRunOutput {
+        dry_run: true,
+        job_file: omega::job_spec::to_yaml(&job),
+        revision: snapshot.revision,
+        already_exists: snapshot.jobs.contains_key(&job.id),
+        scheduler_instances: snapshot.schedulers.values().filter(|i| i.value.scheduler == job.scheduler).count(),
+        nodes: table.nodes(),
+        schedulable_nodes: table.entries.len(),
+        feasible_nodes,
+        one_task: one.to_string(),
+        reasons: one.codes(),
+        placeable_tasks: decided.claims.len(),
+        placement: where_to,
+        preemptions: decided.claims.iter().map(|c| c.preempts.len()).sum(),
+        unplaced_reason: decided.explanation.filter(|_| !decided.unplaced.is_empty()).map(|e| e.to_string()),
+        job,
+    }
+}
+
+/// Every node's first reason for refusing one task of `job` now (nothing of the job is placed yet).
+fn one_task(table: &NodeTable<'_>, job: &Job) -> Explanation {
+    let mut e = Explanation { nodes: table.nodes(), ..Default::default() };
+    for _ in table.entries.len()..table.nodes() {
+        e.reject(Reason::NotSchedulable);
+    }
+    for (index, entry) in table.entries.iter().enumerate() {
+        if let Some(reason) = feasible::constraint_reject(job, entry.node) {
+            e.reject(reason);
+            continue;
+        }
+        let candidate = Candidate {
+            index,
+            name: entry.name,
+            node: entry.node,
+            capacity: entry.capacity,
+            free: entry.free,
+            job_tasks: 0,
+            spread_value: "",
+        };
+        if let Some(reason) = feasible::dynamic_reject(job, &candidate, job.resources) {
+            e.reject(reason);
+        }
+    }
+    e
+}
+
+fn render_plan(p: &DryRunOutput) -> String {
+    let mut out = format!("# {}: valid; nothing was written\n", p.job.id);
+    out.push_str(&p.job_file);
+    if !p.job_file.ends_with('\n') {
+        out.push('\n');
+    }
+    let _ = writeln!(out, "\nPlan on the cell at revision {}:", p.revision);
+    let mut f = Fields::new();
+    f.add("Nodes", format!("{} ({} schedulable)", p.nodes, p.schedulable_nodes));
+    f.add("One task fits on", format!("{} ({})", plural(p.feasible_nodes, "node"), p.one_task));
+    let whole = if p.placeable_tasks == p.job.tasks as usize {
+        format!("all {} tasks would be placed now, on {}", p.job.tasks, plural(p.placement.len(), "node"))
+    } else {
+        format!(
+            "{} of {} tasks would be placed now; the rest would wait: {}",
+            p.placeable_tasks,
+            p.job.tasks,
+            p.unplaced_reason.as_deref().unwrap_or("no room")
+        )
+    };
+    f.add("Whole job", whole);
+    if p.preemptions > 0 {
+        f.add("Preemptions", format!("{} lower-priority tasks would be evicted", p.preemptions));
+    }
+    let scheduler = match p.scheduler_instances {
+        0 => format!("{}: no instance running; the job would stay pending until one starts", p.job.scheduler),
+        n => format!("{} ({})", p.job.scheduler, plural(n, "instance")),
+    };
+    f.add("Scheduler", scheduler);
+    if p.already_exists {
+        f.add("Note", format!("a job named {} already exists: submitting this file would fail", p.job.id));
+    }
+    out.push_str(&f.render(2));
+    out
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}

@@ -1,0 +1,46 @@
+//! Connecting to the cell's etcd from the global options, failing fast with a message that says what to do.
+
+use crate::cli::Cli;
+use crate::exit::{user, Unreachable};
+use omega::keys::Keys;
+use omega::store::Store;
+
+/// The key layout the global `--prefix` names.
+pub fn keys(cli: &Cli) -> anyhow::Result<Keys> {
+    Keys::new(&cli.prefix).map_err(|e| user(format!("--prefix: {e}")))
+}
+
+/// Connects, retrying for at most `--connect-timeout` (3 s by default), so that an absent etcd fails in
+/// seconds with exit code 3 rather than hanging.
+pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
+    let keys = keys(cli)?;
+    let endpoints: Vec<String> = cli.etcd.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+    if endpoints.is_empty() {
+        return Err(user("--etcd: no endpoint given; e.g. --etcd http://127.0.0.1:2379"));
+    }
+    match Store::connect_with_retry(&endpoints, keys, cli.connect_timeout).await {
+        Ok(store) => Ok(store),
+        Err(omega::Error::Unreachable { endpoints, waited, last_error }) => {
+            Err(anyhow::Error::new(Unreachable { endpoints, waited, last_error: plain(&last_error) }))
+        }
+        Err(omega::Error::InvalidArgument(m)) => Err(user(format!("--etcd: {m}"))),
+        Err(e) => Err(anyhow::Error::new(Unreachable {
+            endpoints: endpoints.join(","),
+            waited: cli.connect_timeout,
+            last_error: e.to_string(),
+        })),
+    }
+}
+
+/// The gist of a connection error: gRPC transport errors nest several layers of debug output.
+fn plain(error: &str) -> String {
+    let known = [
+        ("Connection refused", "connection refused"),
+        ("dns error", "cannot resolve the host name"),
+        ("timed out", "timed out"),
+        ("Timeout", "timed out"),
+        ("invalid uri", "not a valid URL (e.g. http://127.0.0.1:2379)"),
+        ("InvalidUri", "not a valid URL (e.g. http://127.0.0.1:2379)"),
+    ];
+    known.iter().find(|(needle, _)| error.contains(needle)).map(|(_, said)| said.to_string()).unwrap_or(error.into())
+}

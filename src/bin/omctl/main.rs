@@ -1,0 +1,65 @@
+//! `omctl`: the command line people use to run jobs on an Omega cell.
+//!
+//! It reads and writes the cell's etcd directly through the `omega` library: `submit` parses a job file
+//! (`omega::job_spec`) and writes the job with its pending tasks; read commands take one consistent cut of
+//! the cell; `cancel` releases tasks through `omega::release`; `audit` runs `omega::audit`; `watch` follows
+//! changes through `omega::watcher`. See `omctl --help` for the commands and exit codes.
+
+mod cell;
+mod cli;
+mod commands;
+mod connect;
+mod exit;
+mod output;
+mod summary;
+mod units;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use exit::Code;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage mistakes are user errors (1), not clap's usual 2,
+            // which omctl reserves for audit violations.
+            let code = if e.use_stderr() { Code::User } else { Code::Ok };
+            let _ = e.print();
+            return code.into();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return Code::User.into();
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(code) => code.into(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let code = exit::classify(&e);
+            if code == Code::Etcd && !e.chain().any(|c| c.is::<exit::Unreachable>()) {
+                eprintln!("hint: etcd stopped answering; check that it is up at {}", cli.etcd.join(","));
+            }
+            code.into()
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<Code> {
+    match &cli.command {
+        Command::Submit(args) => commands::submit::run(cli, args).await,
+        Command::Jobs(args) => commands::jobs::run(cli, args).await,
+        Command::Job(args) => commands::job::run(cli, args).await,
+        Command::Tasks(args) => commands::tasks::run(cli, args).await,
+        Command::Nodes => commands::nodes::run(cli).await,
+        Command::Cancel(args) => commands::cancel::run(cli, args).await,
+        Command::Audit => commands::audit::run(cli).await,
+        Command::Watch(args) => commands::watch::run(cli, args).await,
+        Command::Schedulers => commands::schedulers::run(cli).await,
+    }
+}

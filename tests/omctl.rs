@@ -1,0 +1,618 @@
+//! `omctl`, the real binary, against a real etcd: every command, its JSON, and its error paths and exit codes.
+
+mod common;
+
+use common::*;
+use etcd_client::PutOptions;
+use omega::cell_state::CellSnapshot;
+use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
+use omega::model::{Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, Task, TaskState};
+use omega::resources::Resources;
+use omega::store::{encode, Store};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+const NODE: Resources = Resources::new(4000, 8 << 30);
+/// The longest any single omctl run may take in these tests.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// What one run of omctl did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    #[track_caller]
+    fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "omctl failed: {self:?}");
+        self
+    }
+}
+
+fn omctl_command(etcd: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omctl"));
+    cmd.arg("--etcd")
+        .arg(etcd)
+        .args(args)
+        .env_remove("OMEGA_ETCD")
+        .env_remove("OMEGA_PREFIX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs omctl to completion (at most [`RUN_LIMIT`]), with `input` on stdin.
+async fn omctl_with_input(etcd: &str, args: &[&str], input: Option<&str>) -> Run {
+    let mut cmd = omctl_command(etcd, args);
+    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().expect("start omctl");
+    if let Some(text) = input {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin.write_all(text.as_bytes()).await.expect("write stdin");
+        drop(stdin);
+    }
+    let out = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("omctl {args:?} did not finish within {RUN_LIMIT:?}"))
+        .expect("omctl ran");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn omctl(etcd: &str, args: &[&str]) -> Run {
+    omctl_with_input(etcd, args, None).await
+}
+
+fn endpoint(store: &Store) -> String {
+    store.endpoints()[0].clone()
+}
+
+fn write_file(dir: &Path, name: &str, text: &str) -> String {
+    let path: PathBuf = dir.join(name);
+    std::fs::write(&path, text).expect("write job file");
+    path.to_string_lossy().into_owned()
+}
+
+const WEB: &str = "\
+# three replicas in two zones
+name: web
+kind: service
+priority: 100
+replicas: 3
+resources: {cpu: 500m, memory: 512Mi}
+image: busybox
+command: [sh, -c]
+args: ['echo hi && sleep 3600']
+constraints:
+  - {label: zone, in: [zone-0, zone-1]}
+spread: zone
+anti_affinity: true
+";
+
+fn batch_file(name: &str, tasks: u32, cpu: &str) -> String {
+    format!("name: {name}\nkind: batch\ntasks: {tasks}\nresources: {{cpu: {cpu}, memory: 1Gi}}\nimage: busybox\n")
+}
+
+/// The cell as etcd holds it now.
+async fn snapshot(store: &Store) -> CellSnapshot {
+    let (kvs, revision) = store.list(&store.keys().cell_prefix(), 1000, None).await.expect("list the cell");
+    CellSnapshot::from_kvs(store.keys(), &kvs, revision)
+}
+
+/// Places tasks `task ids -> nodes` with the library's committer, as a scheduler would.
+async fn place(store: &Store, placements: &[(&str, &str)]) {
+    let snap = snapshot(store).await;
+    let claims: Vec<Claim> = placements
+        .iter()
+        .map(|(task, node)| Claim::new(snap.tasks.get(*task).expect("task exists").clone(), *node))
+        .collect();
+    let committer = Committer::new(store.clone(), CommitConfig { placed_by: "test/t-1".into(), ..Default::default() });
+    let report = committer.commit(&snap, &claims, CommitKind::Incremental).await.expect("commit");
+    assert_eq!(report.committed(), claims.len(), "{:?}", report.outcomes);
+}
+
+async fn task(store: &Store, id: &str) -> Task {
+    store.get_json::<Task>(&store.keys().task(id)).await.unwrap().expect("task exists").0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_list_describe_tasks_and_nodes() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 3, NODE).await;
+    let etcd = endpoint(&store);
+    let dir = tempfile::tempdir().unwrap();
+    let web = write_file(dir.path(), "web.yaml", WEB);
+
+    let run = omctl(&etcd, &["submit", &web]).await.ok();
+    assert!(run.stdout.contains("job web submitted: 3 tasks for scheduler service"), "{run:?}");
+    let again = omctl(&etcd, &["submit", &web]).await;
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("job web already exists"), "{again:?}");
+
+    // Another job from stdin, placed in part by hand.
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("batch-a", 2, "1"))).await.ok();
+    place(&store, &[("batch-a/0", &node_name(1))]).await;
+
+    let jobs = omctl(&etcd, &["jobs"]).await.ok();
+    let lines: Vec<&str> = jobs.stdout.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("PENDING REASON"), "{jobs:?}");
+    assert!(lines[1].starts_with("batch-a ") && lines[1].contains(" 1/2 "), "{jobs:?}");
+    assert!(lines[2].starts_with("web ") && lines[2].contains(" 0/3 "), "{jobs:?}");
+    assert!(lines[2].contains("no instance of scheduler service is running"), "{jobs:?}");
+
+    let json = omctl(&etcd, &["jobs", "-o", "json"]).await.ok().json();
+    let ids: Vec<&str> = json["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["batch-a", "web"]);
+    let web_row = &json["jobs"][1];
+    assert_eq!(web_row["kind"], "service");
+    assert_eq!(web_row["priority"], 100);
+    assert_eq!(web_row["state"], "pending");
+    assert_eq!(web_row["tasks"]["total"], 3);
+    assert_eq!(web_row["tasks"]["placed"], 0);
+    assert_eq!(web_row["tasks"]["by_state"]["pending"], 3);
+    assert!(json["revision"].as_i64().unwrap() > 0);
+    let yaml = omctl(&etcd, &["jobs", "--state", "pending", "-o", "yaml"]).await.ok();
+    let from_yaml: Value = serde_norway::from_str(&yaml.stdout).expect("jobs -o yaml parses");
+    assert_eq!(from_yaml["jobs"].as_array().unwrap().len(), 2);
+
+    let describe = omctl(&etcd, &["job", "web"]).await.ok();
+    for expected in [
+        "Job:",
+        "service (no instance running)",
+        "cpu 500m, memory 512Mi per task",
+        "sh -c 'echo hi && sleep 3600'",
+        "zone in (zone-0,zone-1)",
+        "Anti-affinity:  yes",
+        "always, unlimited restarts",
+        "Scheduling status:",
+        "TASK   STATE    NODE  PLACED BY  PLACEMENTS  REASON",
+        "web/2  pending",
+    ] {
+        assert!(describe.stdout.contains(expected), "missing {expected:?} in:\n{}", describe.stdout);
+    }
+    let described = omctl(&etcd, &["job", "batch-a", "-o", "json"]).await.ok().json();
+    assert_eq!(described["job"]["id"], "batch-a");
+    assert_eq!(described["job"]["resources"]["cpu_millis"], 1000);
+    assert_eq!(described["tasks"]["placed"], 1);
+    assert_eq!(described["task_list"].as_array().unwrap().len(), 2);
+    assert_eq!(described["task_list"][0]["state"], "assigned");
+    assert_eq!(described["task_list"][0]["node"], node_name(1));
+    assert_eq!(described["task_list"][0]["placed_by"], "test/t-1");
+    assert!(described["status"].is_null());
+
+    let tasks = omctl(&etcd, &["tasks"]).await.ok();
+    let rows: Vec<&str> = tasks.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 5, "{tasks:?}");
+    assert!(rows[0].starts_with("batch-a/0") && rows[0].contains("assigned") && rows[0].contains(&node_name(1)));
+    let pending = omctl(&etcd, &["tasks", "--state", "pending", "-o", "json"]).await.ok().json();
+    assert_eq!(pending["tasks"].as_array().unwrap().len(), 4);
+    let on_node = omctl(&etcd, &["tasks", "--node", &node_name(1), "-o", "json"]).await.ok().json();
+    assert_eq!(on_node["tasks"][0]["id"], "batch-a/0");
+    let of_web = omctl(&etcd, &["tasks", "--job", "web", "--state", "assigned", "-o", "json"]).await.ok().json();
+    assert!(of_web["tasks"].as_array().unwrap().is_empty());
+    let none = omctl(&etcd, &["tasks", "--job", "nope"]).await;
+    assert_eq!(none.code, 1, "{none:?}");
+    assert!(none.stderr.contains("job nope not found"), "{none:?}");
+
+    let nodes = omctl(&etcd, &["nodes"]).await.ok();
+    let header = nodes.stdout.lines().next().unwrap();
+    for column in ["NAME", "ALIVE", "SCHEDULABLE", "CPU", "MEMORY", "TASKS", "LABELS"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let node1 = nodes.stdout.lines().find(|l| l.starts_with(&node_name(1))).unwrap();
+    assert!(node1.contains("1/4 (25%)") && node1.contains("1Gi/8Gi (13%)") && node1.contains("zone=zone-1"), "{node1}");
+    // The endpoint from the environment works as well as --etcd.
+    let out = Command::new(env!("CARGO_BIN_EXE_omctl"))
+        .args(["nodes", "-o", "json"])
+        .env("OMEGA_ETCD", &etcd)
+        .env_remove("OMEGA_PREFIX")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(RUN_LIMIT, out).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(json["nodes"][1]["alive"], true);
+    assert_eq!(json["nodes"][1]["schedulable"], true);
+    assert_eq!(json["nodes"][1]["used"]["cpu_millis"], 1000);
+    assert_eq!(json["nodes"][1]["capacity"]["memory_bytes"], 8u64 << 30);
+    assert_eq!(json["nodes"][1]["tasks"], 1);
+    assert_eq!(json["total"]["tasks"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plans_without_writing() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 6, NODE).await;
+    let etcd = endpoint(&store);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "zoned.yaml",
+        "name: zoned\nkind: batch\ntasks: 5\nresources: {cpu: 3, memory: 1Gi}\nimage: busybox\n\
+         constraints: [{label: zone, equals: zone-0}]\n",
+    );
+    let run = omctl(&etcd, &["submit", "--dry-run", &file]).await.ok();
+    assert!(run.stdout.contains("# zoned: valid; nothing was written"), "{run:?}");
+    assert!(run.stdout.contains("\nname: zoned\n") && run.stdout.contains("\ntasks: 5\n"), "{}", run.stdout);
+    assert!(run.stdout.contains("2 nodes (2/6 nodes available: 4 constraint zone=zone-0)"), "{}", run.stdout);
+    assert!(run.stdout.contains("2 of 5 tasks would be placed now"), "{}", run.stdout);
+
+    let json = omctl(&etcd, &["submit", "--dry-run", &file, "-o", "json"]).await.ok().json();
+    assert_eq!(json["dry_run"], true);
+    assert_eq!(json["job"]["id"], "zoned");
+    assert_eq!(json["nodes"], 6);
+    assert_eq!(json["feasible_nodes"], 2);
+    assert_eq!(json["reasons"]["constraint"], 4);
+    assert_eq!(json["placeable_tasks"], 2);
+    assert_eq!(json["already_exists"], false);
+    assert!(json["unplaced_reason"].as_str().unwrap().contains("nodes available"), "{json}");
+    let reparsed = omega::job_spec::parse_job("job_file", json["job_file"].as_str().unwrap()).expect("job_file parses");
+    assert_eq!(reparsed.tasks, 5);
+
+    let jobs = omctl(&etcd, &["jobs", "-o", "json"]).await.ok().json();
+    assert!(jobs["jobs"].as_array().unwrap().is_empty(), "a dry run writes nothing: {jobs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_pending_tasks_and_frees_placed_ones() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 2, NODE).await;
+    let etcd = endpoint(&store);
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("doomed", 4, "1"))).await.ok();
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("bystander", 1, "1"))).await.ok();
+    place(&store, &[("doomed/0", &node_name(0)), ("doomed/1", &node_name(1)), ("bystander/0", &node_name(0))]).await;
+    omctl(&etcd, &["audit"]).await.ok();
+
+    let run = omctl(&etcd, &["cancel", "doomed", "-o", "json"]).await.ok();
+    let json = run.json();
+    assert_eq!(json["state"], "cancelled");
+    assert_eq!(json["already_cancelled"], false);
+    assert_eq!(json["killed_pending"], 2);
+    assert_eq!(json["released"], 2);
+    assert!(json["not_killed"].as_array().unwrap().is_empty());
+
+    for i in 0..4 {
+        let t = task(&store, &format!("doomed/{i}")).await;
+        assert_eq!(t.state, TaskState::Killed, "{t:?}");
+        assert_eq!(t.reason.as_deref(), Some("cancelled"));
+    }
+    let (ledger0, _) = store.get_json::<Allocation>(&store.keys().alloc(&node_name(0))).await.unwrap().unwrap();
+    assert_eq!((ledger0.used, ledger0.tasks), (Resources::new(1000, 1 << 30), 1), "only the bystander is left");
+    let (ledger1, _) = store.get_json::<Allocation>(&store.keys().alloc(&node_name(1))).await.unwrap().unwrap();
+    assert_eq!((ledger1.used, ledger1.tasks), (Resources::ZERO, 0));
+    assert!(store.get_json::<Value>(&store.keys().assignment(&node_name(1), "doomed/1")).await.unwrap().is_none());
+    assert_eq!(task(&store, "bystander/0").await.state, TaskState::Assigned);
+    let audit = omctl(&etcd, &["audit"]).await;
+    assert_eq!(audit.code, 0, "the ledgers are exact after the cancel: {audit:?}");
+    let jobs = omctl(&etcd, &["jobs", "--state", "cancelled", "-o", "json"]).await.ok().json();
+    assert_eq!(jobs["jobs"][0]["id"], "doomed");
+
+    // Idempotent.
+    let again = omctl(&etcd, &["cancel", "doomed"]).await.ok();
+    assert!(again.stdout.contains("already cancelled"), "{again:?}");
+    assert!(again.stdout.contains("4 already finished"), "{again:?}");
+    let missing = omctl(&etcd, &["cancel", "nope"]).await;
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(missing.stderr.contains("job nope not found"), "{missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_is_clean_then_reports_a_corrupted_ledger() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 2, NODE).await;
+    let etcd = endpoint(&store);
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("a", 1, "1"))).await.ok();
+    place(&store, &[("a/0", &node_name(0))]).await;
+    let clean = omctl(&etcd, &["audit"]).await.ok();
+    assert!(clean.stdout.contains("2 nodes, 1 jobs, 1 tasks (1 placed, 1 assignments)"), "{clean:?}");
+    assert!(clean.stdout.contains("OK"), "{clean:?}");
+
+    // A ledger that claims more than the tasks on its node hold.
+    let key = store.keys().alloc(&node_name(1));
+    let mut corrupt = Allocation::empty(&node_name(1), NODE);
+    corrupt.add(Resources::new(500, 1 << 20));
+    store.client().kv_client().put(key.as_str(), encode(&key, &corrupt).unwrap(), None).await.unwrap();
+
+    let broken = omctl(&etcd, &["audit"]).await;
+    assert_eq!(broken.code, 2, "{broken:?}");
+    assert!(broken.stdout.contains("1 violation:"), "{broken:?}");
+    assert!(broken.stdout.contains(&format!("node {}: ledger says 1 tasks", node_name(1))), "{broken:?}");
+    let json = omctl(&etcd, &["audit", "-o", "json"]).await;
+    assert_eq!(json.code, 2);
+    let json = json.json();
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["violations"][0]["kind"], "ledger_mismatch");
+    assert_eq!(json["violations"][0]["node"], node_name(1));
+    assert_eq!(json["placed_tasks"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_changes_as_lines_and_ndjson() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 2, NODE).await;
+    let etcd = endpoint(&store);
+
+    // NDJSON of task changes: two created, then one placed.
+    let mut child =
+        omctl_command(&etcd, &["watch", "--prefix-kind", "tasks", "--count", "3", "--for", "30s", "-o", "json"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start omctl watch");
+    wait_until_watching(&mut child).await;
+    store.create_job(&batch_job("w", 2, Resources::new(1000, 1 << 30)), 128).await.unwrap();
+    place(&store, &[("w/1", &node_name(0))]).await;
+    let mut stdout = String::new();
+    let mut pipe = child.stdout.take().unwrap();
+    let status = tokio::time::timeout(RUN_LIMIT, async {
+        pipe.read_to_string(&mut stdout).await.unwrap();
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("watch --count 3 ends after three changes");
+    assert!(status.success());
+    let lines: Vec<Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines.iter().all(|l| l["kind"] == "task" && l["event"] == "put"), "{stdout}");
+    assert_eq!(lines[0]["summary"], "task w/0 created (pending)");
+    assert_eq!(lines[2]["name"], "w/1");
+    assert_eq!(lines[2]["value"]["state"], "assigned");
+    assert_eq!(
+        lines[2]["summary"].as_str().unwrap(),
+        format!("task w/1 pending -> assigned on {} by test/t-1", node_name(0))
+    );
+
+    // Lines for people: a job submitted.
+    let mut child = omctl_command(&etcd, &["watch", "--prefix-kind", "jobs", "--count", "1", "--for", "30s"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start omctl watch");
+    wait_until_watching(&mut child).await;
+    let mut job = batch_job("w2", 1, Resources::new(1000, 1 << 30));
+    job.priority = 7;
+    store.create_job(&job, 128).await.unwrap();
+    let out = tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("job w2 submitted: batch, 1 tasks, priority 7, scheduler batch"), "{text}");
+
+    // Bounded in time when nothing happens.
+    let started = Instant::now();
+    let quiet = omctl(&etcd, &["watch", "--prefix-kind", "schedulers", "--for", "1s"]).await.ok();
+    assert!(quiet.stdout.is_empty(), "{quiet:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Waits until a watch has listed its range (it says so on stderr), so later writes arrive as changes.
+async fn wait_until_watching(child: &mut tokio::process::Child) {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let line = tokio::time::timeout(RUN_LIMIT, lines.next_line())
+        .await
+        .expect("the watch starts")
+        .expect("read stderr")
+        .expect("a line on stderr");
+    assert!(line.starts_with("watching "), "{line}");
+    // Keep draining, so a later line on stderr never meets a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedulers_show_instances_owned_jobs_and_conflicts() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 1, NODE).await;
+    let etcd = endpoint(&store);
+    let empty = omctl(&etcd, &["schedulers"]).await.ok();
+    assert!(empty.stdout.contains("No scheduler instances are running"), "{empty:?}");
+
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("huge", 2, "64"))).await.ok();
+    // What a scheduler instance writes: its record and the job's owner (both on its lease), and the status.
+    let lease = store.grant_lease(60).await.unwrap();
+    let keys = store.keys().clone();
+    let mut kv = store.client().kv_client();
+    let instance = SchedulerInstance {
+        scheduler: "batch".into(),
+        instance: "b-1".into(),
+        kind: JobKind::Batch,
+        started_ms: omega::model::now_ms(),
+        metrics: Some("127.0.0.1:9101".into()),
+    };
+    let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-1".into(), since_ms: 1 };
+    let status = JobStatus {
+        job: "huge".into(),
+        pending: 2,
+        reason: "0/1 nodes available: 1 insufficient cpu".into(),
+        reasons: [("insufficient_cpu".to_string(), 1)].into(),
+        attempts: 10,
+        conflicts: 3,
+        last_attempt_ms: omega::model::now_ms(),
+        scheduler_instance: "batch/b-1".into(),
+    };
+    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let k = keys.scheduler("batch", "b-1");
+    kv.put(k.as_str(), encode(&k, &instance).unwrap(), with_lease()).await.unwrap();
+    let k = keys.owner("huge");
+    kv.put(k.as_str(), encode(&k, &owner).unwrap(), with_lease()).await.unwrap();
+    let k = keys.status("huge");
+    kv.put(k.as_str(), encode(&k, &status).unwrap(), None).await.unwrap();
+
+    let table = omctl(&etcd, &["schedulers"]).await.ok();
+    let row = table.stdout.lines().nth(1).expect("one instance");
+    for expected in ["batch", "b-1", "127.0.0.1:9101", "1 (huge)", "10", "3", "30.0%"] {
+        assert!(row.contains(expected), "missing {expected:?} in {row:?}");
+    }
+    let json = omctl(&etcd, &["schedulers", "-o", "json"]).await.ok().json();
+    let s = &json["schedulers"][0];
+    assert_eq!(s["scheduler"], "batch");
+    assert_eq!(s["instance"], "b-1");
+    assert_eq!(s["kind"], "batch");
+    assert_eq!(s["jobs_owned"][0], "huge");
+    assert_eq!(s["attempts"], 10);
+    assert_eq!(s["conflicts"], 3);
+    assert!((s["conflict_fraction"].as_f64().unwrap() - 0.3).abs() < 1e-9);
+
+    // The status shows in the job's listing and description.
+    let jobs = omctl(&etcd, &["jobs", "-o", "json"]).await.ok().json();
+    assert_eq!(jobs["jobs"][0]["pending_reason"], "0/1 nodes available: 1 insufficient cpu");
+    assert_eq!(jobs["jobs"][0]["reasons"]["insufficient_cpu"], 1);
+    assert_eq!(jobs["jobs"][0]["owner"], "batch/b-1");
+    let describe = omctl(&etcd, &["job", "huge"]).await.ok();
+    for expected in [
+        "Pending reason:",
+        "0/1 nodes available: 1 insufficient cpu",
+        "insufficient_cpu=1",
+        "Attempts:",
+        "3 (30.0% of attempts)",
+        "Written by:",
+        "batch/b-1",
+        "Owner:",
+    ] {
+        assert!(describe.stdout.contains(expected), "missing {expected:?} in:\n{}", describe.stdout);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_both_sides_of_a_preemption() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 1, Resources::new(1000, 8 << 30)).await;
+    let etcd = endpoint(&store);
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("low", 1, "1"))).await.ok();
+    place(&store, &[("low/0", &node_name(0))]).await;
+    let high = "name: high\nkind: service\npriority: 50\nreplicas: 1\nresources: {cpu: 1, memory: 1Gi}\nimage: x\n";
+    omctl_with_input(&etcd, &["submit", "-"], Some(high)).await.ok();
+    let snap = snapshot(&store).await;
+    let claim = Claim::preempting(
+        snap.tasks.get("high/0").unwrap().clone(),
+        node_name(0),
+        vec![snap.tasks.get("low/0").unwrap().clone()],
+    );
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &[claim], CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.committed(), 1, "{:?}", report.outcomes);
+
+    let preemptor = omctl(&etcd, &["job", "high"]).await.ok();
+    assert!(preemptor.stdout.contains("Preemptions:\n  high/0 preempted low/0"), "{}", preemptor.stdout);
+    let victim = omctl(&etcd, &["job", "low"]).await.ok();
+    assert!(victim.stdout.contains("low/0 (pending) was preempted by high/0"), "{}", victim.stdout);
+    let json = omctl(&etcd, &["job", "low", "-o", "json"]).await.ok().json();
+    assert_eq!(json["preemptions"]["evicted"][0]["task"], "low/0");
+    let json = omctl(&etcd, &["job", "high", "-o", "json"]).await.ok().json();
+    assert_eq!(json["preemptions"]["evicted_others"][0]["victims"][0], "low/0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_reports_progress_or_times_out_with_the_reason() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 2, NODE).await;
+    let etcd = endpoint(&store);
+
+    // Nobody schedules: the wait times out (exit 4) and says why.
+    let started = Instant::now();
+    let run =
+        omctl_with_input(&etcd, &["submit", "-", "--wait", "--timeout", "1s"], Some(&batch_file("stuck", 2, "1")))
+            .await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(run.stdout.contains("timed out after 1s: 2 of 2 tasks still pending"), "{run:?}");
+    assert!(run.stdout.contains("no instance of scheduler batch is running"), "{run:?}");
+    assert!(run.stderr.contains("stuck: 0/2 placed (2 pending)"), "progress: {run:?}");
+
+    // A "scheduler" (this test) places the tasks while omctl waits.
+    let mut child = omctl_command(&etcd, &["submit", "-", "--wait", "--timeout", "30s", "-o", "json"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("start omctl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(batch_file("placed", 2, "1").as_bytes()).await.unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + RUN_LIMIT;
+    loop {
+        let snap = snapshot(&store).await;
+        if snap.tasks.contains_key("placed/0") && snap.tasks.contains_key("placed/1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "omctl never submitted the job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    place(&store, &[("placed/0", &node_name(0)), ("placed/1", &node_name(1))]).await;
+    let out = tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["job"], "placed");
+    assert_eq!(json["wait"]["done"], true);
+    assert_eq!(json["wait"]["tasks"]["placed"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_is_wrong_with_their_exit_codes() {
+    // Nothing listens on this port.
+    let port = omega::etcd_process::free_port().unwrap();
+    let nowhere = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+
+    let started = Instant::now();
+    let run = omctl(&nowhere, &["jobs"]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(run.stderr.contains(&format!("cannot reach etcd at {nowhere}")), "{run:?}");
+    assert!(run.stderr.contains("is it running?") && run.stderr.contains("etcd --data-dir"), "{run:?}");
+
+    // Job files are checked before etcd is needed.
+    let bad_yaml = write_file(dir.path(), "bad.yaml", "name: x\nkind: batch\ntasks: 2\n  resources: {cpu: 1}\n");
+    let run = omctl(&nowhere, &["submit", &bad_yaml]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains(&format!("{bad_yaml}:4:")), "the line is named: {run:?}");
+    let unknown = write_file(
+        dir.path(),
+        "unknown.yaml",
+        "name: x\nkind: batch\nreplica: 2\nresources: {cpu: 1, memory: 1Gi}\nimage: busybox\n",
+    );
+    let run = omctl(&nowhere, &["submit", &unknown]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains(&format!("{unknown}:3:1: replica: unknown field")), "{run:?}");
+    assert!(run.stderr.contains("did you mean `replicas`"), "{run:?}");
+    let run = omctl(&nowhere, &["submit", &dir.path().join("missing.yaml").to_string_lossy()]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("cannot read job file"), "{run:?}");
+    let run = omctl_with_input(&nowhere, &["submit", "-"], Some("name: x\nkind: cron\n")).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("<stdin>:2:"), "{run:?}");
+
+    // Usage mistakes are user errors (1), not clap's 2, which means audit violations here.
+    let run = omctl(&nowhere, &["frobnicate"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let run = omctl(&nowhere, &["tasks", "--state", "sleeping"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    for command in ["submit", "jobs", "job", "tasks", "nodes", "cancel", "audit", "watch", "schedulers"] {
+        let run = omctl(&nowhere, &[command, "--help"]).await.ok();
+        assert!(run.stdout.contains("Usage: omctl"), "{command}: {run:?}");
+    }
+
+    // Against a live etcd: unknown ids.
+    let (_etcd, store) = start_etcd().await;
+    let etcd = endpoint(&store);
+    let run = omctl(&etcd, &["job", "nope"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("job nope not found"), "{run:?}");
+    let run = omctl(&etcd, &["jobs"]).await.ok();
+    assert!(run.stdout.contains("No jobs"), "{run:?}");
+}
