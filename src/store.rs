@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{self, prefix_end, Keys};
-use crate::model::{now_ms, Allocation, Job, Liveness, Node, Task};
+use crate::model::{now_ms, Allocation, Job, JobState, Liveness, Node, Task};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -184,6 +184,19 @@ impl Store {
             }
         }
         Err(Error::InvalidArgument(format!("node {} ledger kept changing while registering", node.name)))
+    }
+
+    /// Moves a job to `state` if its record is still the one at `mod_revision` (compare-and-swap). Returns the
+    /// new revision, or `None` if someone wrote the job meanwhile (read it again and decide again).
+    pub async fn set_job_state(&self, job: &Job, mod_revision: i64, state: JobState) -> Result<Option<i64>> {
+        let key = self.keys.job(&job.id);
+        let mut updated = job.clone();
+        updated.state = state;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
     /// Grants a lease of `ttl_secs`; its holder must keep it alive or every key bound to it goes.

@@ -17,7 +17,7 @@ use omega::commit::{conflict_label, Claim, ClaimOutcome, CommitConfig, CommitKin
 use omega::model::{Job, JobState, JobStatus, Task, TaskState};
 use omega::placement::{self, PlacementOptions};
 use omega::resources::Resources;
-use omega::store::{encode, Store};
+use omega::store::Store;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
@@ -195,7 +195,7 @@ impl Scheduler {
         }
         if job.state == JobState::Pending {
             if let Some(v) = snapshot.jobs.get(&job.id) {
-                if let Err(e) = set_job_state(&self.store, v, JobState::Running).await {
+                if let Err(e) = self.store.set_job_state(&v.value, v.mod_revision, JobState::Running).await {
                     tracing::warn!(job = job.id, error = %e, "marking job running failed");
                 }
             }
@@ -390,17 +390,4 @@ fn queue_depth(snapshot: &CellSnapshot, scheduler: &str) -> usize {
         .filter(|j| j.value.scheduler == scheduler)
         .map(|j| snapshot.tasks_of(&j.value).filter(|t| t.value.state == TaskState::Pending).count())
         .sum()
-}
-
-/// Compare-and-swap a job's state.
-async fn set_job_state(store: &Store, job: &Versioned<Job>, state: JobState) -> anyhow::Result<()> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let key = store.keys().job(&job.value.id);
-    let mut updated = (*job.value).clone();
-    updated.state = state;
-    let txn = Txn::new()
-        .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, job.mod_revision)])
-        .and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);
-    store.client().kv_client().txn(txn).await?;
-    Ok(())
 }

@@ -10,11 +10,10 @@ use crate::cell;
 use crate::cli::{CancelArgs, Cli};
 use crate::exit::{user, Code};
 use crate::output::emit;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use omega::cell_state::Versioned;
 use omega::model::{Job, JobState, TaskState};
 use omega::release::{release, Release, ReleaseOutcome};
-use omega::store::{encode, Store};
+use omega::store::Store;
 use serde::Serialize;
 
 /// Attempts at the job record's compare-and-swap, and rounds of task releases.
@@ -128,12 +127,7 @@ async fn mark_cancelled(store: &Store, id: &str, out: &mut CancelOutput) -> anyh
             }
             JobState::Pending | JobState::Running => {}
         }
-        let mut cancelled = job.clone();
-        cancelled.state = JobState::Cancelled;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then([TxnOp::put(key.as_str(), encode(&key, &cancelled)?, None)]);
-        if store.client().kv_client().txn(txn).await?.succeeded() {
+        if store.set_job_state(&job, mod_revision, JobState::Cancelled).await?.is_some() {
             return Ok(JobState::Cancelled);
         }
         // Someone (its scheduler marking it running) wrote the job meanwhile: read it again.
