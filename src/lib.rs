@@ -17,6 +17,7 @@ pub mod keys;
 pub mod lease;
 pub mod model;
 pub mod placement;
+pub mod proto;
 pub mod release;
 pub mod resources;
 pub mod store;

@@ -70,6 +70,20 @@ after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.
     Watch(WatchArgs),
     /// List live scheduler instances, the jobs they own, their attempts and conflicts.
     Schedulers,
+    /// Print a task's log (stdout and stderr); with -f, follow it until the task ends.
+    #[command(long_about = "Print a task's log, as its container wrote it to stdout and stderr, streamed from the \
+agent of the node it runs (or ran) on. With -f, keep printing what it writes until the task ends, then report \
+its final state and exit code on standard error, and exit 0 if it succeeded or 5 if it did not.")]
+    Logs(LogsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// The task, `<job>/<index>` (e.g. `web/0`).
+    pub task: String,
+    /// Follow the log until the task ends.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
 }
 
 #[derive(Args, Debug)]

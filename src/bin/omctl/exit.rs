@@ -18,6 +18,8 @@ pub enum Code {
     Etcd = 3,
     /// `submit --wait` gave up with tasks still pending.
     WaitTimedOut = 4,
+    /// `logs -f`: the task ended without succeeding (failed, killed, lost).
+    TaskFailed = 5,
 }
 
 impl From<Code> for std::process::ExitCode {

@@ -61,5 +61,6 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Audit => commands::audit::run(cli).await,
         Command::Watch(args) => commands::watch::run(cli, args).await,
         Command::Schedulers => commands::schedulers::run(cli).await,
+        Command::Logs(args) => commands::logs::run(cli, args).await,
     }
 }

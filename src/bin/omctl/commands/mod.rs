@@ -4,6 +4,7 @@ pub mod audit;
 pub mod cancel;
 pub mod job;
 pub mod jobs;
+pub mod logs;
 pub mod nodes;
 pub mod schedulers;
 pub mod submit;

@@ -1,0 +1,1498 @@
+//! The node agent's container runtime: containerd's gRPC API over its unix socket.
+//!
+//! One [`Containerd`] talks to one containerd daemon in one containerd namespace (every call carries the
+//! `containerd-namespace` header; containerd keeps namespaces apart, so Omega's containers never mix with
+//! anyone else's). The calls are the ones containerd's Go client makes, done by hand because containerd 1.6
+//! has no higher-level service for them:
+//!
+//! ```text
+//! run:    images.get -> content.read (index ->) manifest -> config -> chain id of the layers
+//!         -> (first use only) unpack the layers into the snapshotter: prepare / diff.apply / commit
+//!         -> snapshots.prepare(key = container id, parent = chain id)       under a containerd lease
+//!         -> containers.create(OCI runtime spec built with oci-spec)         under the same lease
+//!         -> tasks.create(rootfs mounts, stdout = stderr = file:///log)      -> tasks.wait (spawned) -> tasks.start
+//! wait:   tasks.wait -> exit status, time; OOM kill from the container's memory cgroup (and /tasks/oom events)
+//! stop:   tasks.kill(SIGTERM) -> grace -> tasks.kill(SIGKILL, all) -> the exit
+//! remove: tasks.kill(SIGKILL) if alive -> tasks.delete (retried) -> containers.delete -> snapshots.remove
+//! ```
+//!
+//! Choices worth knowing:
+//! - **Idempotent `run`**: if a container with the id exists and its task is alive (running or paused), `run`
+//!   refuses with [`Error::AlreadyRunning`] and leaves it alone (the caller adopts it, e.g. after an agent
+//!   restart). If it exists but is not alive (exited, created but never started, or without a task), it is
+//!   removed and created again: a half-made or finished container of the same id is never reused.
+//! - **Logs** go to `file://<log_path>`, the same URI for stdout and stderr: the shim writes the file itself,
+//!   so output keeps landing there across an agent restart (containerd's shim sends stderr to the stdout file
+//!   anyway when both are `file://`). Two things about that file, both measured: lines of stdout and stderr
+//!   arrive whole but in no guaranteed order between the two streams; and the shim may still be copying the
+//!   last output when the exit is reported. It finishes (waiting up to 2 s) when the task is deleted, so the
+//!   log is complete once [`Containerd::remove`] returns, not necessarily when [`Containerd::wait`] does.
+//! - **Cgroups**: each container's cgroup is `<cgroup_parent>/<namespace>/<id>` (default parent `/omega`), set
+//!   as `linux.cgroupsPath`, so the agent knows where to read it (on cgroup v1:
+//!   `/sys/fs/cgroup/<controller>/omega/<namespace>/<id>`). CPU: `cpu_millis` becomes a CFS quota over a
+//!   100 ms period and `cpu.shares = cpu_millis * 1024 / 1000`; memory: `memory.limit_in_bytes`, and the
+//!   same value as the memory+swap limit where swap accounting exists, so a container cannot swap past it.
+//! - **OOM kills** are read from the container's memory cgroup after the task exits and before it is
+//!   deleted (`oom_kill` in `memory.oom_control` on cgroup v1, `memory.events` on v2): the kernel counts
+//!   every kill there, synchronously, and the cgroup outlives the task until `tasks.delete`, so the answer is
+//!   right even for a wait started after an agent restart. `/tasks/oom` events, which a background
+//!   subscription records, are the second source (a containerd on another host, or a cgroup we cannot
+//!   read). A container counts as OOM-killed if any of its processes was, as the CRI plugin reports it.
+//! - **Network**: containers get their own network namespace with only loopback (no CNI here).
+//! - No call that goes to the network unwraps: every failure is an [`Error`] naming the call and the id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
+use containerd_client::services::v1::events_client::EventsClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::services::v1::{
+    ApplyRequest, Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest,
+    GetImageRequest, GetRequest as GetTaskRequest, Info as ContentInfo, KillRequest, ListContainersRequest,
+    ListTasksRequest, ReadContentRequest, ResumeTaskRequest, StartRequest, SubscribeRequest,
+    UpdateRequest as UpdateContentRequest, WaitRequest,
+};
+use containerd_client::types::v1::Status as TaskStatus;
+use containerd_client::types::{Descriptor, Mount};
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
+};
+use prost::Message;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// The gRPC header containerd reads the namespace from.
+const NAMESPACE_HEADER: &str = "containerd-namespace";
+/// The gRPC header that puts what a call creates under a lease (protected from containerd's GC).
+const LEASE_HEADER: &str = "containerd-lease";
+/// `type_url` containerd expects for an OCI runtime spec carried as JSON.
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// CFS period for the CPU quota, microseconds (the kernel's and Docker's default).
+const CPU_PERIOD_US: u64 = 100_000;
+/// Manifests and image configs are small; refuse anything absurd rather than buffer it.
+const MAX_METADATA_BLOB: usize = 8 << 20;
+/// Leases we create expire on their own after this long, in case the agent dies holding one.
+const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+/// How long a SIGKILLed task gets to be reported gone before `stop`/`remove` give up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(15);
+/// `tasks.delete` attempts in `remove`: a delete racing the shim's exit handling fails transiently, and a
+/// task that is never deleted leaks its shim process and its rootfs mount.
+const DELETE_ATTEMPTS: u32 = 6;
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const SIGTERM: u32 = 15;
+const SIGKILL: u32 = 9;
+
+/// What to run: one container for one placement of one task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSpec {
+    /// Container id, e.g. `<job>-<index>-p<placement>`: letters, digits, `.`, `_`, `-`, at most 76 characters
+    /// (containerd's identifier rules). Also the snapshot key and the last part of the cgroup path.
+    pub id: String,
+    /// Image reference as stored in containerd, e.g. `omega.local/busybox:latest`; it must already be there.
+    pub image: String,
+    /// Replaces the image's entrypoint and cmd when not empty.
+    pub command: Vec<String>,
+    /// Appended to `command`; when `command` is empty, replaces the image's cmd after its entrypoint.
+    pub args: Vec<String>,
+    /// Added to (and overriding) the image's environment.
+    pub env: BTreeMap<String, String>,
+    /// CPU limit in millicores (1000 = one core); 0 = unlimited.
+    pub cpu_millis: u64,
+    /// Memory limit in bytes; 0 = unlimited.
+    pub memory_bytes: u64,
+    /// Absolute path of the file stdout and stderr are appended to (created with its directory).
+    pub log_path: PathBuf,
+    /// containerd container labels (e.g. job, task index, placement), returned by [`Containerd::list`].
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How a container's main process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status; 128 + signal number when killed by a signal (137 = SIGKILL).
+    pub code: i32,
+    /// Whether the kernel's OOM killer killed a process of the container.
+    pub oom_killed: bool,
+    /// When containerd saw the process exit, milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+}
+
+/// A container in the namespace, for reconciliation after an agent restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    /// Its task is alive (running or paused). A created-but-never-started task or an exited one is not.
+    pub running: bool,
+    /// The task's pid on the host, when a task exists.
+    pub pid: Option<u32>,
+}
+
+/// Everything that can go wrong talking to containerd.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket did not answer at all.
+    #[error("cannot connect to containerd at {socket}: {reason}; is it running? (e.g. `containerd --config <file>`)")]
+    Connect { socket: PathBuf, reason: String },
+
+    /// containerd answered a call with an error status.
+    #[error("containerd {op} for {id:?} failed: {code:?}: {message}")]
+    Rpc { op: &'static str, id: String, code: Code, message: String },
+
+    /// A call got no answer in time (containerd hung or is overloaded).
+    #[error("containerd {op} for {id:?} got no answer within {after:?}")]
+    Timeout { op: &'static str, id: String, after: Duration },
+
+    /// The image is not in containerd. No registry is used: images are loaded from OCI tarballs.
+    #[error(
+        "image {image:?} is not in containerd namespace {namespace:?}; no registry is used, so load it from an \
+         OCI tarball first: `ctr -a {socket} -n {namespace} images import --base-name <name without :tag> \
+         <image.tar>` (or omega_agent::image::import_oci_tar; see agent/README.md, \"Images\")",
+        socket = .socket.display()
+    )]
+    ImageNotFound { image: String, namespace: String, socket: PathBuf },
+
+    /// The image's manifest or config is unusable (unknown media type, no linux manifest, bad JSON, ...).
+    #[error("image {image:?}: {reason}")]
+    BadImage { image: String, reason: String },
+
+    /// The caller's spec or id cannot be used.
+    #[error("invalid container spec: {0}")]
+    InvalidSpec(String),
+
+    /// `run` found a live task with this id and left it alone.
+    #[error("container {id:?} is already running (pid {pid}); stop and remove it first, or adopt it")]
+    AlreadyRunning { id: String, pid: u32 },
+
+    /// No such container or task.
+    #[error("container {id:?} has no task in containerd")]
+    NotFound { id: String },
+
+    /// Building the OCI runtime spec failed.
+    #[error("building the OCI runtime spec for {id:?}: {reason}")]
+    Spec { id: String, reason: String },
+
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+impl Error {
+    /// containerd said "not found" (container, task, snapshot, lease, image or process).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Rpc { code: Code::NotFound, .. } | Error::NotFound { .. })
+    }
+
+    fn is_already_exists(&self) -> bool {
+        matches!(self, Error::Rpc { code: Code::AlreadyExists, .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings beyond the socket and namespace. The defaults suit a Debian containerd 1.6 with runc.
+#[derive(Clone, Debug)]
+pub struct ContainerdOptions {
+    /// Snapshotter holding image layers and container root filesystems (`overlayfs`; `native` always works).
+    pub snapshotter: String,
+    /// containerd runtime (shim) name.
+    pub runtime: String,
+    /// Parent of every container's cgroup; a container's cgroup is `<parent>/<namespace>/<id>`.
+    pub cgroup_parent: String,
+    /// Limit on each ordinary call (not on waiting for an exit).
+    pub rpc_timeout: Duration,
+}
+
+impl Default for ContainerdOptions {
+    fn default() -> Self {
+        ContainerdOptions {
+            snapshotter: "overlayfs".to_string(),
+            runtime: "io.containerd.runc.v2".to_string(),
+            cgroup_parent: "/omega".to_string(),
+            rpc_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a spawned `tasks.wait` produced: the exit, or the status code and message it failed with.
+type WaitOutcome = std::result::Result<RawExit, (Code, String)>;
+
+#[derive(Clone, Copy, Debug)]
+struct RawExit {
+    code: u32,
+    exited_at_ms: u64,
+}
+
+struct Waiter {
+    rx: watch::Receiver<Option<WaitOutcome>>,
+    task: AbortHandle,
+}
+
+struct Inner {
+    channel: Channel,
+    socket: PathBuf,
+    namespace: String,
+    namespace_header: MetadataValue<Ascii>,
+    options: ContainerdOptions,
+    /// One `tasks.wait` per container, started before `tasks.start` (or by the first `wait`/`stop` of a
+    /// container this client did not start) and shared by every caller waiting for that container.
+    waiters: Mutex<HashMap<String, Waiter>>,
+    /// Container ids a `/tasks/oom` event named, with when it arrived (ms since the epoch).
+    oom_events: Arc<Mutex<HashMap<String, u64>>>,
+    events_task: AbortHandle,
+    /// Serialises unpacking, so two runs of a new image do not both unpack it.
+    unpack_lock: tokio::sync::Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.events_task.abort();
+        for (_, waiter) in lock(&self.waiters).drain() {
+            waiter.task.abort();
+        }
+    }
+}
+
+/// A client for one containerd namespace. Cheap to clone (the clones share the connection and the waiters).
+#[derive(Clone)]
+pub struct Containerd {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Containerd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containerd")
+            .field("socket", &self.inner.socket)
+            .field("namespace", &self.inner.namespace)
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain maps behind, still consistent enough to use.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn timestamp_ms(ts: Option<&prost_types::Timestamp>) -> u64 {
+    match ts {
+        Some(t) if t.seconds > 0 => t.seconds as u64 * 1000 + (t.nanos.max(0) as u64) / 1_000_000,
+        _ => now_ms(),
+    }
+}
+
+/// containerd's identifier rule (namespaces, containers, leases): `[A-Za-z0-9]` then `[A-Za-z0-9._-]`, at
+/// most 76 characters.
+fn valid_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 76
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if valid_identifier(id) {
+        Ok(())
+    } else {
+        Err(Error::InvalidSpec(format!(
+            "container id {id:?} must be 1-76 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+impl Containerd {
+    /// Connects to containerd's gRPC socket with the default [`ContainerdOptions`] and checks it answers.
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self> {
+        Self::connect_with(socket, namespace, ContainerdOptions::default()).await
+    }
+
+    /// Connects with explicit options (snapshotter, runtime, cgroup parent, call timeout).
+    ///
+    /// The channel reconnects by itself if containerd restarts; the `/tasks/oom` subscription is restarted
+    /// in the background when its stream breaks.
+    pub async fn connect_with(socket: &Path, namespace: &str, options: ContainerdOptions) -> Result<Self> {
+        if !valid_identifier(namespace) {
+            return Err(Error::InvalidSpec(format!(
+                "namespace {namespace:?} must be letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )));
+        }
+        let namespace_header = MetadataValue::try_from(namespace)
+            .map_err(|e| Error::InvalidSpec(format!("namespace {namespace:?} cannot be a gRPC header: {e}")))?;
+        let connect = containerd_client::connect(socket);
+        let channel = match tokio::time::timeout(options.rpc_timeout, connect).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                let reason = match std::error::Error::source(&e) {
+                    Some(source) => format!("{e}: {source}"),
+                    None => e.to_string(),
+                };
+                return Err(Error::Connect { socket: socket.to_path_buf(), reason });
+            }
+            Err(_) => {
+                return Err(Error::Connect {
+                    socket: socket.to_path_buf(),
+                    reason: format!("no connection within {:?}", options.rpc_timeout),
+                })
+            }
+        };
+        // The version call proves a containerd (not just any listener) is serving on the socket.
+        let mut version = VersionClient::new(channel.clone());
+        match tokio::time::timeout(options.rpc_timeout, version.version(())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                return Err(Error::Connect {
+                    socket: socket.to_path_buf(),
+                    reason: format!("version call failed: {:?}: {}", status.code(), status.message()),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Connect {
+                    socket: socket.to_path_buf(),
+                    reason: format!("version call got no answer within {:?}", options.rpc_timeout),
+                })
+            }
+        }
+        let oom_events = Arc::new(Mutex::new(HashMap::new()));
+        let events_task =
+            tokio::spawn(watch_oom_events(channel.clone(), namespace.to_string(), oom_events.clone())).abort_handle();
+        Ok(Containerd {
+            inner: Arc::new(Inner {
+                channel,
+                socket: socket.to_path_buf(),
+                namespace: namespace.to_string(),
+                namespace_header,
+                options,
+                waiters: Mutex::new(HashMap::new()),
+                oom_events,
+                events_task,
+                unpack_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The containerd namespace this client works in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The snapshotter this client uses.
+    pub fn snapshotter(&self) -> &str {
+        &self.inner.options.snapshotter
+    }
+
+    /// The `linux.cgroupsPath` given to container `id`: `<cgroup_parent>/<namespace>/<id>`.
+    pub fn cgroup_path(&self, id: &str) -> String {
+        format!("{}/{}/{}", self.inner.options.cgroup_parent.trim_end_matches('/'), self.inner.namespace, id)
+    }
+
+    /// The host directory of container `id`'s cgroup for a cgroup v1 `controller` (`cpu`, `memory`, ...),
+    /// or of its unified (v2) cgroup when the host has no v1 hierarchy for that controller. `None` when
+    /// neither is mounted. The directory exists from task create to task delete.
+    pub fn cgroup_dir(&self, controller: &str, id: &str) -> Option<PathBuf> {
+        let mount = cgroup_mount(controller)?;
+        Some(mount.join(self.cgroup_path(id).trim_start_matches('/')))
+    }
+
+    /// How many OOM kills the kernel counted in container `id`'s memory cgroup, if it can be read (the task
+    /// exists, and containerd runs on this host). This is what [`wait`](Self::wait) uses first.
+    pub fn cgroup_oom_kills(&self, id: &str) -> Option<u64> {
+        let dir = self.cgroup_dir("memory", id)?;
+        let text = std::fs::read_to_string(dir.join("memory.oom_control"))
+            .or_else(|_| std::fs::read_to_string(dir.join("memory.events")))
+            .ok()?;
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok())
+    }
+
+    /// Whether a `/tasks/oom` event for container `id` arrived since it was last started by this client.
+    pub fn oom_event_seen(&self, id: &str) -> bool {
+        lock(&self.inner.oom_events).contains_key(id)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(NAMESPACE_HEADER, self.inner.namespace_header.clone());
+        request
+    }
+
+    fn leased<T>(&self, message: T, lease: &MetadataValue<Ascii>) -> Request<T> {
+        let mut request = self.request(message);
+        request.metadata_mut().insert(LEASE_HEADER, lease.clone());
+        request
+    }
+
+    /// Runs one unary call with the call timeout, turning a status into [`Error::Rpc`].
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        id: &str,
+        fut: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
+        let after = self.inner.options.rpc_timeout;
+        match tokio::time::timeout(after, fut).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => {
+                Err(Error::Rpc { op, id: id.to_string(), code: status.code(), message: status.message().to_string() })
+            }
+            Err(_) => Err(Error::Timeout { op, id: id.to_string(), after }),
+        }
+    }
+
+    fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.inner.channel.clone())
+    }
+
+    fn containers(&self) -> ContainersClient<Channel> {
+        ContainersClient::new(self.inner.channel.clone())
+    }
+
+    fn snapshots(&self) -> SnapshotsClient<Channel> {
+        SnapshotsClient::new(self.inner.channel.clone())
+    }
+
+    // ----- images -----
+
+    /// Checks that `image` is in containerd and unpacked into this client's snapshotter (unpacking it if it
+    /// was imported without unpacking, or for another snapshotter). An absent image is
+    /// [`Error::ImageNotFound`], whose message says how to load one: there is no registry to pull from.
+    pub async fn ensure_image(&self, image: &str) -> Result<()> {
+        let resolved = self.resolve_image(image).await?;
+        self.ensure_unpacked(&resolved).await
+    }
+
+    async fn resolve_image(&self, image: &str) -> Result<ResolvedImage> {
+        if image.is_empty() {
+            return Err(Error::InvalidSpec("empty image name".into()));
+        }
+        let mut images = ImagesClient::new(self.inner.channel.clone());
+        let got =
+            self.call("images.get", image, images.get(self.request(GetImageRequest { name: image.into() }))).await;
+        let target = match got {
+            Ok(r) => r.image.and_then(|i| i.target),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        let Some(mut target) = target else {
+            return Err(Error::ImageNotFound {
+                image: image.to_string(),
+                namespace: self.inner.namespace.clone(),
+                socket: self.inner.socket.clone(),
+            });
+        };
+        let bad = |reason: String| Error::BadImage { image: image.to_string(), reason };
+        if is_index(&target.media_type) {
+            let blob = self.read_blob(image, &target.digest).await?;
+            let index: IndexJson = serde_json::from_slice(&blob).map_err(|e| bad(format!("bad index JSON: {e}")))?;
+            let arch = host_arch();
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch))
+                .or_else(|| if index.manifests.len() == 1 { index.manifests.first() } else { None })
+                .ok_or_else(|| bad(format!("its index has no linux/{arch} manifest")))?;
+            target = chosen.to_descriptor();
+        }
+        if !is_manifest(&target.media_type) {
+            return Err(bad(format!(
+                "unsupported media type {:?} (want an OCI or Docker manifest)",
+                target.media_type
+            )));
+        }
+        let blob = self.read_blob(image, &target.digest).await?;
+        let manifest: ManifestJson =
+            serde_json::from_slice(&blob).map_err(|e| bad(format!("bad manifest JSON: {e}")))?;
+        let blob = self.read_blob(image, &manifest.config.digest).await?;
+        let config: ImageConfigJson =
+            serde_json::from_slice(&blob).map_err(|e| bad(format!("bad image config JSON: {e}")))?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff ids in its config",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        if manifest.layers.is_empty() {
+            return Err(bad("it has no layers".into()));
+        }
+        let chain_ids = chain_ids(&config.rootfs.diff_ids);
+        Ok(ResolvedImage {
+            name: image.to_string(),
+            config_digest: manifest.config.digest.clone(),
+            layers: manifest.layers.iter().map(BlobRef::to_descriptor).collect(),
+            chain_ids,
+            config: config.config.unwrap_or_default(),
+        })
+    }
+
+    /// Reads a whole (small) blob from containerd's content store.
+    async fn read_blob(&self, image: &str, digest: &str) -> Result<Vec<u8>> {
+        let mut content = ContentClient::new(self.inner.channel.clone());
+        let after = self.inner.options.rpc_timeout;
+        let read = async {
+            let mut stream = content
+                .read(self.request(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 }))
+                .await?
+                .into_inner();
+            let mut data = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                data.extend_from_slice(&chunk.data);
+                if data.len() > MAX_METADATA_BLOB {
+                    return Err(tonic::Status::out_of_range(format!("blob larger than {MAX_METADATA_BLOB} bytes")));
+                }
+            }
+            Ok(data)
+        };
+        match tokio::time::timeout(after, read).await {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(status)) if status.code() == Code::NotFound => Err(Error::BadImage {
+                image: image.to_string(),
+                reason: format!("blob {digest} is missing from the content store (import the image again)"),
+            }),
+            Ok(Err(status)) => Err(Error::Rpc {
+                op: "content.read",
+                id: digest.to_string(),
+                code: status.code(),
+                message: status.message().to_string(),
+            }),
+            Err(_) => Err(Error::Timeout { op: "content.read", id: digest.to_string(), after }),
+        }
+    }
+
+    async fn snapshot_exists(&self, key: &str) -> Result<bool> {
+        let request = StatSnapshotRequest { snapshotter: self.inner.options.snapshotter.clone(), key: key.into() };
+        match self.call("snapshots.stat", key, self.snapshots().stat(self.request(request))).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Unpacks the image's layers into the snapshotter if its top chain id is not there yet: for each layer,
+    /// prepare an active snapshot on the previous one, apply the layer (containerd's diff service decompresses
+    /// and untars it), commit it under its chain id. All under a lease, and finally the config blob is labelled
+    /// with the top snapshot (`containerd.io/gc.ref.snapshot.<snapshotter>`), which is what keeps the
+    /// snapshots from containerd's GC once the lease goes: exactly what containerd's own unpacker does.
+    async fn ensure_unpacked(&self, image: &ResolvedImage) -> Result<()> {
+        let Some(top) = image.chain_ids.last() else {
+            return Err(Error::BadImage { image: image.name.clone(), reason: "it has no layers".into() });
+        };
+        if self.snapshot_exists(top).await? {
+            return Ok(());
+        }
+        let _guard = self.inner.unpack_lock.lock().await;
+        if self.snapshot_exists(top).await? {
+            return Ok(());
+        }
+        static UNPACKS: AtomicU64 = AtomicU64::new(0);
+        let lease_id =
+            format!("omega-unpack-{}-{}-{}", std::process::id(), UNPACKS.fetch_add(1, Ordering::Relaxed), now_ms());
+        let lease = self.create_lease(&lease_id).await?;
+        let result = self.unpack_layers(image, &lease).await;
+        let dropped = self.delete_lease(&lease_id).await;
+        result?;
+        dropped
+    }
+
+    async fn unpack_layers(&self, image: &ResolvedImage, lease: &MetadataValue<Ascii>) -> Result<()> {
+        let snapshotter = self.inner.options.snapshotter.clone();
+        let mut parent = String::new();
+        for (layer, chain) in image.layers.iter().zip(&image.chain_ids) {
+            if !self.snapshot_exists(chain).await? {
+                let key = format!("omega-extract-{}-{}", now_ms(), chain);
+                let prepare = PrepareSnapshotRequest {
+                    snapshotter: snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.clone(),
+                    labels: HashMap::new(),
+                };
+                let mounts = self
+                    .call("snapshots.prepare", &key, self.snapshots().prepare(self.leased(prepare, lease)))
+                    .await?
+                    .mounts;
+                let applied = async {
+                    let apply = ApplyRequest { diff: Some(layer.clone()), mounts, ..Default::default() };
+                    let mut diff = DiffClient::new(self.inner.channel.clone());
+                    self.call("diff.apply", &layer.digest, diff.apply(self.leased(apply, lease))).await?;
+                    let commit = CommitSnapshotRequest {
+                        snapshotter: snapshotter.clone(),
+                        name: chain.clone(),
+                        key: key.clone(),
+                        labels: HashMap::new(),
+                    };
+                    self.call("snapshots.commit", chain, self.snapshots().commit(self.leased(commit, lease))).await
+                }
+                .await;
+                if let Err(e) = applied {
+                    let remove = RemoveSnapshotRequest { snapshotter: snapshotter.clone(), key: key.clone() };
+                    let _ = self.call("snapshots.remove", &key, self.snapshots().remove(self.request(remove))).await;
+                    // Someone else (ctr, another agent) committed the same layer meanwhile: theirs is as good.
+                    if !e.is_already_exists() {
+                        return Err(e);
+                    }
+                }
+            }
+            parent = chain.clone();
+        }
+        let label = format!("containerd.io/gc.ref.snapshot.{snapshotter}");
+        let update = UpdateContentRequest {
+            info: Some(ContentInfo {
+                digest: image.config_digest.clone(),
+                labels: HashMap::from([(label.clone(), parent)]),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec![format!("labels.{label}")] }),
+        };
+        let mut content = ContentClient::new(self.inner.channel.clone());
+        self.call("content.update", &image.config_digest, content.update(self.leased(update, lease))).await?;
+        Ok(())
+    }
+
+    async fn create_lease(&self, lease_id: &str) -> Result<MetadataValue<Ascii>> {
+        let header = MetadataValue::try_from(lease_id)
+            .map_err(|e| Error::InvalidSpec(format!("lease id {lease_id:?} cannot be a gRPC header: {e}")))?;
+        let expires = SystemTime::now()
+            .checked_add(LEASE_EXPIRY)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| rfc3339(d.as_secs()))
+            .unwrap_or_default();
+        let request = CreateLeaseRequest {
+            id: lease_id.to_string(),
+            labels: HashMap::from([("containerd.io/gc.expire".to_string(), expires)]),
+        };
+        let mut leases = LeasesClient::new(self.inner.channel.clone());
+        match self.call("leases.create", lease_id, leases.create(self.request(request))).await {
+            Ok(_) => Ok(header),
+            // Left over from an agent that died mid-run: reuse it, it is deleted below as usual.
+            Err(e) if e.is_already_exists() => Ok(header),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_lease(&self, lease_id: &str) -> Result<()> {
+        let mut leases = LeasesClient::new(self.inner.channel.clone());
+        let request = DeleteLeaseRequest { id: lease_id.to_string(), sync: false };
+        match self.call("leases.delete", lease_id, leases.delete(self.request(request))).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ----- containers and tasks -----
+
+    /// The task of container `id`, or `None` when there is no container or no task.
+    async fn task(&self, id: &str) -> Result<Option<containerd_client::types::v1::Process>> {
+        let request = GetTaskRequest { container_id: id.to_string(), exec_id: String::new() };
+        match self.call("tasks.get", id, self.tasks().get(self.request(request))).await {
+            Ok(r) => Ok(r.process),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn container_exists(&self, id: &str) -> Result<bool> {
+        let request = GetContainerRequest { id: id.to_string() };
+        match self.call("containers.get", id, self.containers().get(self.request(request))).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates and starts container `spec.id`; returns its host pid once it runs.
+    ///
+    /// If a container with this id exists and is alive, this fails with [`Error::AlreadyRunning`] and
+    /// touches nothing; if it exists but is not alive, it is removed and created again. A failure part way
+    /// cleans up what this call created, so a retry starts from nothing.
+    pub async fn run(&self, spec: &ContainerSpec) -> Result<u32> {
+        check_spec(spec)?;
+        let id = spec.id.as_str();
+        let task = self.task(id).await?;
+        if let Some(task) = &task {
+            if is_alive(task.status) {
+                return Err(Error::AlreadyRunning { id: id.to_string(), pid: task.pid });
+            }
+        }
+        if task.is_some() || self.container_exists(id).await? {
+            self.remove(id).await?;
+        } else {
+            // A snapshot (or lease) of a run that died before its container was created.
+            self.remove_snapshot(id).await?;
+        }
+
+        let image = self.resolve_image(&spec.image).await?;
+        self.ensure_unpacked(&image).await?;
+        let oci = self.build_spec(spec, &image)?;
+        let spec_json =
+            serde_json::to_vec(&oci).map_err(|e| Error::Spec { id: id.to_string(), reason: e.to_string() })?;
+
+        // The snapshot is made under a lease so containerd's GC cannot take it before the container record
+        // (which then references it) exists; the lease is dropped once the container holds the snapshot.
+        let lease_id = run_lease_id(id);
+        let lease = self.create_lease(&lease_id).await?;
+        let created = self.create_container(spec, &image, spec_json, &lease).await;
+        let dropped = self.delete_lease(&lease_id).await;
+        let mounts = match created {
+            Ok(mounts) => mounts,
+            Err(e) => {
+                let _ = self.remove(id).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = dropped {
+            let _ = self.remove(id).await;
+            return Err(e);
+        }
+
+        match self.create_and_start_task(spec, mounts).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                let _ = self.remove(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_container(
+        &self,
+        spec: &ContainerSpec,
+        image: &ResolvedImage,
+        spec_json: Vec<u8>,
+        lease: &MetadataValue<Ascii>,
+    ) -> Result<Vec<Mount>> {
+        let id = spec.id.as_str();
+        let top = image.chain_ids.last().cloned().unwrap_or_default();
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: self.inner.options.snapshotter.clone(),
+            key: id.to_string(),
+            parent: top,
+            labels: HashMap::new(),
+        };
+        let mounts =
+            self.call("snapshots.prepare", id, self.snapshots().prepare(self.leased(prepare, lease))).await?.mounts;
+        let container = Container {
+            id: id.to_string(),
+            labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            image: spec.image.clone(),
+            runtime: Some(Runtime { name: self.inner.options.runtime.clone(), options: None }),
+            spec: Some(prost_types::Any { type_url: SPEC_TYPE_URL.to_string(), value: spec_json }),
+            snapshotter: self.inner.options.snapshotter.clone(),
+            snapshot_key: id.to_string(),
+            ..Default::default()
+        };
+        let request = CreateContainerRequest { container: Some(container) };
+        self.call("containers.create", id, self.containers().create(self.leased(request, lease))).await?;
+        Ok(mounts)
+    }
+
+    async fn create_and_start_task(&self, spec: &ContainerSpec, mounts: Vec<Mount>) -> Result<u32> {
+        let id = spec.id.as_str();
+        if let Some(dir) = spec.log_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| Error::Io { what: format!("creating log directory {}", dir.display()), source })?;
+        }
+        let log_uri = file_uri(&spec.log_path);
+        let create = CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            stdout: log_uri.clone(),
+            stderr: log_uri,
+            ..Default::default()
+        };
+        self.call("tasks.create", id, self.tasks().create(self.request(create))).await?;
+        lock(&self.inner.oom_events).remove(id);
+        // The wait is issued before the task starts (containerd would also keep the exit status of a task that
+        // ended before anyone waited, until the task is deleted; waiting first just never depends on that).
+        self.fresh_waiter(id);
+        let start = StartRequest { container_id: id.to_string(), exec_id: String::new() };
+        let started = self.call("tasks.start", id, self.tasks().start(self.request(start))).await?;
+        Ok(started.pid)
+    }
+
+    fn build_spec(&self, spec: &ContainerSpec, image: &ResolvedImage) -> Result<Spec> {
+        let id = spec.id.as_str();
+        let spec_err = |e: oci_spec::OciSpecError| Error::Spec { id: id.to_string(), reason: e.to_string() };
+        let config = &image.config;
+
+        let args: Vec<String> = if !spec.command.is_empty() {
+            spec.command.iter().chain(&spec.args).cloned().collect()
+        } else {
+            let entrypoint = config.entrypoint.clone().unwrap_or_default();
+            let cmd = if spec.args.is_empty() { config.cmd.clone().unwrap_or_default() } else { spec.args.clone() };
+            entrypoint.into_iter().chain(cmd).collect()
+        };
+        if args.is_empty() {
+            return Err(Error::InvalidSpec(format!(
+                "container {id:?}: no command given and image {:?} has no entrypoint or cmd",
+                spec.image
+            )));
+        }
+
+        // The image's environment in its order, then the spec's, a later value replacing an earlier one.
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |key: &str, value: &str| match env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => env.push((key.to_string(), value.to_string())),
+        };
+        for entry in config.env.iter().flatten() {
+            let (k, v) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+            set(k, v);
+        }
+        for (k, v) in &spec.env {
+            set(k, v);
+        }
+        let mut env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.to_string());
+        }
+
+        let cwd = match config.working_dir.as_deref() {
+            Some(dir) if dir.starts_with('/') => dir.to_string(),
+            _ => "/".to_string(),
+        };
+        let (uid, gid) = parse_user(config.user.as_deref().unwrap_or(""))
+            .map_err(|reason| Error::BadImage { image: spec.image.clone(), reason })?;
+
+        let mut oci = Spec::default();
+        let user = UserBuilder::default().uid(uid).gid(gid).build().map_err(spec_err)?;
+        let defaults = oci.process().clone().unwrap_or_default();
+        let mut process = ProcessBuilder::default().args(args).env(env).cwd(cwd).user(user).terminal(false);
+        if let Some(capabilities) = defaults.capabilities() {
+            process = process.capabilities(capabilities.clone());
+        }
+        if let Some(rlimits) = defaults.rlimits() {
+            process = process.rlimits(rlimits.clone());
+        }
+        oci.set_process(Some(process.no_new_privileges(true).build().map_err(spec_err)?));
+        oci.set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(spec_err)?));
+        oci.set_hostname(Some(id.chars().take(63).collect()));
+
+        let mut resources = LinuxResourcesBuilder::default().devices(vec![LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()
+            .map_err(spec_err)?]);
+        if spec.cpu_millis > 0 {
+            let quota = (spec.cpu_millis * CPU_PERIOD_US / 1000).max(1000);
+            let shares = (spec.cpu_millis * 1024 / 1000).max(2);
+            resources = resources.cpu(
+                LinuxCpuBuilder::default()
+                    .period(CPU_PERIOD_US)
+                    .quota(quota as i64)
+                    .shares(shares)
+                    .build()
+                    .map_err(spec_err)?,
+            );
+        }
+        if spec.memory_bytes > 0 {
+            let limit = i64::try_from(spec.memory_bytes)
+                .map_err(|_| Error::InvalidSpec(format!("memory_bytes {} is too large", spec.memory_bytes)))?;
+            let mut memory = LinuxMemoryBuilder::default().limit(limit);
+            if swap_accounting() {
+                // memory+swap = memory: the limit cannot be dodged by swapping.
+                memory = memory.swap(limit);
+            }
+            resources = resources.memory(memory.build().map_err(spec_err)?);
+        }
+        let default_linux = oci.linux().clone().unwrap_or_default();
+        let mut linux = LinuxBuilder::default()
+            .cgroups_path(PathBuf::from(self.cgroup_path(id)))
+            .resources(resources.build().map_err(spec_err)?);
+        if let Some(namespaces) = default_linux.namespaces() {
+            linux = linux.namespaces(namespaces.clone());
+        }
+        if let Some(masked) = default_linux.masked_paths() {
+            linux = linux.masked_paths(masked.clone());
+        }
+        if let Some(readonly) = default_linux.readonly_paths() {
+            linux = linux.readonly_paths(readonly.clone());
+        }
+        oci.set_linux(Some(linux.build().map_err(spec_err)?));
+        Ok(oci)
+    }
+
+    // ----- waiting -----
+
+    /// Starts a `tasks.wait` for `id` and makes it the one callers share (replacing any older one).
+    fn fresh_waiter(&self, id: &str) -> watch::Receiver<Option<WaitOutcome>> {
+        let (tx, rx) = watch::channel(None);
+        let mut tasks = self.tasks();
+        let request = self.request(WaitRequest { container_id: id.to_string(), exec_id: String::new() });
+        let task = tokio::spawn(async move {
+            let outcome = match tasks.wait(request).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Ok(RawExit { code: r.exit_status, exited_at_ms: timestamp_ms(r.exited_at.as_ref()) })
+                }
+                Err(status) => Err((status.code(), status.message().to_string())),
+            };
+            let _ = tx.send(Some(outcome));
+        })
+        .abort_handle();
+        if let Some(old) = lock(&self.inner.waiters).insert(id.to_string(), Waiter { rx: rx.clone(), task }) {
+            old.task.abort();
+        }
+        rx
+    }
+
+    /// The shared `tasks.wait` for `id`, started now if there is none (or the last one failed).
+    fn waiter(&self, id: &str) -> watch::Receiver<Option<WaitOutcome>> {
+        let usable = {
+            let waiters = lock(&self.inner.waiters);
+            waiters.get(id).and_then(|w| {
+                let outcome = w.rx.borrow();
+                let failed = matches!(&*outcome, Some(Err(_)));
+                let aborted = outcome.is_none() && w.task.is_finished();
+                (!failed && !aborted).then(|| w.rx.clone())
+            })
+        };
+        usable.unwrap_or_else(|| self.fresh_waiter(id))
+    }
+
+    /// Waits for the exit `rx` reports. A wait that failed transiently (containerd restarting: the shim
+    /// keeps the task) or was replaced (another caller restarted it, `run` re-created the task) is picked up
+    /// again from the shared waiter, a bounded number of times.
+    async fn await_exit(&self, id: &str, mut rx: watch::Receiver<Option<WaitOutcome>>) -> Result<RawExit> {
+        let mut retries = 0u32;
+        loop {
+            // Err: the waiter was aborted without an answer (replaced, removed, or the client dropped).
+            let outcome = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+            match outcome {
+                Some(Ok(exit)) => return Ok(exit),
+                Some(Err((Code::NotFound, _))) => {
+                    self.forget_waiter(id, &rx);
+                    return Err(Error::NotFound { id: id.to_string() });
+                }
+                Some(Err((code, message)))
+                    if retries >= 5
+                        || !matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal) =>
+                {
+                    self.forget_waiter(id, &rx);
+                    return Err(Error::Rpc { op: "tasks.wait", id: id.to_string(), code, message });
+                }
+                None if retries >= 5 => return Err(Error::NotFound { id: id.to_string() }),
+                failed => {
+                    retries += 1;
+                    if failed.is_some() {
+                        tracing::debug!(container = id, ?failed, "tasks.wait failed; waiting again");
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(retries))).await;
+                    }
+                    // The shared waiter: a fresh one unless another caller already restarted it.
+                    rx = self.waiter(id);
+                }
+            }
+        }
+    }
+
+    /// Drops the map entry of a waiter that ended in an error, if it is still the current one.
+    fn forget_waiter(&self, id: &str, rx: &watch::Receiver<Option<WaitOutcome>>) {
+        let mut waiters = lock(&self.inner.waiters);
+        if waiters.get(id).is_some_and(|w| w.rx.same_channel(rx)) {
+            waiters.remove(id);
+        }
+    }
+
+    /// Waits until container `id`'s task exits and returns how; returns at once for a task that already
+    /// exited (also one that exited while no agent was watching: containerd keeps the status until the task
+    /// is deleted). [`Error::NotFound`] if there is no task. Call it before [`remove`](Self::remove): the OOM
+    /// verdict is read from the task's cgroup, which `remove` deletes. The log file may still lack the last
+    /// output at this point; it is complete after `remove`.
+    pub async fn wait(&self, id: &str) -> Result<Exit> {
+        check_id(id)?;
+        let rx = self.waiter(id);
+        let raw = self.await_exit(id, rx).await?;
+        Ok(self.exit_of(id, raw).await)
+    }
+
+    async fn exit_of(&self, id: &str, raw: RawExit) -> Exit {
+        let code = raw.code as i32;
+        let from_cgroup = self.cgroup_oom_kills(id);
+        let mut oom_killed = from_cgroup.is_some_and(|n| n > 0) || self.oom_event_seen(id);
+        if !oom_killed && from_cgroup.is_none() && code == 128 + SIGKILL as i32 {
+            // No cgroup to read (remote containerd, or already deleted): the OOM event may trail the exit.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.oom_event_seen(id) {
+                    oom_killed = true;
+                    break;
+                }
+            }
+        }
+        Exit { code, oom_killed, finished_at_ms: raw.exited_at_ms }
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let request = KillRequest { container_id: id.to_string(), exec_id: String::new(), signal, all };
+        match self.call("tasks.kill", id, self.tasks().kill(self.request(request))).await {
+            Ok(_) => Ok(()),
+            // Already exited (containerd says "process already finished" as NotFound).
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stops container `id`: SIGTERM to its main process, up to `grace` for it to exit, then SIGKILL to
+    /// every process in it. Returns the exit, or `None` if it was not running (no container, no task, or
+    /// already exited). The container and its task stay until [`remove`](Self::remove).
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<Option<Exit>> {
+        check_id(id)?;
+        let Some(task) = self.task(id).await? else { return Ok(None) };
+        let status = TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unknown);
+        if matches!(status, TaskStatus::Stopped | TaskStatus::Unknown) {
+            return Ok(None);
+        }
+        if matches!(status, TaskStatus::Paused | TaskStatus::Pausing) {
+            // A frozen process would not take the signal until thawed.
+            let resume = ResumeTaskRequest { container_id: id.to_string() };
+            let _ = self.call("tasks.resume", id, self.tasks().resume(self.request(resume))).await;
+        }
+        let rx = self.waiter(id);
+        if status == TaskStatus::Created || grace.is_zero() {
+            self.kill(id, SIGKILL, true).await?;
+        } else {
+            self.kill(id, SIGTERM, false).await?;
+            if let Ok(result) = tokio::time::timeout(grace, self.await_exit(id, rx.clone())).await {
+                let raw = result?;
+                return Ok(Some(self.exit_of(id, raw).await));
+            }
+            self.kill(id, SIGKILL, true).await?;
+        }
+        match tokio::time::timeout(KILL_TIMEOUT, self.await_exit(id, rx)).await {
+            Ok(result) => Ok(Some(self.exit_of(id, result?).await)),
+            Err(_) => Err(Error::Timeout { op: "tasks.wait after SIGKILL", id: id.to_string(), after: KILL_TIMEOUT }),
+        }
+    }
+
+    /// Deletes container `id` entirely: kills its task if alive, deletes the task (retried: a task never
+    /// deleted leaks its shim and rootfs mount), the container, its snapshot and any lease of its run.
+    /// Absent pieces are fine: removing twice, or removing what never existed, is `Ok`. Once it returns, the
+    /// log file is complete (deleting the task is what waits for the shim's output copy).
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        check_id(id)?;
+        let mut last_error = None;
+        for attempt in 0..DELETE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+            }
+            let task = match self.task(id).await {
+                Ok(Some(task)) => task,
+                Ok(None) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let status = TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unknown);
+            if status != TaskStatus::Stopped {
+                if let Err(e) = self.stop(id, Duration::ZERO).await {
+                    last_error = Some(e);
+                    continue;
+                }
+            }
+            let request = DeleteTaskRequest { container_id: id.to_string() };
+            match self.call("tasks.delete", id, self.tasks().delete(self.request(request))).await {
+                Ok(_) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) if e.is_not_found() => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(e);
+        }
+        if let Some(w) = lock(&self.inner.waiters).remove(id) {
+            w.task.abort();
+        }
+        lock(&self.inner.oom_events).remove(id);
+        let request = DeleteContainerRequest { id: id.to_string() };
+        match self.call("containers.delete", id, self.containers().delete(self.request(request))).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        self.remove_snapshot(id).await
+    }
+
+    async fn remove_snapshot(&self, id: &str) -> Result<()> {
+        let request =
+            RemoveSnapshotRequest { snapshotter: self.inner.options.snapshotter.clone(), key: id.to_string() };
+        match self.call("snapshots.remove", id, self.snapshots().remove(self.request(request))).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        self.delete_lease(&run_lease_id(id)).await
+    }
+
+    /// Every container in the namespace with its task's state, for reconciliation after an agent restart.
+    pub async fn list(&self) -> Result<Vec<ContainerInfo>> {
+        let containers = self
+            .call("containers.list", "*", self.containers().list(self.request(ListContainersRequest::default())))
+            .await?
+            .containers;
+        let tasks =
+            self.call("tasks.list", "*", self.tasks().list(self.request(ListTasksRequest::default()))).await?.tasks;
+        // containerd 1.6 fills in only `id` (the init process's id, which is the container id).
+        let tasks: HashMap<String, containerd_client::types::v1::Process> = tasks
+            .into_iter()
+            .map(|t| (if t.container_id.is_empty() { t.id.clone() } else { t.container_id.clone() }, t))
+            .collect();
+        let mut out: Vec<ContainerInfo> = containers
+            .into_iter()
+            .map(|c| {
+                let task = tasks.get(&c.id);
+                ContainerInfo {
+                    running: task.is_some_and(|t| is_alive(t.status)),
+                    pid: task.map(|t| t.pid).filter(|p| *p > 0),
+                    labels: c.labels.into_iter().collect(),
+                    id: c.id,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+/// Records `/tasks/oom` events of `namespace` until aborted, resubscribing when the stream breaks.
+/// (containerd answers a subscription only when the first event arrives, so this runs as its own task.)
+async fn watch_oom_events(channel: Channel, namespace: String, seen: Arc<Mutex<HashMap<String, u64>>>) {
+    let filter = format!("topic==\"/tasks/oom\",namespace==\"{namespace}\"");
+    loop {
+        let mut events = EventsClient::new(channel.clone());
+        match events.subscribe(SubscribeRequest { filters: vec![filter.clone()] }).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(envelope)) => {
+                            if envelope.topic != "/tasks/oom" || envelope.namespace != namespace {
+                                continue;
+                            }
+                            let Some(event) = envelope.event else { continue };
+                            match containerd_client::events::TaskOom::decode(event.value.as_slice()) {
+                                Ok(oom) => {
+                                    tracing::info!(container = %oom.container_id, "containerd reported an OOM kill");
+                                    lock(&seen).insert(oom.container_id, now_ms());
+                                }
+                                Err(e) => tracing::warn!("cannot decode a /tasks/oom event: {e}"),
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!("containerd event stream broke: {status}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => tracing::debug!("cannot subscribe to containerd events: {status}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn is_alive(status: i32) -> bool {
+    matches!(TaskStatus::try_from(status), Ok(TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing))
+}
+
+fn check_spec(spec: &ContainerSpec) -> Result<()> {
+    check_id(&spec.id)?;
+    if spec.image.is_empty() {
+        return Err(Error::InvalidSpec(format!("container {:?}: empty image", spec.id)));
+    }
+    if !spec.log_path.is_absolute() {
+        return Err(Error::InvalidSpec(format!(
+            "container {:?}: log_path {} must be absolute (the shim, not the agent, opens it)",
+            spec.id,
+            spec.log_path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The lease a run's snapshot is created under. Lease ids follow the identifier rules (76 characters), so
+/// the container id is hashed rather than embedded.
+fn run_lease_id(id: &str) -> String {
+    format!("omega-run-{}", &hex(&Sha256::digest(id.as_bytes()))[..24])
+}
+
+/// `file://` URI of an absolute path, percent-encoding what a URI path may not hold.
+fn file_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
+}
+
+/// `uid[:gid]` with numbers; an empty user is root. Names would need the image's /etc/passwd.
+fn parse_user(user: &str) -> std::result::Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = user.split_once(':').unwrap_or((user, ""));
+    let uid: u32 =
+        u.parse().map_err(|_| format!("user {user:?} is not numeric (uid[:gid]); user names are not supported"))?;
+    let gid: u32 = if g.is_empty() {
+        uid
+    } else {
+        g.parse().map_err(|_| format!("group in user {user:?} is not numeric; group names are not supported"))?
+    };
+    Ok((uid, gid))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The OCI chain ids of a layer stack: chain(0) = diff(0), chain(n) = sha256(chain(n-1) + " " + diff(n)).
+/// The snapshot of the top layer is named by the last one.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for diff in diff_ids {
+        let next = match out.last() {
+            None => diff.clone(),
+            Some(parent) => format!("sha256:{}", hex(&Sha256::digest(format!("{parent} {diff}").as_bytes()))),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (containerd's `gc.expire` label wants RFC 3339).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+/// The mount point of cgroup v1 `controller`, or of the unified hierarchy on a cgroup v2 host.
+fn cgroup_mount(controller: &str) -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut unified = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let mount_point = left.split(' ').nth(4)?;
+        let mut right = right.split(' ');
+        let fstype = right.next()?;
+        let super_options = right.nth(1).unwrap_or("");
+        if fstype == "cgroup" && super_options.split(',').any(|o| o == controller) {
+            return Some(PathBuf::from(mount_point));
+        }
+        if fstype == "cgroup2" && mount_point == "/sys/fs/cgroup" {
+            unified = Some(PathBuf::from(mount_point));
+        }
+    }
+    unified
+}
+
+/// Whether cgroup v1 swap accounting exists (`memory.memsw.*`), so a memory+swap limit can be set.
+fn swap_accounting() -> bool {
+    match cgroup_mount("memory") {
+        Some(m) if m != Path::new("/sys/fs/cgroup") => m.join("memory.memsw.limit_in_bytes").exists(),
+        // cgroup v2: runc turns memory.swap = memory.limit into memory.swap.max = 0.
+        Some(_) => true,
+        None => false,
+    }
+}
+
+fn is_index(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.index.v1+json" | "application/vnd.docker.distribution.manifest.list.v2+json"
+    )
+}
+
+fn is_manifest(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json"
+    )
+}
+
+struct ResolvedImage {
+    name: String,
+    config_digest: String,
+    layers: Vec<Descriptor>,
+    chain_ids: Vec<String>,
+    config: ImageRuntimeConfig,
+}
+
+// Just the fields of the image JSON documents that running a container needs (lenient on the rest, so Docker
+// and OCI variants both parse).
+
+#[derive(Deserialize)]
+struct IndexJson {
+    #[serde(default)]
+    manifests: Vec<BlobRef>,
+}
+
+#[derive(Deserialize)]
+struct ManifestJson {
+    config: BlobRef,
+    #[serde(default)]
+    layers: Vec<BlobRef>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct BlobRef {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: i64,
+    #[serde(default)]
+    platform: Option<PlatformJson>,
+}
+
+impl BlobRef {
+    fn to_descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            annotations: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Deserialize, Clone)]
+struct PlatformJson {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct ImageConfigJson {
+    #[serde(default)]
+    config: Option<ImageRuntimeConfig>,
+    rootfs: RootFsJson,
+}
+
+#[derive(Deserialize)]
+struct RootFsJson {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize, Default, Clone, Debug)]
+#[serde(rename_all = "PascalCase")]
+struct ImageRuntimeConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let a = "sha256:aaaa".to_string();
+        let b = "sha256:bbbb".to_string();
+        let ids = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(ids[0], a);
+        let expected = format!("sha256:{}", hex(&Sha256::digest(b"sha256:aaaa sha256:bbbb")));
+        assert_eq!(ids[1], expected);
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn file_uris_are_escaped() {
+        assert_eq!(file_uri(Path::new("/var/log/omega/a-1.log")), "file:///var/log/omega/a-1.log");
+        assert_eq!(file_uri(Path::new("/tmp/a b%.log")), "file:///tmp/a%20b%25.log");
+    }
+
+    #[test]
+    fn users() {
+        assert_eq!(parse_user(""), Ok((0, 0)));
+        assert_eq!(parse_user("1000"), Ok((1000, 1000)));
+        assert_eq!(parse_user("1000:50"), Ok((1000, 50)));
+        assert!(parse_user("nobody").is_err());
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(valid_identifier("job-1-p0"));
+        assert!(valid_identifier("a.b_c"));
+        assert!(!valid_identifier("-x"));
+        assert!(!valid_identifier("a/b"));
+        assert!(!valid_identifier(&"x".repeat(77)));
+        assert!(valid_identifier(&run_lease_id(&"x".repeat(76))));
+    }
+}

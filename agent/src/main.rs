@@ -1,0 +1,149 @@
+use anyhow::Context;
+use clap::Parser;
+use omega::job_spec::{parse_duration_ms, parse_quantity_cpu, parse_quantity_memory};
+use omega::keys::Keys;
+use omega::resources::Resources;
+use omega::store::Store;
+use omega_agent::agent::{Agent, AgentConfig};
+use omega_agent::containerd::Containerd;
+use omega_agent::logs::LogService;
+use omega_agent::simulated::{SimOptions, SimulatedNodes};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Omega's node agent: registers this node, runs its assigned tasks as containers through containerd and
+/// reports their states to etcd. With `--simulate N` it instead hosts N virtual nodes that run tasks as timers.
+#[derive(Parser, Debug)]
+#[command(name = "omega-agent", version)]
+struct Args {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "OMEGA_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
+    prefix: String,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// CPU to offer, e.g. `4` or `3500m` (default: all cores).
+    #[arg(long, value_parser = parse_quantity_cpu)]
+    cpu: Option<u64>,
+    /// Memory to offer, e.g. `16Gi` (default: all of it).
+    #[arg(long, value_parser = parse_quantity_memory)]
+    memory: Option<u64>,
+    /// A node label `key=value` (repeatable), for job constraints and spread.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Lease TTL: how long after this agent stops heartbeating the cell considers the node lost.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    lease_ttl: Duration,
+    /// Grace between SIGTERM and SIGKILL when stopping a task.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    grace: Duration,
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd_socket: PathBuf,
+    /// containerd namespace holding Omega's containers (one dedicated namespace).
+    #[arg(long, default_value = "omega")]
+    namespace: String,
+    /// Where task logs are kept.
+    #[arg(long, default_value = "/var/lib/omega/logs")]
+    log_dir: PathBuf,
+    /// Serve task logs (for `omctl logs`) on this address; it is advertised as the node's address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: std::net::SocketAddr,
+    /// Host this many simulated nodes instead of running containers.
+    #[arg(long)]
+    simulate: Option<usize>,
+    /// Simulated nodes are named `<prefix>-<index>`.
+    #[arg(long, default_value = "sim")]
+    sim_prefix: String,
+    #[arg(long, default_value_t = 3)]
+    sim_zones: usize,
+    #[arg(long, default_value = "16", value_parser = parse_quantity_cpu)]
+    sim_cpu: u64,
+    #[arg(long, default_value = "64Gi", value_parser = parse_quantity_memory)]
+    sim_memory: u64,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration_ms(s).map(Duration::from_millis)
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be key=value"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn detected_capacity() -> Resources {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Resources::new(cores * 1000, mem_kib * 1024)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let keys = Keys::new(&args.prefix)?;
+    let store = Store::connect_with_retry(&args.etcd, keys, Duration::from_secs(600)).await?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+
+    if let Some(n) = args.simulate {
+        let options = SimOptions {
+            nodes: n,
+            name_prefix: args.sim_prefix.clone(),
+            capacity: Resources::new(args.sim_cpu, args.sim_memory),
+            zones: args.sim_zones,
+            lease_ttl: args.lease_ttl,
+            ..Default::default()
+        };
+        let sim = SimulatedNodes::register(store, options).await?;
+        tracing::info!(nodes = n, prefix = args.sim_prefix, "simulated nodes registered");
+        return sim.run(shutdown).await;
+    }
+
+    let detected = detected_capacity();
+    let node = match args.node {
+        Some(n) => n,
+        None => {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?.trim().to_string()
+        }
+    };
+    omega::keys::validate_name("node", &node)?;
+    std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
+    let containerd = Containerd::connect(&args.containerd_socket, &args.namespace)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", args.containerd_socket.display()))?;
+    let config = AgentConfig {
+        node,
+        capacity: Resources::new(args.cpu.unwrap_or(detected.cpu_millis), args.memory.unwrap_or(detected.memory_bytes)),
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        address: Some(args.listen.to_string()),
+        lease_ttl: args.lease_ttl,
+        grace: args.grace,
+        log_dir: args.log_dir,
+    };
+    let (stop_logs, logs_stopped) = tokio::sync::oneshot::channel::<()>();
+    let logs = LogService::new(store.clone(), config.log_dir.clone());
+    let server = tokio::spawn(omega_agent::logs::serve(args.listen, logs, async move {
+        let _ = logs_stopped.await;
+    }));
+    let result = Agent::new(store, config, containerd).run(shutdown).await;
+    let _ = stop_logs.send(());
+    let _ = server.await;
+    result
+}
