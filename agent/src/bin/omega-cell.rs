@@ -1,0 +1,253 @@
+//! `omega-cell`: a whole Omega cell on this machine in one command (like `nomad agent -dev`).
+//!
+//! Starts etcd (a child process with its own data directory), a private containerd when this machine can run
+//! containers, one batch and one service scheduler (separate processes, as in production), one node agent
+//! with its log service, and optionally simulated nodes beside or instead of it. Prints what runs and how to
+//! use `omctl`, optionally submits an example job, and on Ctrl-C (or SIGTERM) stops everything it started,
+//! leaving no process behind.
+
+use anyhow::Context;
+use clap::Parser;
+use omega::etcd_process::{EtcdOptions, EtcdProcess};
+use omega::keys::Keys;
+use omega::resources::Resources;
+use omega::store::Store;
+use omega_agent::agent::{Agent, AgentConfig};
+use omega_agent::daemon::{PrivateContainerd, IMAGE};
+use omega_agent::logs::{serve, LogService};
+use omega_agent::simulated::{SimOptions, SimulatedNodes};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "omega-cell",
+    version,
+    about = "Run a whole Omega cell on this machine: etcd, containerd, schedulers, an agent"
+)]
+struct Args {
+    /// etcd's client port on 127.0.0.1.
+    #[arg(long, default_value_t = 2379)]
+    port: u16,
+    /// Keep state here (etcd data, logs) instead of a temporary directory removed at exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also host this many simulated nodes (three zones, 16 cores and 64Gi each).
+    #[arg(long, default_value_t = 0)]
+    simulate: usize,
+    /// Run no real agent (no containerd): simulated nodes only.
+    #[arg(long)]
+    no_agent: bool,
+    /// Submit this job file once the cell is up.
+    #[arg(long)]
+    example: Option<PathBuf>,
+    /// First port of the schedulers' Prometheus metrics (batch, then service).
+    #[arg(long, default_value_t = 9101)]
+    metrics_port: u16,
+    /// The agent's log service port.
+    #[arg(long, default_value_t = 7070)]
+    logs_port: u16,
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped.
+struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary built beside this one (`cargo build` puts the workspace's binaries in one directory).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("locating omega-cell")?;
+    let path = me.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name));
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found next to omega-cell: build the whole workspace first (`cargo build --release --workspace`)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path) -> anyhow::Result<Process> {
+    let log = std::fs::File::create(logs.join(format!("scheduler-{kind}.log")))?;
+    let child = Command::new(sibling("omega-scheduler")?)
+        .args(["--etcd", endpoint, "--kind", kind, "--instance", &format!("{kind}-1"), "--max-txn-ops", "1024"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting the {kind} scheduler"))?;
+    Ok(Process { name: format!("{kind} scheduler"), child })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let args = Args::parse();
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("omega-cell-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+
+    // etcd, compacting its history and sized for claims in large batches.
+    if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
+        anyhow::bail!("port {} is in use: is another cell (or etcd) running? pick another with --port", args.port);
+    }
+    let etcd = EtcdProcess::start(EtcdOptions {
+        client_port: Some(args.port),
+        data_dir: Some(data_dir.join("etcd")),
+        max_txn_ops: Some(1024),
+        auto_compaction_revisions: Some(10_000),
+        quota_backend_bytes: Some(8 << 30),
+        ..Default::default()
+    })
+    .await?;
+    let endpoint = etcd.endpoint();
+    let store = Store::connect(&etcd.endpoints(), Keys::default()).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // A real node, when this machine can run containers.
+    let mut containerd = None;
+    let mut tasks = Vec::new();
+    let mut agent_note = "no real node (--no-agent)".to_string();
+    if !args.no_agent {
+        match PrivateContainerd::start("omega").await {
+            Ok(daemon) => {
+                let client = daemon.client().await?;
+                let node = "local".to_string();
+                let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+                let mem = omega_agent_memory();
+                let listen: std::net::SocketAddr = format!("127.0.0.1:{}", args.logs_port).parse()?;
+                let task_logs = data_dir.join("task-logs");
+                let config = AgentConfig {
+                    node: node.clone(),
+                    capacity: Resources::new(cores * 1000, mem),
+                    labels: [("zone".to_string(), "zone-0".to_string())].into(),
+                    address: Some(listen.to_string()),
+                    lease_ttl: Duration::from_secs(10),
+                    grace: Duration::from_secs(5),
+                    log_dir: task_logs.clone(),
+                };
+                tasks.push(tokio::spawn(serve(
+                    listen,
+                    LogService::new(store.clone(), task_logs),
+                    stopped(stop_rx.clone()),
+                )));
+                let agent = Agent::new(store.clone(), config, client);
+                let rx = stop_rx.clone();
+                tasks.push(tokio::spawn(async move { agent.run(stopped(rx)).await }));
+                agent_note = format!(
+                    "node `local` ({cores} cores, {} MiB), containers on a private containerd at {} \
+                     (image {IMAGE}); task logs on 127.0.0.1:{}",
+                    mem >> 20,
+                    daemon.socket.display(),
+                    args.logs_port
+                );
+                containerd = Some(daemon);
+            }
+            Err(e) => {
+                agent_note = format!("no real node: this machine cannot run containers here ({e})");
+                eprintln!("warning: {agent_note}");
+            }
+        }
+    }
+    let simulate = if containerd.is_none() && args.simulate == 0 { 3 } else { args.simulate };
+    if simulate > 0 {
+        let options = SimOptions { nodes: simulate, ..Default::default() };
+        let sim = SimulatedNodes::register(store.clone(), options).await?;
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move { sim.run(stopped(rx)).await }));
+    }
+
+    let batch = spawn_scheduler("batch", &endpoint, args.metrics_port, &logs)?;
+    let service = spawn_scheduler("service", &endpoint, args.metrics_port + 1, &logs)?;
+
+    println!(
+        "Omega cell is up.\n\
+         \n  etcd        {endpoint} (data in {etcd_dir})\
+         \n  schedulers  batch-1 (metrics 127.0.0.1:{m1}), service-1 (metrics 127.0.0.1:{m2}); logs in {logs}\
+         \n  agent       {agent_note}\
+         \n  simulated   {simulate} nodes (sim-000 ...)\
+         \n\nTry:\
+         \n  export OMEGA_ETCD={endpoint}\
+         \n  omctl nodes\
+         \n  omctl submit deploy/examples/hello.yaml --wait\
+         \n  omctl logs hello/0 -f\
+         \n  omctl jobs; omctl watch\
+         \n\nCtrl-C stops everything.",
+        etcd_dir = data_dir.join("etcd").display(),
+        m1 = args.metrics_port,
+        m2 = args.metrics_port + 1,
+        logs = logs.display(),
+    );
+    if let Some(file) = &args.example {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let job = omega::job_spec::parse_job(&file.display().to_string(), &text)?;
+        store.create_job(&job, 1024).await?;
+        println!("\nSubmitted {} ({} tasks): `omctl job {}` follows it.", job.id, job.tasks, job.id);
+    }
+
+    shutdown_signal().await;
+    println!("stopping...");
+    let _ = stop_tx.send(true);
+    drop(batch);
+    drop(service);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    drop(containerd);
+    drop(etcd);
+    println!("stopped.");
+    Ok(())
+}
+
+/// Memory to offer on the local node: three quarters of the machine's, leaving room for the cell itself.
+fn omega_agent_memory() -> u64 {
+    let kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(1 << 20);
+    kib * 1024 / 4 * 3
+}

@@ -1,0 +1,95 @@
+//! The one-command local cell, as a new user runs it: up, an example job runs in a real container to
+//! completion with its log readable, and SIGTERM leaves no process behind.
+
+use omega::etcd_process::free_port;
+use omega::keys::Keys;
+use omega::model::{Task, TaskState};
+use omega::proto::logs::logs_client::LogsClient;
+use omega::proto::logs::TailRequest;
+use omega::store::Store;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_cell_runs_an_example_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("hello.yaml");
+    std::fs::write(
+        &example,
+        "name: hello\nkind: batch\ntasks: 2\nresources: {cpu: 100m, memory: 32Mi}\nimage: omega.local/busybox:latest\n\
+         command: [\"sh\", \"-c\", \"echo hello from the cell\"]\n",
+    )
+    .unwrap();
+    let (port, metrics, logs_port) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    let mut cell = Command::new(env!("CARGO_BIN_EXE_omega-cell"))
+        .args(["--port", &port.to_string(), "--metrics-port", &metrics.to_string()])
+        .args(["--logs-port", &logs_port.to_string(), "--example", example.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start omega-cell");
+    // Wait for the banner.
+    let stdout = cell.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let submitted = line.starts_with("Submitted hello");
+                banner.push(line);
+                if submitted {
+                    break;
+                }
+            }
+            Err(_) => assert!(Instant::now() < deadline, "the cell came up: {banner:#?}"),
+        }
+    }
+    assert!(banner.iter().any(|l| l.contains("node `local`")), "a real node with containerd: {banner:#?}");
+
+    // The example runs to completion on the real node, and its log is served.
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let store = Store::connect(std::slice::from_ref(&endpoint), Keys::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (kvs, _) = store.list(&store.keys().tasks_of_job("hello"), 100, None).await.unwrap();
+        let tasks: Vec<Task> = kvs.iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect();
+        if tasks.len() == 2 && tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            assert!(tasks.iter().all(|t| t.node.as_deref() == Some("local")), "{tasks:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the example succeeded: {tasks:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = LogsClient::connect(format!("http://127.0.0.1:{logs_port}")).await.unwrap();
+    let mut stream =
+        client.tail(TailRequest { task: "hello/1".into(), follow: false, offset: 0 }).await.unwrap().into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        text.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&text).trim(), "hello from the cell");
+
+    // SIGTERM: everything it started stops.
+    let pid = cell.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = cell.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "omega-cell stopped on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "etcd is gone");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", metrics)).is_err(), "the batch scheduler is gone");
+    let leftovers = Command::new("pgrep").args(["-f", &format!("127.0.0.1:{port}")]).output().unwrap();
+    assert!(String::from_utf8_lossy(&leftovers.stdout).trim().is_empty(), "no process of this cell is left");
+}
