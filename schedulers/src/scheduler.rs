@@ -59,6 +59,9 @@ pub struct Scheduler {
     counters: HashMap<String, JobCounters>,
     lease: Box<dyn Fn() -> i64 + Send + Sync>,
     queue_measured: Option<Instant>,
+    /// The highest revision this scheduler committed: an attempt decides on a cache that has seen it, so it
+    /// never re-decides (or spreads around) tasks it has already placed.
+    last_commit: i64,
 }
 
 impl Scheduler {
@@ -99,6 +102,7 @@ impl Scheduler {
             counters: HashMap::new(),
             lease,
             queue_measured: None,
+            last_commit: 0,
         }
     }
 
@@ -208,7 +212,13 @@ impl Scheduler {
     /// One decision over `jobs`, its commit, and the re-placement of what conflicted.
     async fn attempt(&mut self, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
-        let snapshot = self.cache.snapshot();
+        let snapshot = match self.cache.wait_for_revision(self.last_commit, Duration::from_secs(2)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cache has not caught up with our own commits; deciding on what it has");
+                self.cache.snapshot()
+            }
+        };
         let mut pending: BTreeMap<String, Vec<Versioned<Task>>> = BTreeMap::new();
         for job in &jobs {
             let tasks: Vec<Versioned<Task>> =
@@ -275,10 +285,12 @@ impl Scheduler {
                 .increment(commit_started.elapsed().as_micros() as u64);
 
             // Learn from the outcome: placed tasks leave `pending`; conflicted ones stay for re-placement
-            // unless someone else changed them.
-            view = (*snapshot).clone();
+            // unless someone else changed them. The view keeps everything learned in earlier rounds too.
             let mut conflicted_tasks = 0;
             for (claims, report) in &results {
+                if let Some(rev) = report.max_revision() {
+                    self.last_commit = self.last_commit.max(rev);
+                }
                 for l in &report.latencies {
                     metrics::histogram!("omega_scheduler_commit_txn_seconds").record(l.as_secs_f64());
                 }

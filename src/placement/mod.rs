@@ -28,7 +28,8 @@ use std::collections::{HashMap, HashSet};
 #[derive(Clone, Debug)]
 pub struct PlacementOptions {
     pub strategy: Strategy,
-    /// Pick at random among this many best-scoring nodes.
+    /// Pick at random among up to this many best-scoring nodes whose scores are within the strategy's
+    /// tolerance of the best.
     pub top_k: usize,
     /// Try evicting lower-priority tasks when a task fits nowhere.
     pub preemption: bool,
@@ -287,11 +288,11 @@ fn best(
         top.insert(at, (s, i));
         top.truncate(k);
     }
-    if top.is_empty() {
-        None
-    } else {
-        Some(top[rng.random_range(0..top.len())].1)
-    }
+    // Randomise only among near-equals: the point is that identical schedulers do not all pick the same node,
+    // never to pick a worse one (a node in a fuller spread group, a much emptier node when packing).
+    let best_score = top.first()?.0;
+    let near = top.iter().take_while(|(s, _)| *s >= best_score - score::tolerance(options.strategy)).count();
+    Some(top[rng.random_range(0..near.max(1))].1)
 }
 
 /// The node where evicting lower-priority tasks costs least, with those victims.

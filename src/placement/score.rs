@@ -49,3 +49,13 @@ pub fn spread(c: &Candidate<'_>, request: Resources, group_tasks: &HashMap<&str,
     let group = if spread_label { group_tasks.get(c.spread_value).copied().unwrap_or(0) } else { 0 };
     -1000.0 * group as f64 - 100.0 * c.job_tasks as f64 + balance + least_used
 }
+
+/// How far below the best score a node still counts as "as good" (for the random pick among near-equals).
+/// Bin packing: 5 points of utilisation. Spread: less than one task of the job on a node (100) or in a spread
+/// group (1000), so a random pick never trades the spread for a better balance.
+pub fn tolerance(strategy: Strategy) -> f64 {
+    match strategy {
+        Strategy::BinPack => 0.05,
+        Strategy::Spread => 50.0,
+    }
+}

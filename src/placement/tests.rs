@@ -277,3 +277,21 @@ fn jobs_decided_on_one_table_do_not_double_book() {
     assert!(second.claims.is_empty(), "the room the first job took is gone for the second");
     assert_eq!(second.explanation.unwrap().to_string(), "0/1 nodes available: 1 insufficient cpu");
 }
+
+#[test]
+fn the_random_pick_never_trades_spread_for_variety() {
+    // Zone a has one free node left; zone b's nodes are free but already hold a replica each.
+    let mut cell = Cell::new();
+    cell.node("a1", 1000, 16 * GI, "a");
+    cell.node("a2", 0, 16 * GI, "a");
+    cell.node("b1", 8000, 16 * GI, "b");
+    cell.node("b2", 8000, 16 * GI, "b");
+    let mut j = job("j", JobKind::Service, 3, 1000, GI);
+    j.spread = Some("zone".into());
+    let pending = cell.job(&j);
+    cell.run(&pending[0], "b1");
+    for seed in 0..32 {
+        let p = place(&cell.snap, &j, &pending[1..2], &PlacementOptions::service(), &mut StdRng::seed_from_u64(seed));
+        assert_eq!(nodes_of(&p), ["a1"], "seed {seed}: the least-used zone wins even when it has one node left");
+    }
+}
