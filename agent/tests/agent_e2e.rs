@@ -251,3 +251,24 @@ async fn a_restarted_agent_adopts_running_containers_and_never_starts_a_task_twi
     assert!(audit::audit(&store).await.unwrap().is_ok());
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_is_restarted_per_policy_then_left_failed() {
+    let (_etcd, store, daemon, cache, logs) = setup("e2e-restart-policy").await;
+    let agent = RunningAgent::start(&store, &daemon, logs.path()).await;
+    let mut flaky = job("flaky", &["sh", "-c", "echo attempt; exit 3"], 100, 64 << 20);
+    flaky.restart =
+        omega::model::RestartPolicy { mode: omega::model::RestartMode::OnFailure, max_restarts: 2, backoff_ms: 100 };
+    submit_and_place(&store, &cache, flaky).await;
+    let t = wait_state(&store, "flaky/0", 60, |t| t.state.is_terminal()).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    let run = t.run.unwrap();
+    assert_eq!((run.exit_code, run.restarts), (Some(3), 2), "two restarts, then left failed");
+    assert_eq!(t.reason.as_deref(), Some("exited with code 3"));
+    assert_eq!(t.placements, 1, "restarts happen on the node, not as new placements");
+    // Three runs wrote to one log.
+    let text = std::fs::read_to_string(omega_agent::agent::log_path(logs.path(), "flaky/0")).unwrap();
+    assert_eq!(text.matches("attempt").count(), 3, "{text}");
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+    agent.stop().await;
+}

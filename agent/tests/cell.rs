@@ -76,6 +76,27 @@ async fn a_local_cell_runs_an_example_and_stops_cleanly() {
     }
     assert_eq!(String::from_utf8_lossy(&text).trim(), "hello from the cell");
 
+    // The real omctl against the real cell (built beside omega-cell by `cargo test --workspace`).
+    let omctl = std::path::Path::new(env!("CARGO_BIN_EXE_omega-cell")).with_file_name("omctl");
+    assert!(
+        omctl.exists(),
+        "omctl not built next to omega-cell ({}): run the tests with `cargo test --workspace`",
+        omctl.display()
+    );
+    let run = |args: &[&str]| Command::new(&omctl).args(args).env("OMEGA_ETCD", &endpoint).output().unwrap();
+    let logs = run(&["logs", "hello/0", "-f"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "hello from the cell");
+    assert!(String::from_utf8_lossy(&logs.stderr).contains("succeeded, exit code 0"));
+    assert_eq!(logs.status.code(), Some(0));
+    let jobs = run(&["jobs", "-o", "json"]);
+    assert!(
+        String::from_utf8_lossy(&jobs.stdout).contains("\"id\": \"hello\""),
+        "{}",
+        String::from_utf8_lossy(&jobs.stdout)
+    );
+    assert_eq!(run(&["audit"]).status.code(), Some(0));
+    assert_eq!(run(&["logs", "nosuch/0"]).status.code(), Some(1));
+
     // SIGTERM: everything it started stops.
     let pid = cell.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
