@@ -122,6 +122,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // A bad example file is reported before anything starts.
+    let example = match &args.example {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            Some(omega::job_spec::parse_job(&file.display().to_string(), &text)?)
+        }
+        None => None,
+    };
 
     // etcd, compacting its history and sized for claims in large batches.
     if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
@@ -218,9 +226,7 @@ async fn main() -> anyhow::Result<()> {
         m2 = args.metrics_port + 1,
         logs = logs.display(),
     );
-    if let Some(file) = &args.example {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let job = omega::job_spec::parse_job(&file.display().to_string(), &text)?;
+    if let Some(job) = example {
         store.create_job(&job, 1024).await?;
         println!("\nSubmitted {} ({} tasks): `omctl job {}` follows it.", job.id, job.tasks, job.id);
     }
