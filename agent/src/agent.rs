@@ -43,6 +43,20 @@ pub struct AgentConfig {
     pub log_dir: PathBuf,
 }
 
+/// What this machine offers: all its cores and all its memory (flags override either).
+pub fn detected_capacity() -> Resources {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Resources::new(cores * 1000, mem_kib * 1024)
+}
+
 /// The path of a task's log file (what the log service streams).
 pub fn log_path(log_dir: &std::path::Path, task_id: &str) -> PathBuf {
     log_dir.join(format!("{task_id}.log"))

@@ -77,19 +77,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn detected_capacity() -> Resources {
-    let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-    let mem_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    Resources::new(cores * 1000, mem_kib * 1024)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -116,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         return sim.run(shutdown).await;
     }
 
-    let detected = detected_capacity();
+    let detected = omega_agent::agent::detected_capacity();
     let node = match args.node {
         Some(n) => n,
         None => {

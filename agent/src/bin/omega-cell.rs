@@ -161,8 +161,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(daemon) => {
                 let client = daemon.client().await?;
                 let node = "local".to_string();
-                let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-                let mem = omega_agent_memory();
+                // All cores; three quarters of the memory, leaving room for the cell itself.
+                let machine = omega_agent::agent::detected_capacity();
+                let (cores, mem) = (machine.cpu_millis / 1000, machine.memory_bytes / 4 * 3);
                 let listen: std::net::SocketAddr = format!("127.0.0.1:{}", args.logs_port).parse()?;
                 let task_logs = data_dir.join("task-logs");
                 let config = AgentConfig {
@@ -243,17 +244,4 @@ async fn main() -> anyhow::Result<()> {
     drop(etcd);
     println!("stopped.");
     Ok(())
-}
-
-/// Memory to offer on the local node: three quarters of the machine's, leaving room for the cell itself.
-fn omega_agent_memory() -> u64 {
-    let kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(1 << 20);
-    kib * 1024 / 4 * 3
 }
