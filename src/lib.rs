@@ -19,6 +19,7 @@ pub mod model;
 pub mod placement;
 pub mod proto;
 pub mod release;
+pub mod shutdown;
 pub mod resources;
 pub mod store;
 pub mod watcher;

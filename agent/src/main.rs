@@ -51,6 +51,10 @@ struct Args {
     /// Serve task logs (for `omctl logs`) on this address; it is advertised as the node's address.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: std::net::SocketAddr,
+    /// The address other machines reach the log service at, advertised in the node record (default: the
+    /// listen address; required when listening on 0.0.0.0, which no other machine can dial).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Host this many simulated nodes instead of running containers.
     #[arg(long)]
     simulate: Option<usize>,
@@ -85,9 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let keys = Keys::new(&args.prefix)?;
     let store = Store::connect_with_retry(&args.etcd, keys, Duration::from_secs(600)).await?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = omega::shutdown::signal();
 
     if let Some(n) = args.simulate {
         let options = SimOptions {
@@ -111,6 +113,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     omega::keys::validate_name("node", &node)?;
+    let advertised = match (&args.advertise, args.listen.ip().is_unspecified()) {
+        (Some(a), _) => a.clone(),
+        (None, false) => args.listen.to_string(),
+        (None, true) => anyhow::bail!(
+            "--listen {} is every interface: also give --advertise HOST:PORT, the address omctl should dial",
+            args.listen
+        ),
+    };
     std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
     let containerd = Containerd::connect(&args.containerd_socket, &args.namespace)
         .await
@@ -119,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         node,
         capacity: Resources::new(args.cpu.unwrap_or(detected.cpu_millis), args.memory.unwrap_or(detected.memory_bytes)),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
-        address: Some(args.listen.to_string()),
+        address: Some(advertised),
         lease_ttl: args.lease_ttl,
         grace: args.grace,
         log_dir: args.log_dir,

@@ -23,6 +23,8 @@ async fn main() -> anyhow::Result<()> {
             .with_http_listener(addr)
             .add_global_label("scheduler", name.clone())
             .add_global_label("instance", instance_id.clone())
+            // Histograms (not the exporter's default summaries), so latencies aggregate across instances.
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
@@ -39,9 +41,7 @@ async fn main() -> anyhow::Result<()> {
 
     let lease_of = presence.clone();
     let scheduler = Scheduler::new(config, store.clone(), cache, Box::new(move || lease_of.lease()));
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = omega::shutdown::signal();
     scheduler.run(shutdown).await;
     keeper.abort();
     // Give the jobs back at once instead of making the others wait out the lease.

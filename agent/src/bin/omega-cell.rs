@@ -98,14 +98,6 @@ fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path) -> any
     Ok(Process { name: format!("{kind} scheduler"), child })
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -232,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
         println!("\nSubmitted {} ({} tasks): `omctl job {}` follows it.", job.id, job.tasks, job.id);
     }
 
-    shutdown_signal().await;
+    omega::shutdown::signal().await;
     println!("stopping...");
     let _ = stop_tx.send(true);
     drop(batch);
