@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
          \n  etcd        {endpoint} (data in {etcd_dir})\
          \n  schedulers  batch-1 (metrics 127.0.0.1:{m1}), service-1 (metrics 127.0.0.1:{m2}); logs in {logs}\
          \n  agent       {agent_note}\
-         \n  simulated   {simulate} nodes (sim-000 ...)\
+         \n  simulated   {simulated}\
          \n\nTry:\
          \n  export OMEGA_ETCD={endpoint}\
          \n  omctl nodes\
@@ -215,6 +215,11 @@ async fn main() -> anyhow::Result<()> {
          \n  omctl jobs; omctl watch\
          \n\nCtrl-C stops everything.",
         etcd_dir = data_dir.join("etcd").display(),
+        simulated = if simulate == 0 {
+            "none (--simulate N adds N nodes)".to_string()
+        } else {
+            format!("{simulate} nodes (sim-000 ...)")
+        },
         m1 = args.metrics_port,
         m2 = args.metrics_port + 1,
         logs = logs.display(),
