@@ -52,6 +52,10 @@ pub enum Error {
     #[error("the cell-state cache has stopped")]
     CacheStopped,
 
+    /// A fenced write was refused: the writer is no longer the elected leader.
+    #[error("no longer the leader (the election key {0} changed); the write was not applied")]
+    NotLeader(String),
+
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
 }

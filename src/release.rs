@@ -39,8 +39,31 @@ pub enum ReleaseOutcome {
 /// Ledger re-reads per node before giving up (each one means a claim landed on the node meanwhile).
 const MAX_ROUNDS: usize = 16;
 
+/// A leader's fence: writes apply only while the election key still has this create revision, so a deposed
+/// leader (its key gone, or a new leader's key in its place) cannot write.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub revision: i64,
+}
+
+impl Fence {
+    pub fn compare(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
+    }
+
+    fn refused(&self) -> Error {
+        Error::NotLeader(String::from_utf8_lossy(&self.key).into_owned())
+    }
+}
+
 /// Applies `releases`; returns one outcome per release, in order.
 pub async fn release(store: &Store, releases: &[Release]) -> Result<Vec<ReleaseOutcome>> {
+    release_fenced(store, releases, None).await
+}
+
+/// [`release`], applied only while `fence` holds (else [`Error::NotLeader`], nothing written).
+pub async fn release_fenced(store: &Store, releases: &[Release], fence: Option<&Fence>) -> Result<Vec<ReleaseOutcome>> {
     for r in releases {
         if r.state.holds_resources() {
             return Err(Error::InvalidArgument(format!(
@@ -60,11 +83,16 @@ pub async fn release(store: &Store, releases: &[Release]) -> Result<Vec<ReleaseO
             (true, Some(node)) => by_node.entry(node).or_default().push(i),
             _ => {
                 let key = keys.task(&r.task.value.id);
-                let txn = Txn::new()
+                let put = Txn::new()
                     .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, r.task.mod_revision)])
                     .and_then([TxnOp::put(key.as_str(), encode(&key, &updated(r))?, None)]);
-                let resp = kv.txn(txn).await?;
-                if resp.succeeded() {
+                let resp = kv.txn(fenced(Txn::new(), fence).and_then([TxnOp::txn(put)])).await?;
+                if !resp.succeeded() {
+                    return Err(fence
+                        .map(Fence::refused)
+                        .unwrap_or_else(|| Error::InvalidArgument("txn refused".into())));
+                }
+                if matches!(resp.op_responses().first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()) {
                     outcomes[i] = ReleaseOutcome::Done { revision: resp.header().map(|h| h.revision()).unwrap_or(0) };
                 }
             }
@@ -126,7 +154,10 @@ pub async fn release(store: &Store, releases: &[Release]) -> Result<Vec<ReleaseO
                     releases,
                 )?));
             }
-            let resp = kv.txn(Txn::new().and_then(subs)).await?;
+            let resp = kv.txn(fenced(Txn::new(), fence).and_then(subs)).await?;
+            if !resp.succeeded() {
+                return Err(fence.map(Fence::refused).unwrap_or_else(|| Error::InvalidArgument("txn refused".into())));
+            }
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             for ((node, idx), sub) in batch.into_iter().zip(resp.op_responses()) {
                 let TxnOpResponse::Txn(sub) = sub else { continue };
@@ -166,6 +197,14 @@ pub async fn release(store: &Store, releases: &[Release]) -> Result<Vec<ReleaseO
         tracing::warn!(nodes = work.len(), "releases kept losing races on their nodes' ledgers; left for a retry");
     }
     Ok(outcomes)
+}
+
+/// `txn` guarded by `fence`, if any (an outer transaction whose only compare is the fence).
+fn fenced(txn: Txn, fence: Option<&Fence>) -> Txn {
+    match fence {
+        Some(f) => txn.when([f.compare()]),
+        None => txn,
+    }
 }
 
 /// The new record of a released task.

@@ -189,12 +189,23 @@ impl Store {
     /// Moves a job to `state` if its record is still the one at `mod_revision` (compare-and-swap). Returns the
     /// new revision, or `None` if someone wrote the job meanwhile (read it again and decide again).
     pub async fn set_job_state(&self, job: &Job, mod_revision: i64, state: JobState) -> Result<Option<i64>> {
+        self.set_job_state_if(job, mod_revision, state, None).await
+    }
+
+    /// [`set_job_state`](Self::set_job_state), also requiring `extra` to hold (a leader's fence).
+    pub async fn set_job_state_if(
+        &self,
+        job: &Job,
+        mod_revision: i64,
+        state: JobState,
+        extra: Option<Compare>,
+    ) -> Result<Option<i64>> {
         let key = self.keys.job(&job.id);
         let mut updated = job.clone();
         updated.state = state;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);
+        let mut compares = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)];
+        compares.extend(extra);
+        let txn = Txn::new().when(compares).and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);
         let resp = self.client.kv_client().txn(txn).await?;
         Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }

@@ -2,12 +2,14 @@
 //! each as wanted, side by side on one cell with no leader: only optimistic commits in etcd.
 //!
 //! - [`config`] - flags.
+//! - [`controller`] - the cell controller (lost nodes, service replicas, batch completion), leader-elected.
 //! - [`instance`] - this process's lease and record in etcd.
 //! - [`ownership`] - which instance places which job (lease-bound claims, rendezvous hashing).
 //! - [`scheduler`] - the loop: decide on the cached cell, commit, re-place conflicts, explain what is left.
 //! - [`status`] - pending reasons, written only when they change.
 
 pub mod config;
+pub mod controller;
 pub mod instance;
 pub mod ownership;
 pub mod scheduler;

@@ -1,0 +1,52 @@
+//! `omega-controller`: one replica of the cell controller (run several; one leads).
+
+use clap::Parser;
+use omega::job_spec::parse_duration_ms;
+use omega::keys::Keys;
+use omega::store::Store;
+use omega_schedulers::controller::{run, ControllerConfig};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "omega-controller",
+    version,
+    about = "The Omega cell controller: re-places lost nodes' tasks, \
+keeps services at their replica count, marks batch jobs finished. Run several; one leads."
+)]
+struct Args {
+    #[arg(long, env = "OMEGA_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
+    prefix: String,
+    /// This replica's name (default: host-pid).
+    #[arg(long)]
+    instance: Option<String>,
+    /// Leadership lease TTL: a dead leader is replaced this long after it stops.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    lease_ttl: Duration,
+    /// Extra wait after a node's liveness key disappears before its tasks are given up.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    grace: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration_ms(s).map(Duration::from_millis)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let instance = args.instance.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let store = Store::connect_with_retry(&args.etcd, Keys::new(&args.prefix)?, Duration::from_secs(600)).await?;
+    let config =
+        ControllerConfig { instance, lease_ttl: args.lease_ttl, grace: args.grace, period: Duration::from_secs(1) };
+    tracing::info!(%config, "controller started");
+    run(store, config, omega::shutdown::signal()).await
+}

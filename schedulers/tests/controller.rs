@@ -1,0 +1,229 @@
+//! Failure and recovery with real processes: node hosts, schedulers and controller replicas on one etcd.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use omega::audit;
+use omega::model::{Job, JobKind, JobState, Task, TaskState};
+use omega::resources::Resources;
+use omega::store::Store;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process, SIGKILLed when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn start(program: PathBuf, args: &[&str], log: &str) -> Proc {
+        let path = std::env::temp_dir().join(format!("omega-ctl-test-{log}-{}.log", std::process::id()));
+        let out = std::fs::File::create(path).unwrap();
+        let child = Command::new(&program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        Proc(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_omega-scheduler")).with_file_name(name);
+    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+fn scheduler(etcd: &str, kind: &str) -> Proc {
+    Proc::start(bin("omega-scheduler"), &["--etcd", etcd, "--kind", kind, "--instance", &format!("{kind}-1")], kind)
+}
+
+fn controller(etcd: &str, name: &str) -> Proc {
+    Proc::start(
+        bin("omega-controller"),
+        &["--etcd", etcd, "--instance", name, "--lease-ttl", "2s", "--grace", "500ms"],
+        name,
+    )
+}
+
+/// A process hosting simulated nodes `<prefix>-000..`, their shared lease with a 3 s TTL.
+fn host(etcd: &str, prefix: &str, nodes: usize) -> Proc {
+    let n = nodes.to_string();
+    Proc::start(
+        bin("omega-agent"),
+        &[
+            "--etcd",
+            etcd,
+            "--simulate",
+            &n,
+            "--sim-prefix",
+            prefix,
+            "--lease-ttl",
+            "3s",
+            "--sim-cpu",
+            "4",
+            "--sim-memory",
+            "8Gi",
+        ],
+        prefix,
+    )
+}
+
+async fn tasks(store: &Store, job: &str) -> Vec<Task> {
+    let (kvs, _) = store.list(&store.keys().tasks_of_job(job), 1000, None).await.unwrap();
+    kvs.iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect()
+}
+
+async fn wait_for<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn leader(store: &Store) -> Option<String> {
+    let mut client = store.client().election_client();
+    let resp = client.leader(format!("{}controller", store.keys().prefix())).await.ok()?;
+    resp.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+/// kill -9 a node host: its tasks are lost and re-placed on the surviving nodes within the lease TTL plus a
+/// few seconds; kill -9 the controller leader: another replica takes over and handles the next failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_nodes_tasks_are_replaced_and_a_new_leader_takes_over() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let mut a = host(&ep, "a", 3);
+    let mut b = host(&ep, "b", 3);
+    let _c = host(&ep, "c", 3);
+    let _service = scheduler(&ep, "service");
+    let mut ctl1 = controller(&ep, "ctl-1");
+    wait_for("ctl-1 leads", 20, async || (leader(&store).await.as_deref() == Some("ctl-1")).then_some(())).await;
+    let _ctl2 = controller(&ep, "ctl-2");
+    wait_for("9 nodes alive", 20, async || {
+        (store.list(&format!("{}cell/live/", store.keys().prefix()), 100, None).await.ok()?.0.len() == 9).then_some(())
+    })
+    .await;
+
+    let web = Job::new("web", JobKind::Service, 6, Resources::new(1000, 1 << 30));
+    store.create_job(&web, 128).await.unwrap();
+    let on_node = |ts: &[Task]| -> BTreeMap<String, usize> {
+        ts.iter().filter(|t| t.state == TaskState::Running).fold(BTreeMap::new(), |mut m, t| {
+            *m.entry(t.node.clone().unwrap()[..1].to_string()).or_default() += 1;
+            m
+        })
+    };
+    let placed = wait_for("6 replicas running", 30, async || {
+        let ts = tasks(&store, "web").await;
+        (ts.iter().filter(|t| t.state == TaskState::Running).count() == 6).then_some(ts)
+    })
+    .await;
+    eprintln!("replicas by host before: {:?}", on_node(&placed));
+
+    // Host `a` dies without a word.
+    let killed = Instant::now();
+    a.kill();
+    let after = wait_for("replicas off host a and running again", 30, async || {
+        let ts = tasks(&store, "web").await;
+        let running_elsewhere =
+            ts.iter().filter(|t| t.state == TaskState::Running && !t.node.as_deref().unwrap_or("a-").starts_with("a-"));
+        (running_elsewhere.count() == 6).then_some(ts)
+    })
+    .await;
+    let recovery = killed.elapsed();
+    eprintln!("node host killed -> all replicas running again elsewhere in {recovery:?} (lease TTL 3 s, grace 0.5 s)");
+    assert!(after.iter().any(|t| t.placements >= 2), "some replicas were placed again");
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+
+    // The leader dies; the other replica takes over and handles the next lost host.
+    ctl1.kill();
+    let took_over = Instant::now();
+    wait_for("ctl-2 leads", 20, async || (leader(&store).await.as_deref() == Some("ctl-2")).then_some(())).await;
+    eprintln!("leader killed -> ctl-2 leads after {:?} (lease TTL 2 s)", took_over.elapsed());
+    b.kill();
+    let killed = Instant::now();
+    wait_for("replicas only on host c", 30, async || {
+        let ts = tasks(&store, "web").await;
+        let on_c =
+            ts.iter().filter(|t| t.state == TaskState::Running && t.node.as_deref().unwrap_or("").starts_with("c-"));
+        (on_c.count() == 6).then_some(())
+    })
+    .await;
+    eprintln!("second host killed -> all replicas on host c in {:?}", killed.elapsed());
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.violations);
+}
+
+/// Batch jobs finish: succeeded when every task succeeded; a lost never-restart batch task fails its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_jobs_are_marked_finished() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let _h = host(&ep, "h", 2);
+    let _batch = scheduler(&ep, "batch");
+    let _ctl = controller(&ep, "ctl-1");
+    let mut quick = Job::new("quick", JobKind::Batch, 4, Resources::new(500, 1 << 28));
+    quick.duration_ms = Some(300);
+    store.create_job(&quick, 128).await.unwrap();
+    let state = wait_for("quick finished", 30, async || {
+        let (j, _) = store.get_json::<Job>(&store.keys().job("quick")).await.ok()??;
+        (j.state == JobState::Succeeded).then_some(j.state)
+    })
+    .await;
+    assert_eq!(state, JobState::Succeeded);
+    assert!(tasks(&store, "quick").await.iter().all(|t| t.state == TaskState::Succeeded));
+
+    // A batch task that must not restart, on a host that dies: the task is lost and the job failed.
+    let mut doomed_host = host(&ep, "d", 1);
+    wait_for("host d alive", 20, async || {
+        store.get_json::<serde_json::Value>(&store.keys().live("d-000")).await.ok()?.map(|_| ())
+    })
+    .await;
+    let mut pinned = Job::new("pinned", JobKind::Batch, 1, Resources::new(500, 1 << 28));
+    pinned.duration_ms = Some(600_000);
+    pinned.constraints = vec![omega::model::Constraint::Equals { label: "zone".into(), value: "zone-0".into() }];
+    // Only d-000 and h-000 are in zone-0; fill h-000 so d-000 is the only fit.
+    let mut filler = Job::new("filler", JobKind::Batch, 8, Resources::new(500, 1 << 28));
+    filler.duration_ms = Some(600_000);
+    filler.constraints = pinned.constraints.clone();
+    store.create_job(&filler, 128).await.unwrap();
+    wait_for("filler running", 30, async || {
+        (tasks(&store, "filler").await.iter().filter(|t| t.state == TaskState::Running).count() == 8).then_some(())
+    })
+    .await;
+    store.create_job(&pinned, 128).await.unwrap();
+    wait_for("pinned running on d-000", 30, async || {
+        let ts = tasks(&store, "pinned").await;
+        (ts[0].state == TaskState::Running && ts[0].node.as_deref() == Some("d-000")).then_some(())
+    })
+    .await;
+    doomed_host.kill();
+    wait_for("pinned failed", 30, async || {
+        let (j, _) = store.get_json::<Job>(&store.keys().job("pinned")).await.ok()??;
+        (j.state == JobState::Failed).then_some(())
+    })
+    .await;
+    let t = &tasks(&store, "pinned").await[0];
+    assert_eq!(t.state, TaskState::Lost);
+    assert!(t.reason.as_deref().unwrap_or("").contains("node d-000 lost"), "{:?}", t.reason);
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+}
