@@ -616,3 +616,34 @@ async fn errors_say_what_is_wrong_with_their_exit_codes() {
     let run = omctl(&etcd, &["jobs"]).await.ok();
     assert!(run.stdout.contains("No jobs"), "{run:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_placements_and_moves_services_away() {
+    let (_etcd, store) = start_etcd().await;
+    let etcd = endpoint(&store);
+    seed_nodes(&store, 2, Resources::new(4000, 8 << 30)).await;
+    let svc = omega::model::Job::new("svc", omega::model::JobKind::Service, 2, Resources::new(500, 1 << 28));
+    store.create_job(&svc, 128).await.unwrap();
+    store.create_job(&batch_job("crunch", 1, Resources::new(500, 1 << 28)), 128).await.unwrap();
+    let (n0, n1) = (node_name(0), node_name(1));
+    place(&store, &[("svc/0", n0.as_str()), ("svc/1", n1.as_str()), ("crunch/0", n0.as_str())]).await;
+
+    let out = omctl(&etcd, &["drain", &n0, "-o", "json"]).await.ok().json();
+    assert_eq!(out["schedulable"], false);
+    assert_eq!(out["moved"], serde_json::json!(["svc/0"]));
+    assert_eq!(out["left_running"], serde_json::json!(["crunch/0"]));
+    let moved = task(&store, "svc/0").await;
+    assert_eq!(moved.state, TaskState::Pending);
+    assert!(moved.reason.unwrap().contains("drained"));
+    assert_eq!(task(&store, "svc/1").await.state, TaskState::Assigned, "other nodes untouched");
+    assert_eq!(task(&store, "crunch/0").await.state, TaskState::Assigned, "batch work left to finish");
+    let snap = snapshot(&store).await;
+    assert!(!snap.is_schedulable(&n0), "no new placements on a drained node");
+    assert!(omctl(&etcd, &["nodes"]).await.ok().stdout.lines().any(|l| l.starts_with(&n0) && l.contains("no")));
+    assert_eq!(omctl(&etcd, &["audit"]).await.code, 0);
+
+    let out = omctl(&etcd, &["drain", &n0, "--undo"]).await.ok();
+    assert!(out.stdout.contains("schedulable again"), "{out:?}");
+    assert!(snapshot(&store).await.is_schedulable(&n0));
+    assert_eq!(omctl(&etcd, &["drain", "no-such-node"]).await.code, 1);
+}

@@ -70,11 +70,25 @@ after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.
     Watch(WatchArgs),
     /// List live scheduler instances, the jobs they own, their attempts and conflicts.
     Schedulers,
+    /// Drain a node: no new placements there, and its service tasks move to other nodes.
+    #[command(long_about = "Drain a node: mark its ledger unschedulable (so no scheduler can commit a claim there) \
+and hand its service tasks back to their scheduler, which places them elsewhere; the node's agent stops their \
+containers. Batch tasks are left to finish. --undo makes the node schedulable again.")]
+    Drain(DrainArgs),
     /// Print a task's log (stdout and stderr); with -f, follow it until the task ends.
     #[command(long_about = "Print a task's log, as its container wrote it to stdout and stderr, streamed from the \
 agent of the node it runs (or ran) on. With -f, keep printing what it writes until the task ends, then report \
 its final state and exit code on standard error, and exit 0 if it succeeded or 5 if it did not.")]
     Logs(LogsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The node's name.
+    pub node: String,
+    /// Make the node schedulable again.
+    #[arg(long)]
+    pub undo: bool,
 }
 
 #[derive(Args, Debug)]

@@ -62,5 +62,6 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Watch(args) => commands::watch::run(cli, args).await,
         Command::Schedulers => commands::schedulers::run(cli).await,
         Command::Logs(args) => commands::logs::run(cli, args).await,
+        Command::Drain(args) => commands::drain::run(cli, args).await,
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod cancel;
+pub mod drain;
 pub mod job;
 pub mod jobs;
 pub mod logs;
