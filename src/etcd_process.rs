@@ -46,6 +46,9 @@ impl Default for EtcdOptions {
 /// A running (or stopped, restartable) etcd member.
 pub struct EtcdProcess {
     options: EtcdOptions,
+    /// Member name, and the whole cluster's `name=peer-url` list (a single member when `None`).
+    name: String,
+    initial_cluster: Option<String>,
     child: Option<Child>,
     _temp: Option<tempfile::TempDir>,
     data_dir: PathBuf,
@@ -81,6 +84,8 @@ impl EtcdProcess {
             };
             let mut me = EtcdProcess {
                 options: options.clone(),
+                name: "omega".into(),
+                initial_cluster: None,
                 child: None,
                 _temp: None,
                 data_dir: data_dir.clone(),
@@ -137,17 +142,29 @@ impl EtcdProcess {
         self.launch().await
     }
 
+    /// This member's id in its cluster (what `status` reports as the leader).
+    pub async fn member_id(&self) -> Result<u64> {
+        let mut c = etcd_client::Client::connect([self.endpoint()], None).await?;
+        Ok(c.status().await?.header().map(|h| h.member_id()).unwrap_or(0))
+    }
+
     fn log_path(&self) -> PathBuf {
         self.data_dir.join("etcd.log")
     }
 
     async fn launch(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    fn spawn(&mut self) -> Result<()> {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let cluster = self.initial_cluster.clone().unwrap_or_else(|| format!("{}={peer}", self.name));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let mut cmd = Command::new(&self.options.binary);
         cmd.arg("--name")
-            .arg("omega")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.data_dir.join("data"))
             .arg("--listen-client-urls")
@@ -159,7 +176,9 @@ impl EtcdProcess {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("omega={peer}"))
+            .arg(cluster)
+            .arg("--initial-cluster-token")
+            .arg("omega")
             .arg("--logger")
             .arg("zap")
             .arg("--log-level")
@@ -181,7 +200,7 @@ impl EtcdProcess {
             ))
         })?;
         self.child = Some(child);
-        self.wait_ready().await
+        Ok(())
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -213,6 +232,70 @@ impl EtcdProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Several etcd members forming one cluster on loopback (for tests of member and leader failures).
+pub struct EtcdCluster {
+    pub members: Vec<EtcdProcess>,
+    _temp: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each answers.
+    pub async fn start(n: usize, options: EtcdOptions) -> Result<EtcdCluster> {
+        let temp = tempfile::Builder::new().prefix("omega-etcd-cluster-").tempdir()?;
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let data_dir = temp.path().join(format!("m{i}"));
+            std::fs::create_dir_all(&data_dir)?;
+            members.push(EtcdProcess {
+                options: options.clone(),
+                name: format!("m{i}"),
+                initial_cluster: None,
+                child: None,
+                _temp: None,
+                data_dir,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+            });
+        }
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = Some(cluster.clone());
+            m.spawn()?;
+        }
+        // A member only serves once a quorum has formed, so all are spawned before any is waited for.
+        for m in &mut members {
+            m.wait_ready().await?;
+        }
+        Ok(EtcdCluster { members, _temp: temp })
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdProcess::endpoint).collect()
+    }
+
+    /// The index of the current leader, as the members that answer see it.
+    pub async fn leader(&self) -> Result<usize> {
+        for m in &self.members {
+            if m.child.is_none() {
+                continue;
+            }
+            let Ok(mut c) = etcd_client::Client::connect([m.endpoint()], None).await else { continue };
+            let Ok(status) = c.status().await else { continue };
+            let leader = status.leader();
+            for (i, other) in self.members.iter().enumerate() {
+                if other.child.is_some() && other.member_id().await.ok() == Some(leader) {
+                    return Ok(i);
+                }
+            }
+        }
+        Err(Error::Process("no member reports a live leader".into()))
     }
 }
 

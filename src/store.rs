@@ -230,21 +230,33 @@ impl Store {
 
     /// Writes a new job and its pending tasks. Fails with [`Error::AlreadyExists`] if the id is taken.
     ///
-    /// The job record goes first, guarded by "does not exist"; tasks follow in batches that respect the
-    /// server's transaction size. A reader that sees the job before all tasks exist sees fewer pending tasks
-    /// for a moment, never a task without its job.
+    /// Guarded by "does not exist". A job with fewer tasks than `max_txn_ops` is one transaction; a larger one
+    /// writes its record first and its tasks in batches that respect the server's transaction size, so a
+    /// reader may briefly see fewer pending tasks, never a task without its job.
     pub async fn create_job(&self, job: &Job, max_txn_ops: usize) -> Result<i64> {
         keys::validate_name("job", &job.id)?;
         let job_key = self.keys.job(&job.id);
         let mut kv = self.client.kv_client();
-        let txn = Txn::new()
-            .when([Compare::create_revision(job_key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(job_key.as_str(), encode(&job_key, job)?, None)]);
+        let mut first = vec![TxnOp::put(job_key.as_str(), encode(&job_key, job)?, None)];
+        // A job that fits one transaction is written whole: no reader (and no retry after a lost answer) ever
+        // sees it without its tasks.
+        let whole = (job.tasks as usize) < max_txn_ops;
+        if whole {
+            for index in 0..job.tasks {
+                let task = Task::pending(job, index);
+                let key = self.keys.task(&task.id);
+                first.push(TxnOp::put(key.as_str(), encode(&key, &task)?, None));
+            }
+        }
+        let txn = Txn::new().when([Compare::create_revision(job_key.as_str(), CompareOp::Equal, 0)]).and_then(first);
         let resp = kv.txn(txn).await?;
         if !resp.succeeded() {
             return Err(Error::AlreadyExists(format!("job {}", job.id)));
         }
         let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if whole {
+            return Ok(revision);
+        }
         let per_txn = max_txn_ops.max(1);
         let mut ops = Vec::with_capacity(per_txn);
         for index in 0..job.tasks {
