@@ -112,6 +112,13 @@ pub enum JobState {
     Cancelled,
 }
 
+impl JobState {
+    /// Whether the job is over (nothing will be placed for it again).
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
 /// A submitted job: what to run, how many, where it may go, and who schedules it.
 ///
 /// This is the validated form of a job file (`omega::job_spec` parses the YAML people write).
@@ -133,6 +140,9 @@ pub struct Job {
     pub state: JobState,
     #[serde(default)]
     pub submitted_at_ms: u64,
+    /// When the job reached `succeeded`, `failed` or `cancelled` (what garbage collection counts from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
     /// Container image (a name known to the node's containerd).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
@@ -173,6 +183,7 @@ impl Job {
             gang: false,
             state: JobState::Pending,
             submitted_at_ms: now_ms(),
+            finished_at_ms: None,
             image: String::new(),
             command: Vec::new(),
             args: Vec::new(),

@@ -203,6 +203,9 @@ impl Store {
         let key = self.keys.job(&job.id);
         let mut updated = job.clone();
         updated.state = state;
+        if state.is_final() && updated.finished_at_ms.is_none() {
+            updated.finished_at_ms = Some(now_ms());
+        }
         let mut compares = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)];
         compares.extend(extra);
         let txn = Txn::new().when(compares).and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);

@@ -9,7 +9,9 @@
 //! - **service replicas**: a replica that ended (failed after its restarts, or lost) is handed back to
 //!   `pending`, so the service keeps its replica count;
 //! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded,
-//!   else `failed`.
+//!   else `failed`;
+//! - **garbage collection**: a job that finished (succeeded, failed, cancelled) longer than `gc_after` ago is
+//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound.
 //!
 //! The controller only releases and re-pends; placing is the schedulers' job, through the same optimistic
 //! commits as always.
@@ -32,6 +34,8 @@ pub struct ControllerConfig {
     pub grace: Duration,
     /// How often the leader looks at the cell when nothing wakes it.
     pub period: Duration,
+    /// Delete jobs (with their tasks and status) this long after they finished; `None` keeps them.
+    pub gc_after: Option<Duration>,
 }
 
 /// Counters, for logs and tests.
@@ -40,6 +44,7 @@ pub struct Reconciled {
     pub lost_tasks: usize,
     pub replaced_replicas: usize,
     pub finished_jobs: usize,
+    pub collected_jobs: usize,
 }
 
 fn election(store: &Store) -> String {
@@ -122,7 +127,9 @@ async fn lead(
         }
         let snapshot = cache.snapshot();
         match reconcile(store, &snapshot, config, fence, &mut down_since).await {
-            Ok(r) if r.lost_tasks + r.replaced_replicas + r.finished_jobs > 0 => tracing::info!(?r, "reconciled"),
+            Ok(r) if r.lost_tasks + r.replaced_replicas + r.finished_jobs + r.collected_jobs > 0 => {
+                tracing::info!(?r, "reconciled")
+            }
             Ok(_) => {}
             Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => return Ok(false),
             Err(e) => tracing::warn!(error = %e, "reconciling failed; will retry"),
@@ -206,7 +213,44 @@ pub async fn reconcile(
             tracing::info!(job = j.id, ?state, "job finished");
         }
     }
+    if let Some(after) = config.gc_after {
+        done.collected_jobs = collect(store, snapshot, after, fence).await?;
+    }
     Ok(done)
+}
+
+/// Deletes jobs that finished more than `after` ago and hold nothing: job, tasks, status and owner in one
+/// transaction, compared on the job record and the fence.
+async fn collect(store: &Store, snapshot: &CellSnapshot, after: Duration, fence: &Fence) -> anyhow::Result<usize> {
+    use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+    let keys = store.keys();
+    let cutoff = omega::model::now_ms().saturating_sub(after.as_millis() as u64);
+    let mut collected = 0;
+    for job in snapshot.jobs.values() {
+        let j = &job.value;
+        let old_enough = j.state.is_final() && j.finished_at_ms.is_some_and(|t| t <= cutoff);
+        if !old_enough || snapshot.tasks_of(j).any(|t| t.value.state.holds_resources()) {
+            continue;
+        }
+        let job_key = keys.job(&j.id);
+        let tasks = keys.tasks_of_job(&j.id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(job_key.as_str(), CompareOp::Equal, job.mod_revision), fence.compare()])
+            .and_then([
+                TxnOp::delete(job_key.as_str(), None),
+                TxnOp::delete(
+                    tasks.as_str(),
+                    Some(DeleteOptions::new().with_range(omega::keys::prefix_end(tasks.as_bytes()))),
+                ),
+                TxnOp::delete(keys.status(&j.id), None),
+                TxnOp::delete(keys.owner(&j.id), None),
+            ]);
+        if store.client().kv_client().txn(txn).await?.succeeded() {
+            collected += 1;
+            tracing::info!(job = j.id, "finished job collected");
+        }
+    }
+    Ok(collected)
 }
 
 /// What a task becomes when its node is lost: pending again for its scheduler, unless it is a batch task

@@ -193,6 +193,16 @@ async fn batch_jobs_are_marked_finished() {
     assert!(tasks(&store, "quick").await.iter().all(|t| t.state == TaskState::Succeeded));
 
     // A batch task that must not restart, on a host that dies: the task is lost and the job failed.
+    // First fill zone-0's only node (h-000), then bring up d-000 (also zone-0): the pinned task can only go there.
+    let zone0 = vec![omega::model::Constraint::Equals { label: "zone".into(), value: "zone-0".into() }];
+    let mut filler = Job::new("filler", JobKind::Batch, 8, Resources::new(500, 1 << 28));
+    filler.duration_ms = Some(600_000);
+    filler.constraints = zone0.clone();
+    store.create_job(&filler, 128).await.unwrap();
+    wait_for("filler running", 30, async || {
+        (tasks(&store, "filler").await.iter().filter(|t| t.state == TaskState::Running).count() == 8).then_some(())
+    })
+    .await;
     let mut doomed_host = host(&ep, "d", 1);
     wait_for("host d alive", 20, async || {
         store.get_json::<serde_json::Value>(&store.keys().live("d-000")).await.ok()?.map(|_| ())
@@ -200,16 +210,7 @@ async fn batch_jobs_are_marked_finished() {
     .await;
     let mut pinned = Job::new("pinned", JobKind::Batch, 1, Resources::new(500, 1 << 28));
     pinned.duration_ms = Some(600_000);
-    pinned.constraints = vec![omega::model::Constraint::Equals { label: "zone".into(), value: "zone-0".into() }];
-    // Only d-000 and h-000 are in zone-0; fill h-000 so d-000 is the only fit.
-    let mut filler = Job::new("filler", JobKind::Batch, 8, Resources::new(500, 1 << 28));
-    filler.duration_ms = Some(600_000);
-    filler.constraints = pinned.constraints.clone();
-    store.create_job(&filler, 128).await.unwrap();
-    wait_for("filler running", 30, async || {
-        (tasks(&store, "filler").await.iter().filter(|t| t.state == TaskState::Running).count() == 8).then_some(())
-    })
-    .await;
+    pinned.constraints = zone0;
     store.create_job(&pinned, 128).await.unwrap();
     wait_for("pinned running on d-000", 30, async || {
         let ts = tasks(&store, "pinned").await;
@@ -225,5 +226,31 @@ async fn batch_jobs_are_marked_finished() {
     let t = &tasks(&store, "pinned").await[0];
     assert_eq!(t.state, TaskState::Lost);
     assert!(t.reason.as_deref().unwrap_or("").contains("node d-000 lost"), "{:?}", t.reason);
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+}
+
+/// Finished jobs are collected after `--gc-after`: job, tasks and status are gone, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_garbage_collected() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let _h = host(&ep, "g", 2);
+    let _batch = scheduler(&ep, "batch");
+    let _ctl = Proc::start(bin("omega-controller"), &["--etcd", &ep, "--instance", "gc-1", "--gc-after", "1s"], "gc-1");
+    let mut short = Job::new("short", JobKind::Batch, 3, Resources::new(500, 1 << 28));
+    short.duration_ms = Some(200);
+    store.create_job(&short, 128).await.unwrap();
+    let mut long = Job::new("long", JobKind::Batch, 1, Resources::new(500, 1 << 28));
+    long.duration_ms = Some(600_000);
+    store.create_job(&long, 128).await.unwrap();
+    wait_for("short collected", 30, async || {
+        let gone = store.get_json::<Job>(&store.keys().job("short")).await.ok()?.is_none();
+        (gone && tasks(&store, "short").await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(store.get_json::<serde_json::Value>(&store.keys().status("short")).await.unwrap().is_none());
+    let (l, _) = store.get_json::<Job>(&store.keys().job("long")).await.unwrap().expect("a running job is kept");
+    assert!(!l.state.is_final());
+    assert_eq!(tasks(&store, "long").await.len(), 1);
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }

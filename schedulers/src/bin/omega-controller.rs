@@ -28,6 +28,9 @@ struct Args {
     /// Extra wait after a node's liveness key disappears before its tasks are given up.
     #[arg(long, default_value = "2s", value_parser = duration)]
     grace: Duration,
+    /// Delete finished jobs (with their tasks and status) this long after they finished; `0` keeps them.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    gc_after: Duration,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -45,8 +48,13 @@ async fn main() -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let store = Store::connect_with_retry(&args.etcd, Keys::new(&args.prefix)?, Duration::from_secs(600)).await?;
-    let config =
-        ControllerConfig { instance, lease_ttl: args.lease_ttl, grace: args.grace, period: Duration::from_secs(1) };
+    let config = ControllerConfig {
+        instance,
+        lease_ttl: args.lease_ttl,
+        grace: args.grace,
+        period: Duration::from_secs(1),
+        gc_after: (!args.gc_after.is_zero()).then_some(args.gc_after),
+    };
     tracing::info!(%config, "controller started");
     run(store, config, omega::shutdown::signal()).await
 }
