@@ -34,10 +34,13 @@ pub enum ReleaseOutcome {
     Done { revision: i64 },
     /// The task changed since it was seen; nothing was written for it.
     TaskChanged,
+    /// Its node's ledger kept changing under it (claims landing) for every retry; nothing was written. Try
+    /// again.
+    Contention,
 }
 
 /// Ledger re-reads per node before giving up (each one means a claim landed on the node meanwhile).
-const MAX_ROUNDS: usize = 16;
+const MAX_ROUNDS: usize = 32;
 
 /// A leader's fence: writes apply only while the election key still has this create revision, so a deposed
 /// leader (its key gone, or a new leader's key in its place) cannot write.
@@ -192,9 +195,19 @@ pub async fn release_fenced(store: &Store, releases: &[Release], fence: Option<&
             }
         }
         work = later;
+        if !work.is_empty() {
+            // Lost a race on a ledger: back off a little, with jitter, so racing writers spread out.
+            let pause = rand::random_range(1..=4u64) << ledgers.len().min(4);
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        }
     }
     if !work.is_empty() {
         tracing::warn!(nodes = work.len(), "releases kept losing races on their nodes' ledgers; left for a retry");
+        for (_, idx) in &work {
+            for &i in idx {
+                outcomes[i] = ReleaseOutcome::Contention;
+            }
+        }
     }
     Ok(outcomes)
 }

@@ -116,8 +116,20 @@ async fn releases_racing_claims_keep_ledgers_exact() {
             (part, report)
         }));
     }
-    for h in handles {
-        assert!(h.await.unwrap().iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })));
+    // Releases that lost every race on a ledger say so (never a wrong outcome) and succeed when re-sent.
+    let mut again = Vec::new();
+    for (h, part) in handles.into_iter().zip(releases.chunks(10)) {
+        for (o, r) in h.await.unwrap().into_iter().zip(part) {
+            match o {
+                ReleaseOutcome::Done { .. } => {}
+                ReleaseOutcome::Contention => again.push(r.clone()),
+                ReleaseOutcome::TaskChanged => panic!("{} changed under its own release", r.task.value.id),
+            }
+        }
+    }
+    if !again.is_empty() {
+        let out = release(&store, &again).await.unwrap();
+        assert!(out.iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })), "{out:?}");
     }
     let mut placed = 0;
     let mut left: Vec<String> = Vec::new();

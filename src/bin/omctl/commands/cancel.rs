@@ -96,7 +96,9 @@ pub async fn cancel(store: &Store, id: &str) -> anyhow::Result<CancelOutput> {
             match outcome {
                 ReleaseOutcome::Done { .. } if r.task.value.state.holds_resources() => out.released += 1,
                 ReleaseOutcome::Done { .. } => out.killed_pending += 1,
-                ReleaseOutcome::TaskChanged => out.not_killed.push(r.task.value.id.clone()),
+                ReleaseOutcome::TaskChanged | ReleaseOutcome::Contention => {
+                    out.not_killed.push(r.task.value.id.clone())
+                }
             }
         }
         if out.not_killed.is_empty() {
