@@ -19,8 +19,8 @@ pub mod model;
 pub mod placement;
 pub mod proto;
 pub mod release;
-pub mod shutdown;
 pub mod resources;
+pub mod shutdown;
 pub mod store;
 pub mod watcher;
 
