@@ -9,7 +9,8 @@ set -euo pipefail
 packages=(etcd-server etcd-client protobuf-compiler containerd runc umoci busybox-static)
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [[ "$status" == *"install ok installed"* ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
@@ -24,5 +25,7 @@ if pgrep -x etcd >/dev/null 2>&1; then
   echo "note: an etcd is already running on this machine; tests start their own on free loopback ports"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
-etcd --version | head -1
+# No pipe into `head` here: with pipefail, etcd dying of SIGPIPE would fail the whole script.
+etcd_version=$(etcd --version)
+echo "${etcd_version%%$'\n'*}"
 protoc --version
