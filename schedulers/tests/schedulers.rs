@@ -116,7 +116,10 @@ fn placed(t: &Task) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_and_service_share_a_cell() {
     let (etcd, store) = start_etcd().await;
-    seed_nodes(&store, 12, Resources::new(4 * CPU, 16 * MEM)).await; // zones: zone-0, zone-1, zone-2
+    // 8-core nodes: the batch work below (16 cores, 28 GiB) fills at most 2 of them, so every zone keeps at
+    // least 2 nodes with room and the service's 2-per-zone spread is feasible whatever the timing (spread is a
+    // preference; anti-affinity is a rule).
+    seed_nodes(&store, 12, Resources::new(8 * CPU, 16 * MEM)).await; // zones: zone-0, zone-1, zone-2
     let metrics_port = omega::etcd_process::free_port().unwrap();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _batch = SchedulerProcess::start(&etcd.endpoint(), "batch", "batch-1", &["--metrics-addr", &metrics_addr]);
@@ -129,7 +132,7 @@ async fn batch_and_service_share_a_cell() {
     let mut gang = Job::new("gang", JobKind::Batch, 4, Resources::new(CPU, MEM));
     gang.gang = true;
     jobs.push(gang);
-    let mut too_big_gang = Job::new("huge-gang", JobKind::Batch, 3, Resources::new(5 * CPU, MEM));
+    let mut too_big_gang = Job::new("huge-gang", JobKind::Batch, 3, Resources::new(9 * CPU, MEM));
     too_big_gang.gang = true;
     jobs.push(too_big_gang);
     let mut web = Job::new("web", JobKind::Service, 6, Resources::new(CPU / 2, MEM));
