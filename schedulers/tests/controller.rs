@@ -2,60 +2,25 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "support/procs.rs"]
+mod procs;
 
 use common::*;
 use omega::audit;
 use omega::model::{Job, JobKind, JobState, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
+use procs::Proc;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A child process, SIGKILLed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn start(program: PathBuf, args: &[&str], log: &str) -> Proc {
-        let path = std::env::temp_dir().join(format!("omega-ctl-test-{log}-{}.log", std::process::id()));
-        let out = std::fs::File::create(path).unwrap();
-        let child = Command::new(&program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        Proc(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = std::path::Path::new(env!("CARGO_BIN_EXE_omega-scheduler")).with_file_name(name);
-    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
-    p
-}
-
 fn scheduler(etcd: &str, kind: &str) -> Proc {
-    Proc::start(bin("omega-scheduler"), &["--etcd", etcd, "--kind", kind, "--instance", &format!("{kind}-1")], kind)
+    Proc::start("omega-scheduler", &["--etcd", etcd, "--kind", kind, "--instance", &format!("{kind}-1")], kind)
 }
 
 fn controller(etcd: &str, name: &str) -> Proc {
     Proc::start(
-        bin("omega-controller"),
+        "omega-controller",
         &["--etcd", etcd, "--instance", name, "--lease-ttl", "2s", "--grace", "500ms"],
         name,
     )
@@ -65,7 +30,7 @@ fn controller(etcd: &str, name: &str) -> Proc {
 fn host(etcd: &str, prefix: &str, nodes: usize) -> Proc {
     let n = nodes.to_string();
     Proc::start(
-        bin("omega-agent"),
+        "omega-agent",
         &[
             "--etcd",
             etcd,
@@ -236,7 +201,7 @@ async fn finished_jobs_are_garbage_collected() {
     let ep = etcd.endpoint();
     let _h = host(&ep, "g", 2);
     let _batch = scheduler(&ep, "batch");
-    let _ctl = Proc::start(bin("omega-controller"), &["--etcd", &ep, "--instance", "gc-1", "--gc-after", "1s"], "gc-1");
+    let _ctl = Proc::start("omega-controller", &["--etcd", &ep, "--instance", "gc-1", "--gc-after", "1s"], "gc-1");
     let mut short = Job::new("short", JobKind::Batch, 3, Resources::new(500, 1 << 28));
     short.duration_ms = Some(200);
     store.create_job(&short, 128).await.unwrap();

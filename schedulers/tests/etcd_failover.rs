@@ -3,6 +3,8 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "support/procs.rs"]
+mod procs;
 
 use omega::audit;
 use omega::etcd_process::{EtcdCluster, EtcdOptions};
@@ -11,38 +13,8 @@ use omega::model::{Job, JobKind, JobState};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega::Error;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use procs::Proc;
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = std::path::Path::new(env!("CARGO_BIN_EXE_omega-scheduler")).with_file_name(name);
-    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
-    p
-}
-
-fn start(name: &str, args: &[&str]) -> Proc {
-    let log = std::env::temp_dir().join(format!("omega-failover-{name}-{}.log", std::process::id()));
-    let out = std::fs::File::create(log).unwrap();
-    let child = Command::new(bin(name))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
 
 /// Submits a job, retrying through the election: a retry that finds the job already there means an earlier
 /// attempt was applied but its answer lost.
@@ -66,9 +38,21 @@ async fn the_cell_rides_out_the_loss_of_its_etcd_leader() {
     let endpoints = cluster.endpoints().join(",");
     let store =
         Store::connect_with_retry(&cluster.endpoints(), Keys::default(), Duration::from_secs(10)).await.unwrap();
-    let _host = start("omega-agent", &["--etcd", &endpoints, "--simulate", "6", "--lease-ttl", "15s"]);
-    let _batch = start("omega-scheduler", &["--etcd", &endpoints, "--kind", "batch", "--instance", "batch-1"]);
-    let _ctl = start("omega-controller", &["--etcd", &endpoints, "--instance", "ctl-1", "--lease-ttl", "3s"]);
+    let _host = Proc::start(
+        "omega-agent",
+        &["--etcd", &endpoints, "--simulate", "6", "--lease-ttl", "15s"],
+        "failover-omega-agent",
+    );
+    let _batch = Proc::start(
+        "omega-scheduler",
+        &["--etcd", &endpoints, "--kind", "batch", "--instance", "batch-1"],
+        "failover-omega-scheduler",
+    );
+    let _ctl = Proc::start(
+        "omega-controller",
+        &["--etcd", &endpoints, "--instance", "ctl-1", "--lease-ttl", "3s"],
+        "failover-omega-controller",
+    );
 
     let total = 30;
     let mut killed = None;

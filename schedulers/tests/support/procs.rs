@@ -1,0 +1,44 @@
+//! The project's binaries as child processes in tests: found beside the test's own binary (built by
+//! `cargo test --workspace`), logging to a temp file, SIGKILLed when dropped or on `kill()`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub struct Proc(Child);
+
+impl Proc {
+    /// Starts the workspace binary `name`; its output goes to `<tmp>/omega-test-<log>-<pid>.log`.
+    pub fn start(name: &str, args: &[&str], log: &str) -> Proc {
+        let path = std::env::temp_dir().join(format!("omega-test-{log}-{}.log", std::process::id()));
+        let out = std::fs::File::create(path).unwrap();
+        let program = bin(name);
+        let child = Command::new(&program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        Proc(child)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A binary built beside `omega-scheduler` (fails loudly if the workspace was not built).
+pub fn bin(name: &str) -> PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_omega-scheduler")).with_file_name(name);
+    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    p
+}
