@@ -2,11 +2,13 @@
 # Installs what Omega needs on a Debian machine, skipping what is already there.
 #   etcd-server, etcd-client   the store (etcd 3.4) and etcdctl
 #   protobuf-compiler          protoc, for the gRPC code the etcd and containerd clients generate
+#   libprotobuf-dev            the well-known .proto files (descriptor.proto, ...) protoc needs; not a
+#                              "recommends" of protobuf-compiler in the sense apt honours with --no-install-recommends
 #   containerd, runc           the node agent's container runtime
 #   umoci, busybox-static      building the tiny local test image (no registry is needed)
 # A Rust toolchain (cargo) must already be installed.
 set -euo pipefail
-packages=(etcd-server etcd-client protobuf-compiler containerd runc umoci busybox-static)
+packages=(etcd-server etcd-client protobuf-compiler libprotobuf-dev containerd runc umoci busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

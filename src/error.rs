@@ -58,6 +58,11 @@ pub enum Error {
 
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+
+    /// A write's request failed in transport or timed out: it may or may not have been applied. Read the
+    /// keys again before deciding anything.
+    #[error("the outcome of {0} is unknown (the request failed: {1}); read it again")]
+    OutcomeUnknown(String, String),
 }
 
 impl Error {

@@ -12,6 +12,7 @@ pub mod cell_state;
 pub mod commit;
 pub mod error;
 pub mod etcd_process;
+pub mod failpoint;
 pub mod job_spec;
 pub mod keys;
 pub mod lease;
@@ -22,6 +23,7 @@ pub mod release;
 pub mod resources;
 pub mod shutdown;
 pub mod store;
+pub mod txn;
 pub mod watcher;
 
 pub use error::{Error, Result};

@@ -477,6 +477,11 @@ pub struct Assignment {
     pub placement: u32,
     pub placed_by: String,
     pub assigned_at_ms: u64,
+    /// Tasks this placement evicted from the node (preemption). Their ledger share was handed to this task in
+    /// the claim's transaction, but their containers take up to their grace period to stop: the agent starts
+    /// this task only once none of them runs on the node any more, so the node never holds both in fact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use crate::model::{now_ms, Allocation, Job, JobState, Liveness, Node, Task};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Large enough for a page of big allocation records; etcd's own reply limit is far above this.
@@ -20,12 +22,84 @@ pub const DEFAULT_PAGE_SIZE: i64 = 2000;
 /// etcd's default `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 
+/// How a [`Store`] talks to etcd.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Deadline of every unary request (reads, writes, transactions, lease grants). A hung member then costs a
+    /// caller this long, not the HTTP/2 keep-alive's detection time; the caller retries or reports.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// HTTP/2 keep-alive (ping interval, answer timeout): how a silent connection is found dead, for streams
+    /// (watches, lease keep-alives) that have no deadline of their own.
+    pub keep_alive: (Duration, Duration),
+    /// The server's `--max-txn-ops`, as far as this process knows (lowered if the server refuses a batch).
+    pub max_txn_ops: usize,
+    /// Budget for one request's keys and values (etcd's default `--max-request-bytes` is 1.5 MiB).
+    pub max_request_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            keep_alive: (Duration::from_secs(10), Duration::from_secs(5)),
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+}
+
+/// etcd's default `--max-request-bytes`, less room for the request's framing.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = (3 << 19) - (64 << 10);
+
+/// The smallest op limit worth working with: one node's sub-transaction with one claim in an outer transaction.
+pub const MIN_TXN_OPS: usize = 8;
+
+/// What one etcd server accepts in a transaction, shared by every user of a [`Store`] (and its clones), so
+/// a limit learned from one refusal holds for all of them.
+#[derive(Debug)]
+pub struct TxnLimits {
+    max_ops: AtomicUsize,
+    max_request_bytes: usize,
+}
+
+impl TxnLimits {
+    pub fn max_ops(&self) -> usize {
+        self.max_ops.load(Ordering::Relaxed)
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    /// Halves the op limit after the server refused a batch as too large. Returns false if the limit is
+    /// already at its floor (a server this small cannot take even one node's claims).
+    pub fn shrink(&self, why: &Error) -> bool {
+        let now = self.max_ops();
+        if now <= MIN_TXN_OPS {
+            return false;
+        }
+        let lower = (now / 2).max(MIN_TXN_OPS);
+        // Several senders may learn the same refusal at once: lower only from the value each saw.
+        if self.max_ops.compare_exchange(now, lower, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(from = now, to = lower, error = %why, "etcd refused a batch; lowering the op limit and re-sending");
+        }
+        true
+    }
+}
+
 /// A connected etcd client plus the key layout.
 #[derive(Clone)]
 pub struct Store {
+    /// Unary requests, each with the deadline of [`StoreOptions::request_timeout`].
     client: Client,
+    /// Streams and long polls (watches, lease keep-alives, election campaigns), which a per-request
+    /// deadline would cut.
+    stream_client: Client,
     keys: Keys,
     endpoints: Vec<String>,
+    limits: Arc<TxnLimits>,
 }
 
 impl std::fmt::Debug for Store {
@@ -34,10 +108,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn connect_options() -> ConnectOptions {
+fn connect_options(options: &StoreOptions) -> ConnectOptions {
     ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_connect_timeout(options.connect_timeout)
+        .with_keep_alive(options.keep_alive.0, options.keep_alive.1)
         .with_keep_alive_while_idle(true)
 }
 
@@ -50,20 +124,43 @@ impl Store {
     /// Connects, retrying with backoff (and a log line per attempt) for up to `max_wait`. Components that
     /// start before etcd, or beside an etcd that is restarting, use this rather than failing at once.
     pub async fn connect_with_retry(endpoints: &[String], keys: Keys, max_wait: Duration) -> Result<Store> {
+        Self::connect_with(endpoints, keys, StoreOptions::default(), max_wait).await
+    }
+
+    /// [`connect_with_retry`](Self::connect_with_retry) with explicit options.
+    pub async fn connect_with(
+        endpoints: &[String],
+        keys: Keys,
+        options: StoreOptions,
+        max_wait: Duration,
+    ) -> Result<Store> {
         if endpoints.is_empty() {
             return Err(Error::InvalidArgument("no etcd endpoint given".into()));
+        }
+        for e in endpoints {
+            check_endpoint(e)?;
         }
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let last_error = match Self::try_connect(endpoints).await {
-                Ok(client) => {
+            let last_error = match Self::try_connect(endpoints, &options).await {
+                Ok((client, stream_client)) => {
                     if attempt > 1 {
                         tracing::info!(endpoints = ?endpoints, attempt, "connected to etcd");
                     }
-                    return Ok(Store { client, keys, endpoints: endpoints.to_vec() });
+                    let limits = TxnLimits {
+                        max_ops: AtomicUsize::new(options.max_txn_ops.max(MIN_TXN_OPS)),
+                        max_request_bytes: options.max_request_bytes,
+                    };
+                    return Ok(Store {
+                        client,
+                        stream_client,
+                        keys,
+                        endpoints: endpoints.to_vec(),
+                        limits: Arc::new(limits),
+                    });
                 }
                 Err(e) => e.to_string(),
             };
@@ -78,13 +175,14 @@ impl Store {
         }
     }
 
-    async fn try_connect(endpoints: &[String]) -> Result<Client> {
-        let mut client = Client::connect(endpoints, Some(connect_options())).await?;
+    async fn try_connect(endpoints: &[String], options: &StoreOptions) -> Result<(Client, Client)> {
+        let mut client =
+            Client::connect(endpoints, Some(connect_options(options).with_timeout(options.request_timeout))).await?;
         // Connecting is lazy; a status call proves someone answers.
-        tokio::time::timeout(Duration::from_secs(3), client.status())
-            .await
-            .map_err(|_| Error::Timeout(Duration::from_secs(3), "etcd status".into()))??;
-        Ok(client)
+        let wait = options.connect_timeout;
+        tokio::time::timeout(wait, client.status()).await.map_err(|_| Error::Timeout(wait, "etcd status".into()))??;
+        let stream_client = Client::connect(endpoints, Some(connect_options(options))).await?;
+        Ok((client, stream_client))
     }
 
     pub fn keys(&self) -> &Keys {
@@ -95,9 +193,25 @@ impl Store {
         &self.endpoints
     }
 
-    /// A handle on the underlying client (cheap: it shares one channel).
+    /// A handle on the client for unary requests (cheap: it shares one channel). Every request carries the
+    /// store's deadline.
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A handle on the client for streams and long polls (watch, lease keep-alive, campaign): no deadline.
+    pub fn stream_client(&self) -> Client {
+        self.stream_client.clone()
+    }
+
+    /// What the server accepts in one transaction, as far as this process knows.
+    pub fn limits(&self) -> &TxnLimits {
+        &self.limits
+    }
+
+    /// Tells the store the server's `--max-txn-ops` (shared with every clone).
+    pub fn set_max_txn_ops(&self, max_txn_ops: usize) {
+        self.limits.max_ops.store(max_txn_ops.max(MIN_TXN_OPS), Ordering::Relaxed);
     }
 
     /// The store's current revision.
@@ -275,6 +389,42 @@ impl Store {
     }
 }
 
+/// Checks an endpoint's form before connecting: a malformed URL is the caller's mistake, said at once, not
+/// a reason to retry for minutes.
+pub fn check_endpoint(endpoint: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "etcd endpoint {endpoint:?} {why}; expected a URL such as http://127.0.0.1:2379"
+        )))
+    };
+    let rest = match endpoint.split_once("://") {
+        Some(("http" | "https", rest)) => rest,
+        Some((scheme, _)) => return bad(&format!("has the scheme {scheme:?}, not http or https")),
+        None => endpoint,
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return bad("names no host");
+    }
+    if authority.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains whitespace");
+    }
+    let port = match authority.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:2379`.
+        Some(v6) => match v6.split_once(']') {
+            Some((_, after)) => after.strip_prefix(':'),
+            None => return bad("has an unclosed '['"),
+        },
+        None => authority.rsplit_once(':').map(|(_, port)| port),
+    };
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return bad(&format!("has the port {port:?}, not a number from 0 to 65535"));
+        }
+    }
+    Ok(())
+}
+
 /// Decodes a JSON value, naming the key on failure.
 pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(kv.value())
@@ -284,4 +434,25 @@ pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
 /// Encodes a value as JSON, naming the key on failure.
 pub fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|source| Error::Encode { key: key.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_endpoint;
+
+    #[test]
+    fn endpoints_are_checked_before_connecting() {
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd-1.example:2379",
+            "127.0.0.1:2379",
+            "http://[::1]:2379",
+            "http://etcd",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://", "ftp://x:1", "http://x:99999", "http://x:port", "http://a b:1", "http://[::1:2379"] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -5,11 +5,25 @@
 //! compacted away, etcd cancels the watch with a compact revision; the watcher then re-lists and tells its
 //! consumer to rebuild ([`WatchEvent::Reset`]). The consumer (the cell-state cache, an agent) sees a sequence
 //! of resets and change batches and never has to reason about connections.
+//!
+//! [`Watcher::next`] is cancel-safe: the listing and the stream live in a background task that hands events
+//! over a channel, so a consumer may race `next()` against a timer or a shutdown signal in `tokio::select!`
+//! as often as it likes without losing its stream or restarting a listing. (An earlier version kept the
+//! stream in `next()`'s own state; every cancelled call dropped the watch and re-listed, and a host racing
+//! it against a 100 ms tick re-listed its whole range ten times a second.)
 
 use crate::keys::prefix_end;
 use crate::store::{Store, MAX_DECODING_BYTES};
 use etcd_client::{EventType, KeyValue, WatchOptions, WatchStream};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Events produced ahead of the consumer. Small: a slow consumer holds the producer back (and etcd's stream
+/// with it, through gRPC flow control) rather than buffering without bound.
+const CHANNEL_EVENTS: usize = 16;
 
 /// What a [`Watcher`] yields.
 #[derive(Debug)]
@@ -49,15 +63,24 @@ enum State {
     Watching { stream: Box<WatchStream>, from: i64 },
 }
 
-/// A resumable list-then-watch over `prefix`.
+/// A resumable list-then-watch over `prefix`. It starts working at the first [`next`](Self::next) and stops
+/// when dropped.
 pub struct Watcher {
+    inner: Option<Inner>,
+    stats: Arc<Mutex<WatcherStats>>,
+    events: Option<mpsc::Receiver<WatchEvent>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The list/watch state machine; runs in the watcher's background task.
+struct Inner {
     store: Store,
     prefix: String,
     page_size: i64,
     prev_kv: bool,
     state: State,
     backoff: Duration,
-    stats: WatcherStats,
+    stats: Arc<Mutex<WatcherStats>>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -65,15 +88,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Watcher {
     pub fn new(store: Store, prefix: impl Into<String>, page_size: i64) -> Self {
-        Watcher {
+        let stats = Arc::new(Mutex::new(WatcherStats::default()));
+        let inner = Inner {
             store,
             prefix: prefix.into(),
             page_size,
             prev_kv: false,
             state: State::NeedList,
             backoff: MIN_BACKOFF,
-            stats: WatcherStats::default(),
-        }
+            stats: stats.clone(),
+        };
+        Watcher { inner: Some(inner), stats, events: None, task: None }
     }
 
     /// Asks etcd for each deleted key's last value ([`Change::Delete::prev`]).
@@ -83,34 +108,73 @@ impl Watcher {
     /// second on a 2-core machine (benches/commit_throughput.rs, `OMEGA_BENCH_RAW_WATCH=prev_kv`). A consumer
     /// that only needs to know *which* key went away gets that from the key itself.
     pub fn with_prev_kv(mut self, prev_kv: bool) -> Self {
-        self.prev_kv = prev_kv;
+        if let Some(inner) = self.inner.as_mut() {
+            inner.prev_kv = prev_kv;
+        }
         self
     }
 
     /// Starts from `revision` instead of listing first (the caller already holds the state at
     /// `revision - 1`). Falls back to a list if that revision is compacted.
     pub fn resume_from(mut self, revision: i64) -> Self {
-        self.state = State::NeedWatch { from: revision };
+        if let Some(inner) = self.inner.as_mut() {
+            inner.state = State::NeedWatch { from: revision };
+        }
         self
     }
 
     pub fn stats(&self) -> WatcherStats {
-        self.stats
+        *self.stats.lock()
     }
 
+    /// The next event. Retries etcd failures forever (with backoff and a log line each), so it only returns
+    /// something to apply. Cancel-safe: dropping the future loses nothing.
+    pub async fn next(&mut self) -> WatchEvent {
+        if let Some(mut inner) = self.inner.take() {
+            let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
+            self.events = Some(rx);
+            self.task = Some(tokio::spawn(async move {
+                loop {
+                    let event = inner.next_event().await;
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        match self.events.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(event) => event,
+                // The task ends only when the receiver is gone, which it is not while we hold it.
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
     async fn pause(&mut self) {
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
-    /// The next event. Retries etcd failures forever (with backoff and a log line each), so it only returns
-    /// something to apply.
-    pub async fn next(&mut self) -> WatchEvent {
+    /// The next event (not cancel-safe: it moves its state out while it awaits; only the background task
+    /// calls it).
+    async fn next_event(&mut self) -> WatchEvent {
         loop {
             match std::mem::replace(&mut self.state, State::NeedList) {
                 State::NeedList => match self.store.list(&self.prefix, self.page_size, None).await {
                     Ok((kvs, revision)) => {
-                        self.stats.lists += 1;
+                        self.stats.lock().lists += 1;
                         self.backoff = MIN_BACKOFF;
                         self.state = State::NeedWatch { from: revision + 1 };
                         return WatchEvent::Reset { kvs, revision };
@@ -129,10 +193,11 @@ impl Watcher {
                     if self.prev_kv {
                         opts = opts.with_prev_key();
                     }
-                    let mut client = self.store.client().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
+                    let mut client =
+                        self.store.stream_client().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
                     match client.watch(self.prefix.as_str(), Some(opts)).await {
                         Ok(stream) => {
-                            self.stats.rewatches += 1;
+                            self.stats.lock().rewatches += 1;
                             self.state = State::Watching { stream: Box::new(stream), from };
                         }
                         Err(e) => {
@@ -146,7 +211,7 @@ impl Watcher {
                     Ok(Some(resp)) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
-                                self.stats.compactions_seen += 1;
+                                self.stats.lock().compactions_seen += 1;
                                 tracing::info!(prefix = %self.prefix, from, compacted = resp.compact_revision(),
                                     "watch start revision was compacted; re-listing");
                                 self.state = State::NeedList;

@@ -217,7 +217,7 @@ async fn batches_are_split_to_the_servers_op_limit() {
 async fn a_limit_larger_than_the_servers_is_lowered_on_refusal() {
     let (_etcd, store, cache) = setup(200, Resources::new(4000, 8 << 30), &[("wide", 200)]).await;
     let snap = cache.snapshot();
-    let c = Committer::new(store.clone(), CommitConfig { max_txn_ops: 1024, ..Default::default() });
+    let c = Committer::new(store.clone(), CommitConfig { max_txn_ops: Some(1024), ..Default::default() });
     let report = c.commit(&snap, &claims(&snap, "wide", 200, node_name), CommitKind::Incremental).await.unwrap();
     assert_eq!(report.committed(), 200);
     assert!(c.max_txn_ops() <= 128, "lowered to what the server accepts, now {}", c.max_txn_ops());
@@ -232,7 +232,7 @@ async fn a_larger_server_limit_means_fewer_round_trips() {
     store.create_job(&batch_job("wide", 300, TASK), 128).await.unwrap();
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
-    let c = Committer::new(store.clone(), CommitConfig { max_txn_ops: 1024, ..Default::default() });
+    let c = Committer::new(store.clone(), CommitConfig { max_txn_ops: Some(1024), ..Default::default() });
     let report = c.commit(&snap, &claims(&snap, "wide", 300, node_name), CommitKind::Incremental).await.unwrap();
     assert_eq!(report.committed(), 300);
     assert_eq!(report.transactions, 1);

@@ -124,6 +124,9 @@ async fn releases_racing_claims_keep_ledgers_exact() {
                 ReleaseOutcome::Done { .. } => {}
                 ReleaseOutcome::Contention => again.push(r.clone()),
                 ReleaseOutcome::TaskChanged => panic!("{} changed under its own release", r.task.value.id),
+                other @ (ReleaseOutcome::NodeAlive | ReleaseOutcome::Unknown) => {
+                    panic!("{}: {other:?} from a release on a healthy cell", r.task.value.id)
+                }
             }
         }
     }

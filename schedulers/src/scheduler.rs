@@ -72,7 +72,7 @@ impl Scheduler {
             store.clone(),
             CommitConfig {
                 detection: config.detection(),
-                max_txn_ops: config.max_txn_ops,
+                max_txn_ops: Some(config.max_txn_ops),
                 max_in_flight: config.max_in_flight,
                 placed_by: format!("{name}/{instance}"),
                 ..Default::default()

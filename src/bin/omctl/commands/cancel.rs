@@ -96,9 +96,10 @@ pub async fn cancel(store: &Store, id: &str) -> anyhow::Result<CancelOutput> {
             match outcome {
                 ReleaseOutcome::Done { .. } if r.task.value.state.holds_resources() => out.released += 1,
                 ReleaseOutcome::Done { .. } => out.killed_pending += 1,
-                ReleaseOutcome::TaskChanged | ReleaseOutcome::Contention => {
-                    out.not_killed.push(r.task.value.id.clone())
-                }
+                ReleaseOutcome::TaskChanged
+                | ReleaseOutcome::Contention
+                | ReleaseOutcome::NodeAlive
+                | ReleaseOutcome::Unknown => out.not_killed.push(r.task.value.id.clone()),
             }
         }
         if out.not_killed.is_empty() {
