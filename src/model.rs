@@ -439,6 +439,28 @@ pub struct SchedulerInstance {
     /// Where its Prometheus metrics are served, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Its counters since it started, republished every few seconds while they move (what `omctl schedulers`
+    /// shows without scraping every instance's metrics).
+    #[serde(default)]
+    pub stats: SchedulerStats,
+}
+
+/// A scheduler instance's counters since it started. Attempts are the Omega paper's transactions: one
+/// decision's commit for one job; an attempt conflicted if any of its claims did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerStats {
+    pub attempts: u64,
+    pub attempts_conflicted: u64,
+    /// Claims sent, and how many of them conflicted.
+    pub claims: u64,
+    pub claims_conflicted: u64,
+    /// Tasks placed (claims committed).
+    pub placed: u64,
+    /// Time spent deciding (the paper's busyness, useful and wasted), and committing.
+    pub busy_ms: u64,
+    pub commit_ms: u64,
+    /// When these counters were taken.
+    pub updated_ms: u64,
 }
 
 /// Why a job's tasks are not all placed: written by its scheduler only when the reason changes (or at most

@@ -433,6 +433,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         kind: JobKind::Batch,
         started_ms: omega::model::now_ms(),
         metrics: Some("127.0.0.1:9101".into()),
+        stats: Default::default(),
     };
     let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-1".into(), since_ms: 1 };
     let status = JobStatus {

@@ -86,5 +86,6 @@ pub fn record(
         kind,
         started_ms: now_ms(),
         metrics,
+        stats: Default::default(),
     }
 }
