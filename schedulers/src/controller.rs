@@ -16,12 +16,14 @@
 //! The controller only releases and re-pends; placing is the schedulers' job, through the same optimistic
 //! commits as always.
 
+use futures_util::FutureExt;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
-use omega::lease::Renewer;
+use omega::lease::LeaseKeeper;
 use omega::model::{JobKind, JobState, RestartMode, Task, TaskState};
-use omega::release::{release_fenced, Fence, Release};
+use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -36,6 +38,9 @@ pub struct ControllerConfig {
     pub period: Duration,
     /// Delete jobs (with their tasks and status) this long after they finished; `None` keeps them.
     pub gc_after: Option<Duration>,
+    /// Forget nodes (their record and ledger) that have been down this long and hold nothing; `None` keeps
+    /// them. A node that comes back registers again.
+    pub node_gc_after: Option<Duration>,
 }
 
 /// Counters, for logs and tests.
@@ -45,6 +50,7 @@ pub struct Reconciled {
     pub replaced_replicas: usize,
     pub finished_jobs: usize,
     pub collected_jobs: usize,
+    pub collected_nodes: usize,
 }
 
 fn election(store: &Store) -> String {
@@ -60,35 +66,34 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     loop {
-        let ttl = config.lease_ttl.as_secs().max(2) as i64;
-        let lease = store.grant_lease(ttl).await?;
-        let mut renewer = Renewer::new(store.clone(), lease);
-        let keep = tokio::spawn({
-            let period = config.lease_ttl / 3;
-            async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    match renewer.renew().await {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(e) => tracing::warn!(error = %e, "controller lease keep-alive failed; will retry"),
-                    }
+        // Leadership is bound to this lease: if it is ever replaced, the old election key went with the old
+        // lease, and this replica must stop writing and campaign again.
+        let noop: omega::lease::Register = Arc::new(|_, _| async { Ok(()) }.boxed());
+        let what = format!("controller {}", config.instance);
+        let keeper = match LeaseKeeper::start(store.clone(), config.lease_ttl, what, noop).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot get a lease to campaign with; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
-        });
-        // Waits until this replica leads (a campaign has no request timeout on our client).
+        };
+        let lease = keeper.lease();
+        // Waits until this replica leads (a campaign has no request timeout: it uses the stream client).
         let campaign = async {
-            let mut election_client = store.client().election_client();
+            let mut election_client = store.stream_client().election_client();
             election_client.campaign(election(&store), config.instance.clone(), lease).await
         };
         let won = tokio::select! {
-            _ = &mut shutdown => { keep.abort(); let _ = store.client().lease_client().revoke(lease).await; return Ok(()); }
+            _ = &mut shutdown => { keeper.revoke().await; return Ok(()); }
             won = campaign => won,
         };
         let leader = match won.map(|r| r.leader().cloned()) {
             Ok(Some(l)) => l,
             Ok(None) | Err(_) => {
-                keep.abort();
+                keeper.revoke().await;
                 tracing::warn!("campaign failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -96,17 +101,17 @@ pub async fn run(
         };
         let fence = Fence { key: leader.key().to_vec(), revision: leader.rev() };
         tracing::info!(instance = config.instance, "leading the cell");
-        let outcome = lead(&store, &config, &fence, &keep, &mut shutdown).await;
-        keep.abort();
+        let outcome = lead(&store, &config, &fence, &keeper, &mut shutdown).await;
         match outcome {
             Ok(true) => {
                 // Shutting down: hand over at once.
-                let _ = store.client().lease_client().revoke(lease).await;
+                keeper.revoke().await;
                 return Ok(());
             }
             Ok(false) => tracing::warn!(instance = config.instance, "lost the leadership; campaigning again"),
             Err(e) => tracing::warn!(error = %e, "leading failed; campaigning again"),
         }
+        keeper.revoke().await;
     }
 }
 
@@ -115,19 +120,23 @@ async fn lead(
     store: &Store,
     config: &ControllerConfig,
     fence: &Fence,
-    keep: &tokio::task::JoinHandle<()>,
+    keeper: &LeaseKeeper,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<bool> {
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
     let mut changes = cache.subscribe();
     let mut down_since: HashMap<String, Instant> = HashMap::new();
+    let generation = keeper.state().generation;
+    let mut lease_changes = keeper.watch();
     loop {
-        if keep.is_finished() {
+        if keeper.state().generation != generation {
             return Ok(false);
         }
         let snapshot = cache.snapshot();
         match reconcile(store, &snapshot, config, fence, &mut down_since).await {
-            Ok(r) if r.lost_tasks + r.replaced_replicas + r.finished_jobs + r.collected_jobs > 0 => {
+            Ok(r)
+                if r.lost_tasks + r.replaced_replicas + r.finished_jobs + r.collected_jobs + r.collected_nodes > 0 =>
+            {
                 tracing::info!(?r, "reconciled")
             }
             Ok(_) => {}
@@ -137,6 +146,7 @@ async fn lead(
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(true),
             _ = changes.changed() => {}
+            _ = lease_changes.changed() => {}
             _ = tokio::time::sleep(config.period) => {}
         }
     }
@@ -152,10 +162,10 @@ pub async fn reconcile(
 ) -> anyhow::Result<Reconciled> {
     let mut done = Reconciled::default();
     let now = Instant::now();
-    let mut releases: Vec<Release> = Vec::new();
+    let mut lost: Vec<Release> = Vec::new();
 
     // Lost nodes: registered, holding tasks, and without their liveness key for longer than the grace.
-    down_since.retain(|node, _| !snapshot.live.contains_key(node));
+    down_since.retain(|node, _| !snapshot.live.contains_key(node) && snapshot.allocations.contains_key(node));
     for node in snapshot.allocations.keys() {
         if snapshot.live.contains_key(node) {
             continue;
@@ -166,7 +176,7 @@ pub async fn reconcile(
         }
         for task in snapshot.tasks_on(node) {
             let next = after_loss(snapshot, &task.value);
-            releases.push(Release {
+            lost.push(Release {
                 task: task.clone(),
                 state: next,
                 reason: Some(format!("node {node} lost (its agent stopped renewing its lease)")),
@@ -174,9 +184,19 @@ pub async fn reconcile(
             });
         }
     }
-    done.lost_tasks = releases.len();
+    if !lost.is_empty() {
+        omega::failpoint::hit("controller.before_lost_release").await;
+        // Compared on the node still being down: an agent that re-registered meanwhile keeps its tasks.
+        let outcomes = release_guarded(store, &lost, Guard { fence: Some(fence), nodes_down: true }).await?;
+        done.lost_tasks = outcomes.iter().filter(|o| matches!(o, ReleaseOutcome::Done { .. })).count();
+        let kept = outcomes.iter().filter(|o| **o == ReleaseOutcome::NodeAlive).count();
+        if kept > 0 {
+            tracing::info!(tasks = kept, "nodes came back before their tasks were given up; they keep them");
+        }
+    }
 
     // Service replicas that ended go back to pending.
+    let mut releases: Vec<Release> = Vec::new();
     for job in snapshot.jobs.values() {
         let job = &job.value;
         if job.kind != JobKind::Service || !matches!(job.state, JobState::Pending | JobState::Running) {
@@ -190,7 +210,7 @@ pub async fn reconcile(
         }
     }
     if !releases.is_empty() {
-        release_fenced(store, &releases, Some(fence)).await?;
+        release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;
     }
 
     // Batch jobs whose tasks have all ended.
@@ -216,7 +236,61 @@ pub async fn reconcile(
     if let Some(after) = config.gc_after {
         done.collected_jobs = collect(store, snapshot, after, fence).await?;
     }
+    if let Some(after) = config.node_gc_after {
+        done.collected_nodes = collect_nodes(store, snapshot, after, down_since, fence).await?;
+    }
     Ok(done)
+}
+
+/// Forgets nodes that have been down longer than `after` and hold nothing: record and ledger deleted in one
+/// transaction, compared on both, on the node still being down and on the fence. Without this, every node
+/// that ever existed (a simulated host's thousands included) would stay in every cache forever.
+async fn collect_nodes(
+    store: &Store,
+    snapshot: &CellSnapshot,
+    after: Duration,
+    down_since: &HashMap<String, Instant>,
+    fence: &Fence,
+) -> anyhow::Result<usize> {
+    use etcd_client::{Compare, CompareOp};
+    use omega::txn::{Group, Outcome, Sender};
+    let keys = store.keys();
+    let mut groups = Vec::new();
+    for (node, since) in down_since {
+        if since.elapsed() < after || snapshot.live.contains_key(node) || snapshot.tasks_on(node).next().is_some() {
+            continue;
+        }
+        let Some(ledger) = snapshot.allocations.get(node) else { continue };
+        if ledger.value.tasks > 0 {
+            continue;
+        }
+        let (node_key, alloc_key, live_key) = (keys.node(node), keys.alloc(node), keys.live(node));
+        let mut g = Group::new();
+        g.compare(&alloc_key, Compare::mod_revision(alloc_key.as_str(), CompareOp::Equal, ledger.mod_revision));
+        g.compare(&live_key, Compare::create_revision(live_key.as_str(), CompareOp::Equal, 0));
+        if let Some(record) = snapshot.nodes.get(node) {
+            g.compare(&node_key, Compare::mod_revision(node_key.as_str(), CompareOp::Equal, record.mod_revision));
+        }
+        g.delete(&alloc_key).delete(&node_key);
+        groups.push((node.clone(), g));
+    }
+    if groups.is_empty() {
+        return Ok(0);
+    }
+    let only: Vec<Group> = groups.iter().map(|(_, g)| g.clone()).collect();
+    let sent = Sender::new(store.clone(), 2).nested(&only, Some(&fence.compare())).await;
+    let mut collected = 0;
+    for ((node, _), outcome) in groups.iter().zip(sent.outcomes) {
+        match outcome {
+            Outcome::Applied { .. } => {
+                collected += 1;
+                tracing::info!(node, down_for = ?after, "node down and empty for long enough; forgotten");
+            }
+            Outcome::Fenced => return Err(omega::Error::NotLeader(String::from_utf8_lossy(&fence.key).into()).into()),
+            _ => {}
+        }
+    }
+    Ok(collected)
 }
 
 /// Deletes jobs that finished more than `after` ago and hold nothing: job, tasks, status and owner in one

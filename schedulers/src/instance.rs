@@ -2,73 +2,98 @@
 //!
 //! Everything the instance holds (its record, the jobs it owns) is bound to this one lease, so when the
 //! process dies all of it lapses together after the TTL and other instances take over. If the lease is lost
-//! while the process lives (etcd unreachable for longer than the TTL), the keep-alive loop grants a new one,
-//! re-registers, and says so in the log; job ownership is re-taken through the normal claiming path.
+//! while the process lives (etcd unreachable or paused for longer than the TTL), the [`LeaseKeeper`] grants a
+//! new one and writes the record again; job ownership is re-taken through the normal claiming path, and the
+//! commits of the old ownership fail their fence.
+//!
+//! The record also carries the instance's counters ([`SchedulerStats`]), rewritten every few seconds while
+//! they move, so `omctl schedulers` can show attempts and conflicts without scraping every instance.
 
-use etcd_client::PutOptions;
-use omega::lease::Renewer;
-use omega::model::{now_ms, SchedulerInstance};
+use futures_util::FutureExt;
+use omega::lease::{LeaseKeeper, Register};
+use omega::model::{now_ms, SchedulerInstance, SchedulerStats};
 use omega::store::{encode, Store};
-use std::sync::atomic::{AtomicI64, Ordering};
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
-/// The instance's current lease (it changes if the old one is lost).
-#[derive(Clone)]
+/// How often the counters in the record are brought up to date (when they changed).
+const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+
+/// The instance's lease and the counters it publishes.
 pub struct Presence {
-    lease: Arc<AtomicI64>,
-    pub record: SchedulerInstance,
+    keeper: LeaseKeeper,
+    stats: Arc<Mutex<SchedulerStats>>,
+    publisher: JoinHandle<()>,
 }
 
 impl Presence {
+    /// The lease in force now.
     pub fn lease(&self) -> i64 {
-        self.lease.load(Ordering::Relaxed)
+        self.keeper.lease()
+    }
+
+    pub fn keeper(&self) -> &LeaseKeeper {
+        &self.keeper
+    }
+
+    /// The counters the scheduler loop updates and the record publishes.
+    pub fn stats(&self) -> Arc<Mutex<SchedulerStats>> {
+        self.stats.clone()
+    }
+
+    /// Withdraws the instance at once (its record and jobs go now rather than after the TTL).
+    pub async fn withdraw(self) {
+        self.publisher.abort();
+        self.keeper.revoke().await;
     }
 }
 
-/// Grants a lease, writes the instance record, and keeps both alive in the background.
-pub async fn register(
-    store: &Store,
-    record: SchedulerInstance,
-    ttl: Duration,
-) -> anyhow::Result<(Presence, JoinHandle<()>)> {
-    let ttl_secs = ttl.as_secs().max(2) as i64;
-    let lease = grant_and_put(store, &record, ttl_secs).await?;
-    let presence = Presence { lease: Arc::new(AtomicI64::new(lease)), record };
-    let keeper = tokio::spawn(keep_alive(store.clone(), presence.clone(), ttl_secs));
-    Ok((presence, keeper))
+/// Grants a lease, writes the instance record under it, and keeps both alive (and the counters fresh) in the
+/// background.
+pub async fn register(store: &Store, record: SchedulerInstance, ttl: Duration) -> omega::Result<Presence> {
+    let stats = Arc::new(Mutex::new(SchedulerStats::default()));
+    let register: Register = {
+        let (record, stats) = (record.clone(), stats.clone());
+        Arc::new(move |store: Store, lease: i64| {
+            let mut record = record.clone();
+            record.stats = *stats.lock();
+            async move { put_record(&store, &record, lease).await }.boxed()
+        })
+    };
+    let what = format!("scheduler {}/{}", record.scheduler, record.instance);
+    let keeper = LeaseKeeper::start(store.clone(), ttl, what, register).await?;
+    let publisher = tokio::spawn(publish(store.clone(), record, stats.clone(), keeper.lease_fn()));
+    Ok(Presence { keeper, stats, publisher })
 }
 
-async fn grant_and_put(store: &Store, record: &SchedulerInstance, ttl_secs: i64) -> anyhow::Result<i64> {
-    let lease = store.grant_lease(ttl_secs).await?;
+async fn put_record(store: &Store, record: &SchedulerInstance, lease: i64) -> omega::Result<()> {
     let key = store.keys().scheduler(&record.scheduler, &record.instance);
     let value = encode(&key, record)?;
-    store.client().kv_client().put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
-    Ok(lease)
+    store.client().kv_client().put(key, value, Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    Ok(())
 }
 
-async fn keep_alive(store: Store, presence: Presence, ttl_secs: i64) {
-    let period = Duration::from_millis((ttl_secs as u64 * 1000) / 3);
-    let mut renewer = Renewer::new(store.clone(), presence.lease());
+/// Rewrites the record when the counters moved. A write costs every scheduler's cache one event, so only
+/// every [`PUBLISH_EVERY`], and not at all while the instance is idle.
+async fn publish(
+    store: Store,
+    mut record: SchedulerInstance,
+    stats: Arc<Mutex<SchedulerStats>>,
+    lease: impl Fn() -> i64,
+) {
+    let mut published = SchedulerStats::default();
     loop {
-        tokio::time::sleep(period).await;
-        match renewer.renew().await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(
-                    lease = format!("{:x}", renewer.lease()),
-                    "lease expired; this instance lost its jobs; re-registering"
-                );
-                match grant_and_put(&store, &presence.record, ttl_secs).await {
-                    Ok(new) => {
-                        presence.lease.store(new, Ordering::Relaxed);
-                        renewer.set_lease(new);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "re-registering failed; will retry"),
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; will retry"),
+        tokio::time::sleep(PUBLISH_EVERY).await;
+        let now = *stats.lock();
+        if now == published {
+            continue;
+        }
+        record.stats = SchedulerStats { updated_ms: now_ms(), ..now };
+        match put_record(&store, &record, lease()).await {
+            Ok(()) => published = now,
+            Err(e) => tracing::debug!(error = %e, "publishing the instance's counters failed; will retry"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Omega's scheduler processes. One binary, two schedulers (`--kind batch|service`), as many instances of
 //! each as wanted, side by side on one cell with no leader: only optimistic commits in etcd.
 //!
+//! - [`attempt`] - one attempt: decide -> commit -> learn -> explain.
 //! - [`config`] - flags.
 //! - [`controller`] - the cell controller (lost nodes, service replicas, batch completion), leader-elected.
 //! - [`instance`] - this process's lease and record in etcd.
@@ -8,6 +9,7 @@
 //! - [`scheduler`] - the loop: decide on the cached cell, commit, re-place conflicts, explain what is left.
 //! - [`status`] - pending reasons, written only when they change.
 
+pub mod attempt;
 pub mod config;
 pub mod controller;
 pub mod instance;

@@ -34,18 +34,17 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::connect_with_retry(&config.etcd, keys, Duration::from_secs(600)).await?;
     let record =
         instance::record(&name, &instance_id, config.kind.job_kind(), config.metrics_addr.map(|a| a.to_string()));
-    let (presence, keeper) = instance::register(&store, record, config.lease_ttl).await?;
+    let presence = instance::register(&store, record, config.lease_ttl).await?;
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
     tracing::info!(scheduler = name, instance = instance_id, kind = ?config.kind, detection = ?config.detection(),
         etcd = ?config.etcd, "scheduler started");
 
-    let lease_of = presence.clone();
-    let scheduler = Scheduler::new(config, store.clone(), cache, Box::new(move || lease_of.lease()));
+    let lease = Box::new(presence.keeper().lease_fn());
+    let scheduler = Scheduler::new(config, store.clone(), cache, lease, presence.stats());
     let shutdown = omega::shutdown::signal();
     scheduler.run(shutdown).await;
-    keeper.abort();
     // Give the jobs back at once instead of making the others wait out the lease.
-    let _ = store.client().lease_client().revoke(presence.lease()).await;
+    presence.withdraw().await;
     tracing::info!("scheduler stopped");
     Ok(())
 }

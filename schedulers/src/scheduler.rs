@@ -1,26 +1,27 @@
-//! The scheduling loop: take jobs, decide on the cached cell, commit, handle conflicts, explain what is left.
+//! The scheduling loop: take jobs, run attempts on the cached cell, keep what each job needs between them.
 //!
-//! One attempt reads top to bottom: snapshot the cache -> think (the decision-time knob) -> place each job's
-//! pending tasks on a private view of the snapshot (one node table per decision, so jobs decided together
-//! do not double-book) -> commit all claims (incremental; gangs on their own, all-or-nothing) -> re-place only what
-//! conflicted, on the fresh ledgers the commit returned, a bounded number of times -> record why what is
-//! left is pending, and back the job off until the cell changes.
+//! One pass: snapshot the cache -> claim unowned jobs this instance should take -> pick the owned jobs that
+//! are ready (pending work, not backing off) -> one [`attempt`](crate::attempt) over them -> record why what
+//! is left is pending and back those jobs off until the cell changes. Per-job state (backoff, counters, the
+//! last status written) lives only as long as the instance owns the job.
 //!
 //! The batch scheduler decides many jobs per attempt and commits their claims together (large incremental
 //! batches); the service scheduler decides one job per attempt and scores every feasible node.
 
+use crate::attempt::{self, Leftover};
 use crate::config::{Config, Kind};
 use crate::ownership::{self, Ownership};
 use crate::status::StatusWriter;
 use omega::cell_state::{CellSnapshot, CellState, Versioned};
-use omega::commit::{conflict_label, Claim, ClaimOutcome, CommitConfig, CommitKind, CommitReport, Committer, Conflict};
-use omega::model::{Job, JobState, JobStatus, Task, TaskState};
-use omega::placement::{self, PlacementOptions};
+use omega::commit::{CommitConfig, Committer};
+use omega::model::{Job, JobState, JobStatus, SchedulerStats, Task, TaskState};
+use omega::placement::PlacementOptions;
 use omega::resources::Resources;
 use omega::store::Store;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,11 +38,15 @@ struct Backoff {
     free_then: Resources,
 }
 
-/// Per-job counters shown in the job's status.
+/// What this instance keeps about one job it owns.
 #[derive(Default)]
-struct JobCounters {
+struct Tracked {
     attempts: u64,
     conflicts: u64,
+    backoff: Option<Backoff>,
+    /// Refused for good (e.g. a gang too large for one transaction), until the job record changes: the job's
+    /// mod_revision then, and why.
+    permanent: Option<(i64, String)>,
 }
 
 pub struct Scheduler {
@@ -55,9 +60,9 @@ pub struct Scheduler {
     status: StatusWriter,
     options: PlacementOptions,
     rng: StdRng,
-    backoff: HashMap<String, Backoff>,
-    counters: HashMap<String, JobCounters>,
+    jobs: HashMap<String, Tracked>,
     lease: Box<dyn Fn() -> i64 + Send + Sync>,
+    stats: Arc<Mutex<SchedulerStats>>,
     queue_measured: Option<Instant>,
     /// The highest revision this scheduler committed: an attempt decides on a cache that has seen it, so it
     /// never re-decides (or spreads around) tasks it has already placed.
@@ -65,7 +70,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(config: Config, store: Store, cache: CellState, lease: Box<dyn Fn() -> i64 + Send + Sync>) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        cache: CellState,
+        lease: Box<dyn Fn() -> i64 + Send + Sync>,
+        stats: Arc<Mutex<SchedulerStats>>,
+    ) -> Self {
         let name = config.scheduler_name();
         let instance = config.instance_id();
         let committer = Committer::new(
@@ -98,9 +109,9 @@ impl Scheduler {
             committer,
             options,
             rng,
-            backoff: HashMap::new(),
-            counters: HashMap::new(),
+            jobs: HashMap::new(),
             lease,
+            stats,
             queue_measured: None,
             last_commit: 0,
         }
@@ -119,6 +130,7 @@ impl Scheduler {
             // Counting the queue walks every job: once a second is enough for a gauge.
             if self.queue_measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 metrics::gauge!("omega_scheduler_queue_tasks").set(queue_depth(&snapshot, &self.name) as f64);
+                metrics::gauge!("omega_scheduler_tracked_jobs").set(self.jobs.len() as f64);
                 self.queue_measured = Some(Instant::now());
             }
             if work.is_empty() {
@@ -140,25 +152,43 @@ impl Scheduler {
         }
     }
 
+    /// How many jobs this instance keeps state for (only those it owns).
+    pub fn tracked_jobs(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// Owned jobs with pending tasks that are not backing off, highest priority first, oldest first. Jobs
     /// owned with nothing pending are released; the batch scheduler takes jobs until `batch_claims` tasks.
     async fn ready_jobs(&mut self, snapshot: &CellSnapshot) -> Vec<Arc<Job>> {
         let free_now = cell_free(snapshot);
         let mut ready = Vec::new();
         let mut finished = Vec::new();
-        for job in self.ownership.owned(snapshot) {
-            if !ownership::has_pending(snapshot, job) {
-                finished.push(job.clone());
+        let owned: Vec<Versioned<Job>> =
+            self.ownership.owned(snapshot).filter_map(|j| snapshot.jobs.get(&j.id).cloned()).collect();
+        // Forget what belongs to jobs this instance no longer owns (taken over, cancelled, collected).
+        let owned_ids: HashSet<&str> = owned.iter().map(|j| j.value.id.as_str()).collect();
+        self.jobs.retain(|id, _| owned_ids.contains(id.as_str()));
+        self.status.retain(|id| owned_ids.contains(id));
+        for job in &owned {
+            if !ownership::has_pending(snapshot, &job.value) {
+                finished.push(job.value.clone());
                 continue;
             }
-            if let Some(b) = self.backoff.get(&job.id) {
+            let state = self.jobs.entry(job.value.id.clone()).or_default();
+            if let Some((revision, _)) = &state.permanent {
+                if *revision == job.mod_revision {
+                    continue;
+                }
+                state.permanent = None;
+            }
+            if let Some(b) = &state.backoff {
                 let more_room =
                     free_now.cpu_millis > b.free_then.cpu_millis || free_now.memory_bytes > b.free_then.memory_bytes;
                 if Instant::now() < b.until && !more_room {
                     continue;
                 }
             }
-            ready.push(snapshot.jobs.get(&job.id).map(|j| j.value.clone()).expect("owned job exists"));
+            ready.push(job.value.clone());
         }
         for job in finished {
             self.finish(snapshot, &job).await;
@@ -176,20 +206,19 @@ impl Scheduler {
             budget = budget.saturating_sub(n);
             out.push(job);
         }
-        metrics::gauge!("omega_scheduler_owned_jobs").set(self.ownership.owned(snapshot).count() as f64);
+        metrics::gauge!("omega_scheduler_owned_jobs").set(owned.len() as f64);
         out
     }
 
     /// A job with nothing pending: mark it running, clear its status, give it up.
     async fn finish(&mut self, snapshot: &CellSnapshot, job: &Job) {
-        self.backoff.remove(&job.id);
-        let counters = self.counters.remove(&job.id).unwrap_or_default();
+        let state = self.jobs.remove(&job.id).unwrap_or_default();
         if self.status.forget(&job.id) {
             let status = JobStatus {
                 job: job.id.clone(),
-                attempts: counters.attempts,
-                conflicts: counters.conflicts,
-                scheduler_instance: format!("{}/{}", self.name, self.instance),
+                attempts: state.attempts,
+                conflicts: state.conflicts,
+                scheduler_instance: self.placed_by(),
                 ..Default::default()
             };
             if let Err(e) = self.status.update(&self.store, status).await {
@@ -209,7 +238,12 @@ impl Scheduler {
         }
     }
 
-    /// One decision over `jobs`, its commit, and the re-placement of what conflicted.
+    fn placed_by(&self) -> String {
+        format!("{}/{}", self.name, self.instance)
+    }
+
+    /// One decision over `jobs`, its commit, and the re-placement of what conflicted, each round on the view
+    /// the previous rounds learned.
     async fn attempt(&mut self, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
         let snapshot = match self.cache.wait_for_revision(self.last_commit, Duration::from_secs(2)).await {
@@ -225,138 +259,114 @@ impl Scheduler {
                 snapshot.tasks_of(job).filter(|t| t.value.state == TaskState::Pending).cloned().collect();
             pending.insert(job.id.clone(), tasks);
         }
-        let unplaced_count: usize = pending.values().map(Vec::len).sum();
+        let unplaced: usize = pending.values().map(Vec::len).sum();
         // The decision-time knob: think while the snapshot ages, as a slow scheduler would.
-        let think = self.config.t_job * jobs.len() as u32 + self.config.t_task * unplaced_count as u32;
+        let think = self.config.t_job * jobs.len() as u32 + self.config.t_task * unplaced as u32;
         if !think.is_zero() {
             tokio::time::sleep(think).await;
         }
 
         let mut view = (*snapshot).clone();
         let mut explanations = HashMap::new();
-        let mut any_conflict: HashMap<String, bool> = HashMap::new();
+        let mut conflicted: HashSet<String> = HashSet::new();
+        let mut permanent: HashMap<String, String> = HashMap::new();
         let mut round = 0;
+        let mut busy = think;
+        let mut committing = Duration::ZERO;
+        let mut counts = (0u64, 0u64, 0u64);
         loop {
-            // Decide.
-            let decided = Instant::now();
-            let (mut incremental, mut gangs) = (Vec::new(), Vec::new());
-            // One node table for every job of this decision: what one job takes, the next sees taken.
-            let mut table = placement::NodeTable::new(&view);
-            for job in &jobs {
-                let tasks = pending.get(&job.id).map(Vec::as_slice).unwrap_or(&[]);
-                if tasks.is_empty() {
-                    continue;
-                }
-                let p = placement::place_in(&mut table, &view, job, tasks, &self.options, &mut self.rng);
-                if let Some(e) = p.explanation {
-                    explanations.insert(job.id.clone(), e);
-                }
-                if job.gang {
-                    if !p.claims.is_empty() {
-                        gangs.push(p.claims);
-                    }
-                } else {
-                    incremental.extend(p.claims);
-                }
-            }
-            let decision = decided.elapsed() + if round == 0 { think } else { Duration::ZERO };
-            metrics::histogram!("omega_scheduler_decision_seconds").record(decision.as_secs_f64());
-            metrics::counter!("omega_scheduler_busy_microseconds_total").increment(decision.as_micros() as u64);
-            if incremental.is_empty() && gangs.is_empty() {
+            let decision = attempt::decide(&view, &jobs, &pending, &self.options, &mut self.rng, &mut explanations);
+            busy += decision.took;
+            metrics::histogram!("omega_scheduler_decision_seconds")
+                .record((decision.took + if round == 0 { think } else { Duration::ZERO }).as_secs_f64());
+            if decision.incremental.is_empty() && decision.gangs.is_empty() {
                 break;
             }
-
-            // Commit.
+            omega::failpoint::hit("scheduler.before_commit").await;
             let commit_started = Instant::now();
-            let mut results: Vec<(Vec<Claim>, CommitReport)> = Vec::new();
-            if !incremental.is_empty() {
-                match self.committer.commit(&snapshot, &incremental, CommitKind::Incremental).await {
-                    Ok(r) => results.push((incremental, r)),
-                    Err(e) => tracing::warn!(error = %e, "commit failed"),
-                }
-            }
-            for gang in gangs {
-                match self.committer.commit(&snapshot, &gang, CommitKind::Gang).await {
-                    Ok(r) => results.push((gang, r)),
-                    Err(e) => tracing::warn!(error = %e, "gang commit failed"),
-                }
-            }
-            metrics::counter!("omega_scheduler_commit_microseconds_total")
-                .increment(commit_started.elapsed().as_micros() as u64);
-
-            // Learn from the outcome: placed tasks leave `pending`; conflicted ones stay for re-placement
-            // unless someone else changed them. The view keeps everything learned in earlier rounds too.
-            let mut conflicted_tasks = 0;
-            for (claims, report) in &results {
-                if let Some(rev) = report.max_revision() {
-                    self.last_commit = self.last_commit.max(rev);
-                }
-                for l in &report.latencies {
-                    metrics::histogram!("omega_scheduler_commit_txn_seconds").record(l.as_secs_f64());
-                }
-                apply_report(&mut view, claims, report);
-                for (claim, outcome) in claims.iter().zip(&report.outcomes) {
-                    let job = claim.task.value.job.clone();
-                    let list = pending.entry(job.clone()).or_default();
-                    match outcome {
-                        ClaimOutcome::Committed { .. } => {
-                            metrics::counter!("omega_scheduler_placements_total").increment(1);
-                            list.retain(|t| t.value.id != claim.task.value.id);
-                        }
-                        ClaimOutcome::Conflicted(c) => {
-                            metrics::counter!("omega_scheduler_conflicts_total", "reason" => conflict_label(*c))
-                                .increment(1);
-                            any_conflict.insert(job, true);
-                            if matches!(c, Conflict::TaskChanged | Conflict::Duplicate) {
-                                list.retain(|t| t.value.id != claim.task.value.id);
-                            } else {
-                                conflicted_tasks += 1;
-                            }
-                        }
-                    }
-                }
+            let committed = attempt::commit(&self.committer, &view, decision).await;
+            committing += commit_started.elapsed();
+            let learned = attempt::learn(&mut view, &mut pending, &committed);
+            self.last_commit = self.last_commit.max(view_max_revision(&committed));
+            counts.0 += learned.claims;
+            counts.1 += learned.claims_conflicted;
+            counts.2 += learned.placed;
+            conflicted.extend(learned.conflicted_jobs);
+            permanent.extend(learned.permanent);
+            if !learned.lost_jobs.is_empty() {
+                tracing::warn!(jobs = ?learned.lost_jobs, "no longer the owner of these jobs; their claims were refused");
             }
             round += 1;
-            if conflicted_tasks == 0 || round > self.config.conflict_retries {
+            if learned.retryable == 0 || round > self.config.conflict_retries {
                 break;
             }
             // Back off a little (with jitter) before re-placing on the fresh ledgers the commit returned.
             let pause = Duration::from_millis(self.rng.random_range(1..=5) << round.min(6));
             tokio::time::sleep(pause).await;
         }
+        metrics::counter!("omega_scheduler_busy_microseconds_total").increment(busy.as_micros() as u64);
+        metrics::counter!("omega_scheduler_commit_microseconds_total").increment(committing.as_micros() as u64);
 
         // Account and explain.
+        let conflicted_attempts = jobs.iter().filter(|j| conflicted.contains(&j.id)).count() as u64;
+        {
+            let mut s = self.stats.lock();
+            s.attempts += jobs.len() as u64;
+            s.attempts_conflicted += conflicted_attempts;
+            s.claims += counts.0;
+            s.claims_conflicted += counts.1;
+            s.placed += counts.2;
+            s.busy_ms += busy.as_millis() as u64;
+            s.commit_ms += committing.as_millis() as u64;
+        }
+        metrics::counter!("omega_scheduler_attempts_total").increment(jobs.len() as u64);
+        metrics::counter!("omega_scheduler_attempts_conflicted_total").increment(conflicted_attempts);
         let free_now = cell_free(&self.cache.snapshot());
+        let placed_by = self.placed_by();
         for job in &jobs {
-            let counters = self.counters.entry(job.id.clone()).or_default();
-            counters.attempts += 1;
-            metrics::counter!("omega_scheduler_attempts_total").increment(1);
-            if any_conflict.contains_key(&job.id) {
-                counters.conflicts += 1;
-                metrics::counter!("omega_scheduler_attempts_conflicted_total").increment(1);
+            let state = self.jobs.entry(job.id.clone()).or_default();
+            state.attempts += 1;
+            if conflicted.contains(&job.id) {
+                state.conflicts += 1;
             }
             let left = pending.get(&job.id).map(Vec::len).unwrap_or(0);
-            if left == 0 {
-                self.backoff.remove(&job.id);
-                continue;
-            }
-            let failures = self.backoff.get(&job.id).map(|b| b.failures + 1).unwrap_or(1);
+            let leftover = match (permanent.get(&job.id), explanations.get(&job.id)) {
+                (Some(why), _) => Leftover::Permanent(why.clone()),
+                (None, _) if left == 0 => {
+                    state.backoff = None;
+                    continue;
+                }
+                (None, Some(e)) => Leftover::Unplaceable(e.clone()),
+                (None, None) => Leftover::LostRaces,
+            };
+            let failures = state.backoff.as_ref().map(|b| b.failures + 1).unwrap_or(1);
             let wait = Duration::from_millis(500u64 << failures.min(5)).min(MAX_BACKOFF);
-            self.backoff
-                .insert(job.id.clone(), Backoff { until: Instant::now() + wait, failures, free_then: free_now });
-            let (reason, reasons) = match explanations.get(&job.id) {
-                Some(e) => (e.to_string(), e.codes()),
-                None => ("lost placement races; retrying".to_string(), BTreeMap::new()),
+            state.backoff = Some(Backoff { until: Instant::now() + wait, failures, free_then: free_now });
+            let (reason, reasons) = match &leftover {
+                Leftover::Unplaceable(e) => (e.to_string(), e.codes()),
+                Leftover::LostRaces => ("lost placement races; retrying".to_string(), BTreeMap::new()),
+                Leftover::Permanent(why) => {
+                    let revision = self.cache.snapshot().jobs.get(&job.id).map(|j| j.mod_revision).unwrap_or(0);
+                    state.permanent = Some((revision, why.clone()));
+                    tracing::warn!(job = job.id, reason = why, "job cannot be placed as it is; not retrying");
+                    (format!("cannot be placed: {why}"), [("too_large".to_string(), 1)].into())
+                }
+            };
+            let pending_count = match &leftover {
+                Leftover::Permanent(_) => {
+                    self.cache.snapshot().tasks_of(job).filter(|t| t.value.state == TaskState::Pending).count()
+                }
+                _ => left,
             };
             let status = JobStatus {
                 job: job.id.clone(),
-                pending: left as u32,
+                pending: pending_count as u32,
                 reason,
                 reasons,
-                attempts: counters.attempts,
-                conflicts: counters.conflicts,
+                attempts: state.attempts,
+                conflicts: state.conflicts,
                 last_attempt_ms: 0,
-                scheduler_instance: format!("{}/{}", self.name, self.instance),
+                scheduler_instance: placed_by.clone(),
             };
             if let Err(e) = self.status.update(&self.store, status).await {
                 tracing::warn!(job = job.id, error = %e, "writing job status failed");
@@ -366,27 +376,9 @@ impl Scheduler {
     }
 }
 
-/// Brings a view up to what a commit learned: the ledgers it wrote or read back, and its placed tasks.
-fn apply_report(view: &mut CellSnapshot, claims: &[Claim], report: &CommitReport) {
-    for (node, ledger) in &report.ledgers {
-        match ledger {
-            Some(l) => drop(view.allocations.insert(node.clone(), l.clone())),
-            None => drop(view.allocations.remove(node)),
-        }
-    }
-    for (claim, outcome) in claims.iter().zip(&report.outcomes) {
-        if let ClaimOutcome::Committed { revision } = outcome {
-            let mut t = (*claim.task.value).clone();
-            t.state = TaskState::Assigned;
-            t.node = Some(claim.node.clone());
-            view.put_task(Versioned::new(t, *revision));
-            for v in &claim.preempts {
-                let mut e = (*v.value).clone();
-                e.state = TaskState::Pending;
-                view.put_task(Versioned::new(e, *revision));
-            }
-        }
-    }
+/// The highest revision any commit of an attempt wrote.
+fn view_max_revision(committed: &attempt::Committed) -> i64 {
+    committed.iter().filter_map(|(_, r)| r.as_ref().ok()?.max_revision()).max().unwrap_or(0)
 }
 
 /// Free room over all schedulable nodes (what wakes backed-off jobs when it grows).

@@ -35,6 +35,11 @@ impl StatusWriter {
         Ok(true)
     }
 
+    /// Keeps only the jobs `keep` says yes to (the ones this instance still owns).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.written.retain(|job, _| keep(job));
+    }
+
     /// Forgets a job (placed completely, or gone).
     pub fn forget(&mut self, job: &str) -> bool {
         self.written.remove(job).is_some()

@@ -185,11 +185,11 @@ pub fn place_in<'a>(
             }
             None => {
                 let preempted = (options.preemption && !job.gang)
-                    .then(|| preemption(snapshot, &candidates, job, task, &victims_taken))
+                    .then(|| preemption(snapshot, &candidates, job, task, &victims_taken, &group_tasks))
                     .flatten();
                 if let Some((i, victims)) = preempted {
                     let c = &mut candidates[i];
-                    let freed: Resources = victims.iter().map(|v| v.value.resources).sum();
+                    let freed = preempt::freed_on(&victims, c.name);
                     c.free = c.free.saturating_add(freed).saturating_sub(request);
                     c.job_tasks += 1;
                     *job_on_node.entry(c.index).or_default() += 1;
@@ -295,22 +295,44 @@ fn best(
     Some(top[rng.random_range(0..near.max(1))].1)
 }
 
-/// The node where evicting lower-priority tasks costs least, with those victims.
+/// Where to preempt, with the victims. The job's placement rules come first, as in normal placement: a node in
+/// the spread group holding fewest of the job's tasks, then one holding fewest of them itself (anti-affinity
+/// rules nodes holding any out); among those, the cheapest victims; then the strategy's score.
 fn preemption(
     snapshot: &CellSnapshot,
     candidates: &[Candidate<'_>],
     job: &Job,
     task: &Versioned<Task>,
     taken: &HashSet<String>,
+    group_tasks: &HashMap<&str, u32>,
 ) -> Option<(usize, Vec<Versioned<Task>>)> {
     let request = task.value.resources;
-    candidates
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| !(job.anti_affinity && c.job_tasks > 0) && request.exceeds(c.capacity).is_none())
-        .filter_map(|(i, c)| preempt::victims(snapshot, c, request, task.value.priority, taken).map(|v| (i, v)))
-        .filter(|(_, v)| !v.is_empty())
-        .min_by_key(|(i, v)| (preempt::cost(v), *i))
+    let spread = |c: &Candidate<'_>| {
+        let group = if job.spread.is_some() { group_tasks.get(c.spread_value).copied().unwrap_or(0) } else { 0 };
+        (group, c.job_tasks)
+    };
+    let mut best: Option<((u32, u32), (i32, usize, u64), f64, usize, Vec<Versioned<Task>>)> = None;
+    for (i, c) in candidates.iter().enumerate() {
+        if (job.anti_affinity && c.job_tasks > 0) || request.exceeds(c.capacity).is_some() {
+            continue;
+        }
+        let Some(victims) = preempt::victims(snapshot, c, request, task.value.priority, taken) else { continue };
+        if victims.is_empty() {
+            continue;
+        }
+        let mut after = c.clone();
+        after.free = after.free.saturating_add(preempt::freed_on(&victims, c.name));
+        let score = score::spread(&after, request, group_tasks, job.spread.is_some());
+        let key = (spread(c), preempt::cost(&victims));
+        let better = match &best {
+            None => true,
+            Some((s, cost, sc, _, _)) => (key.0, key.1) < (*s, *cost) || ((key.0, key.1) == (*s, *cost) && score > *sc),
+        };
+        if better {
+            best = Some((key.0, key.1, score, i, victims));
+        }
+    }
+    best.map(|(_, _, _, i, victims)| (i, victims))
 }
 
 /// Every node's first reason for refusing one more task asking `request`.

@@ -4,6 +4,10 @@
 //! priority first (larger ones first within a priority, to evict fewer), then any victim whose eviction
 //! turns out unnecessary is spared again, highest priority first. The eviction itself happens in the claim's
 //! commit, so a victim that moved in the meantime makes the claim fail rather than evict the wrong task.
+//!
+//! A task of a gang is never evicted alone: a gang runs whole or not at all, so evicting one of its tasks
+//! evicts all of them, wherever they run (and they all go back to pending together). Such a victim costs its
+//! whole gang, and only its tasks on this node make room here.
 
 use super::feasible::Candidate;
 use crate::cell_state::{CellSnapshot, Versioned};
@@ -23,6 +27,7 @@ pub fn victims(
     let mut eligible: Vec<&Versioned<Task>> = snapshot
         .tasks_on(candidate.name)
         .filter(|t| t.value.priority < priority && !taken.contains(&t.value.id))
+        .filter(|t| gang_of(snapshot, &t.value).is_none_or(|gang| gang.iter().all(|g| evictable(g, priority, taken))))
         .collect();
     eligible.sort_by(|a, b| {
         a.value
@@ -55,7 +60,33 @@ pub fn victims(
             chosen.remove(i);
         }
     }
-    Some(chosen.into_iter().cloned().collect())
+    // A gang leaves whole: add the rest of every victim gang (their room elsewhere is not counted here).
+    let mut out: Vec<Versioned<Task>> = Vec::with_capacity(chosen.len());
+    let mut ids: HashSet<&str> = HashSet::new();
+    for t in chosen {
+        let members = gang_of(snapshot, &t.value).unwrap_or_else(|| vec![t]);
+        for m in members {
+            if ids.insert(m.value.id.as_str()) {
+                out.push(m.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The tasks of `task`'s job holding resources, if its job is a gang.
+fn gang_of<'a>(snapshot: &'a CellSnapshot, task: &Task) -> Option<Vec<&'a Versioned<Task>>> {
+    let job = snapshot.jobs.get(&task.job)?;
+    job.value.gang.then(|| snapshot.tasks_of(&job.value).filter(|t| t.value.state.holds_resources()).collect())
+}
+
+fn evictable(t: &Versioned<Task>, priority: i32, taken: &HashSet<String>) -> bool {
+    t.value.priority < priority && !taken.contains(&t.value.id)
+}
+
+/// The room evicting `victims` frees on `node` (victims elsewhere free room elsewhere).
+pub fn freed_on(victims: &[Versioned<Task>], node: &str) -> Resources {
+    victims.iter().filter(|v| v.value.node.as_deref() == Some(node)).map(|v| v.value.resources).sum()
 }
 
 /// How bad a set of victims is, for choosing between nodes: highest priority evicted, then how many, then

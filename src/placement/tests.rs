@@ -295,3 +295,62 @@ fn the_random_pick_never_trades_spread_for_variety() {
         assert_eq!(nodes_of(&p), ["a1"], "seed {seed}: the least-used zone wins even when it has one node left");
     }
 }
+
+/// Preempting for a spread service follows the spread, as normal placement would: a full cell over three
+/// zones, five high-priority replicas, land 2/2/1 (the cheapest victims alone would put them all in one zone).
+#[test]
+fn preemption_follows_the_spread() {
+    let mut cell = Cell::new();
+    for (i, zone) in ["a", "a", "b", "b", "c", "c"].iter().enumerate() {
+        cell.node(&format!("n{i}"), 2000, 8 * GI, zone);
+    }
+    // Every node full of low-priority work; zone a's is the cheapest to evict (priority 0 vs 10).
+    for i in 0..6 {
+        let mut low = job(&format!("low{i}"), JobKind::Batch, 1, 2000, GI);
+        low.priority = if i < 2 { 0 } else { 10 };
+        let t = cell.job(&low);
+        cell.run(&t[0], &format!("n{i}"));
+    }
+    let mut high = job("high", JobKind::Service, 5, 1000, GI);
+    high.priority = 100;
+    high.spread = Some("zone".into());
+    let pending = cell.job(&high);
+    let p = place(&cell.snap, &high, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(p.claims.len(), 5, "{:?}", p.explanation);
+    let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &p.claims {
+        let zone = cell.snap.nodes.get(&c.node).unwrap().value.labels["zone"].clone();
+        *per_zone.entry(zone).or_default() += 1;
+    }
+    let mut counts: Vec<usize> = per_zone.values().copied().collect();
+    counts.sort();
+    assert_eq!(counts, vec![1, 2, 2], "{per_zone:?}");
+}
+
+/// A gang is evicted whole: preempting one of its tasks takes all of them, wherever they run.
+#[test]
+fn a_gang_is_preempted_whole() {
+    let mut cell = Cell::new();
+    cell.node("a", 2000, 8 * GI, "z");
+    cell.node("b", 2000, 8 * GI, "z");
+    let mut gang = job("gang", JobKind::Batch, 2, 2000, GI);
+    gang.gang = true;
+    let g = cell.job(&gang);
+    cell.run(&g[0], "a");
+    cell.run(&g[1], "b");
+    let mut high = job("high", JobKind::Service, 1, 1000, GI);
+    high.priority = 100;
+    let pending = cell.job(&high);
+    let p = place(&cell.snap, &high, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(p.claims.len(), 1);
+    let mut victims: Vec<&str> = p.claims[0].preempts.iter().map(|v| v.value.id.as_str()).collect();
+    victims.sort();
+    assert_eq!(victims, vec!["gang/0", "gang/1"], "the whole gang, on both nodes");
+    assert_eq!(preempt::freed_on(&p.claims[0].preempts, &p.claims[0].node), Resources::new(2000, GI));
+
+    // A gang with a member of equal or higher priority is not evictable at all.
+    let mut peer = job("peer", JobKind::Service, 1, 1000, GI);
+    peer.priority = 0;
+    let pending = cell.job(&peer);
+    assert!(place(&cell.snap, &peer, &pending, &PlacementOptions::service(), &mut rng()).claims.is_empty());
+}

@@ -31,6 +31,9 @@ struct Args {
     /// Delete finished jobs (with their tasks and status) this long after they finished; `0` keeps them.
     #[arg(long, default_value = "1h", value_parser = duration)]
     gc_after: Duration,
+    /// Forget nodes down this long that hold no tasks (their record and ledger); `0` keeps them.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    node_gc_after: Duration,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         grace: args.grace,
         period: Duration::from_secs(1),
         gc_after: (!args.gc_after.is_zero()).then_some(args.gc_after),
+        node_gc_after: (!args.node_gc_after.is_zero()).then_some(args.node_gc_after),
     };
     tracing::info!(%config, "controller started");
     run(store, config, omega::shutdown::signal()).await
