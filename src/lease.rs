@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper as EtcdLeaseKeeper};
 use futures_util::future::BoxFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -100,6 +101,7 @@ pub type Register = Arc<dyn Fn(Store, i64) -> BoxFuture<'static, Result<()>> + S
 pub struct LeaseKeeper {
     store: Store,
     state: watch::Receiver<LeaseState>,
+    renewals: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -117,8 +119,19 @@ impl LeaseKeeper {
         register(store.clone(), lease).await?;
         let (tx, state) = watch::channel(LeaseState { lease, generation: 0 });
         let what = what.into();
-        let task = tokio::spawn(keep(store.clone(), ttl_secs, what, register, tx));
-        Ok(LeaseKeeper { store, state, task })
+        let renewals = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(keep(store.clone(), ttl_secs, what, register, tx, renewals.clone()));
+        Ok(LeaseKeeper { store, state, renewals, task })
+    }
+
+    /// Successful renewals so far.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// The renewal counter itself, for a holder's statistics that outlive a borrow of the keeper.
+    pub fn renewal_counter(&self) -> Arc<AtomicU64> {
+        self.renewals.clone()
     }
 
     /// The lease in force now.
@@ -157,7 +170,14 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn keep(store: Store, ttl_secs: i64, what: String, register: Register, tx: watch::Sender<LeaseState>) {
+async fn keep(
+    store: Store,
+    ttl_secs: i64,
+    what: String,
+    register: Register,
+    tx: watch::Sender<LeaseState>,
+    renewals: Arc<AtomicU64>,
+) {
     let period = Duration::from_millis(ttl_secs as u64 * 1000 / 3);
     let mut state = *tx.borrow();
     let mut renewer = Renewer::new(store.clone(), state.lease);
@@ -165,7 +185,10 @@ async fn keep(store: Store, ttl_secs: i64, what: String, register: Register, tx:
     loop {
         tokio::time::sleep(period).await;
         match renewer.renew().await {
-            Ok(true) => last_ok = Instant::now(),
+            Ok(true) => {
+                last_ok = Instant::now();
+                renewals.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(false) => {
                 tracing::error!(holder = what, lease = format!("{:x}", state.lease), since_renewed = ?last_ok.elapsed(),
                     "the lease is gone, and everything bound to it; granting a new one and registering again");

@@ -6,14 +6,16 @@
 //! measurements in the notes demand:
 //! - the virtual nodes share a few leases (one per `nodes_per_lease` nodes) instead of one each: 10,000
 //!   leases renewed every few seconds cost etcd most of a core and starve claims; their fate is this process's
-//!   anyway;
+//!   anyway. Each shared lease has a [`LeaseKeeper`]: when etcd lets one lapse (a pause, an overload) the
+//!   keeper grants a new one and writes its nodes' liveness keys again, so the nodes come back by themselves;
 //! - one watch on `assign/` serves every virtual node, and one cell-state cache gives the tasks' revisions;
 //! - transitions are written in batches every `tick` (guarded per task), not one round trip each.
 
 use etcd_client::{PutOptions, Txn, TxnOp};
+use futures_util::FutureExt;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
 use omega::keys::{Key, Keys};
-use omega::lease::Renewer;
+use omega::lease::{LeaseKeeper, Register};
 use omega::model::{now_ms, Allocation, Assignment, JobKind, Liveness, Node, RunInfo, Task, TaskState};
 use omega::release::{release, update_tasks, Release};
 use omega::resources::Resources;
@@ -65,7 +67,18 @@ pub struct SimStats {
     pub started: AtomicU64,
     pub finished: AtomicU64,
     pub stopped: AtomicU64,
-    pub keepalives: AtomicU64,
+    /// Full listings of the assignments the host had to take (1 at start; more only after etcd compacted
+    /// past its watch).
+    pub listings: AtomicU64,
+    /// The shared leases' renewal counters.
+    renewals: Vec<Arc<AtomicU64>>,
+}
+
+impl SimStats {
+    /// Successful renewals of the shared leases so far.
+    pub fn keepalives(&self) -> u64 {
+        self.renewals.iter().map(|r| r.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// What one virtual node is doing with one assignment.
@@ -90,7 +103,8 @@ pub struct SimulatedNodes {
     options: SimOptions,
     names: Vec<String>,
     ours: HashSet<String>,
-    leases: Vec<i64>,
+    /// One keeper per group of `nodes_per_lease` nodes.
+    keepers: Vec<LeaseKeeper>,
     pub stats: Arc<SimStats>,
 }
 
@@ -115,13 +129,9 @@ impl SimulatedNodes {
                 _ => None,
             })
             .collect();
-        let mut leases = Vec::new();
-        for _ in 0..options.nodes.div_ceil(options.nodes_per_lease.max(1)) {
-            leases.push(store.grant_lease(options.lease_ttl.as_secs().max(2) as i64).await?);
-        }
+        let per_txn = store.limits().max_ops().saturating_sub(8).max(8);
         let mut ops = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let lease = leases[i / options.nodes_per_lease.max(1)];
             let labels: BTreeMap<String, String> = [
                 ("zone".to_string(), format!("zone-{}", i % options.zones.max(1))),
                 ("simulated".to_string(), "true".to_string()),
@@ -144,34 +154,51 @@ impl SimulatedNodes {
                     None,
                 ));
             }
-            let live_key = keys.live(name);
-            let live = Liveness { node: name.clone(), lease: format!("{lease:x}"), since_ms: now_ms() };
-            ops.push(TxnOp::put(
-                live_key.as_str(),
-                encode(&live_key, &live)?,
-                Some(PutOptions::new().with_lease(lease)),
-            ));
-            if ops.len() >= 120 || i + 1 == names.len() {
+            if ops.len() + 2 > per_txn || i + 1 == names.len() {
                 kv.txn(Txn::new().and_then(std::mem::take(&mut ops))).await?;
             }
         }
+        // Alive: each group of nodes under a lease of its own, kept (and replaced if lost) by a keeper.
+        let mut keepers = Vec::new();
+        for (g, group) in names.chunks(options.nodes_per_lease.max(1)).enumerate() {
+            let group: Arc<Vec<String>> = Arc::new(group.to_vec());
+            let register: Register = Arc::new(move |store: Store, lease: i64| {
+                let group = group.clone();
+                async move { put_liveness(&store, &group, lease).await }.boxed()
+            });
+            let what = format!("simulated nodes {}-{} (group {g})", options.name_prefix, g);
+            keepers.push(LeaseKeeper::start(store.clone(), options.lease_ttl, what, register).await?);
+        }
         let ours = names.iter().cloned().collect();
-        Ok(SimulatedNodes { store, options, names, ours, leases, stats: Arc::new(SimStats::default()) })
+        let stats = Arc::new(SimStats {
+            renewals: keepers.iter().map(LeaseKeeper::renewal_counter).collect(),
+            ..Default::default()
+        });
+        Ok(SimulatedNodes { store, options, names, ours, keepers, stats })
+    }
+
+    /// Successful renewals of the shared leases so far.
+    pub fn renewals(&self) -> u64 {
+        self.keepers.iter().map(LeaseKeeper::renewals).sum()
+    }
+
+    /// How many times a shared lease was lost and replaced.
+    pub fn lease_replacements(&self) -> u64 {
+        self.keepers.iter().map(|k| k.state().generation).sum()
+    }
+
+    /// The shared leases in force now.
+    pub fn leases(&self) -> Vec<i64> {
+        self.keepers.iter().map(LeaseKeeper::lease).collect()
     }
 
     pub fn node_names(&self) -> &[String] {
         &self.names
     }
 
-    /// Keeps the shared leases alive, takes assignments and runs them, until `shutdown`.
+    /// Takes assignments and runs them (the keepers hold the nodes alive meanwhile), until `shutdown`.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        let keeper = tokio::spawn(keep_alive(
-            self.store.clone(),
-            self.leases.clone(),
-            self.options.lease_ttl,
-            self.stats.clone(),
-        ));
         let cache = CellState::start(self.store.clone(), CellStateOptions::default()).await?;
         let keys = self.store.keys().clone();
         let mut watcher = Watcher::new(self.store.clone(), keys.assignments_prefix(), 5000);
@@ -179,6 +206,7 @@ impl SimulatedNodes {
         let mut tick = tokio::time::interval(self.options.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // `watcher.next()` is cancel-safe: losing the race against the tick loses nothing.
             tokio::select! {
                 _ = &mut shutdown => break,
                 event = watcher.next() => self.on_watch(&keys, event, &mut tasks),
@@ -189,7 +217,6 @@ impl SimulatedNodes {
                 }
             }
         }
-        keeper.abort();
         Ok(())
     }
 
@@ -202,6 +229,7 @@ impl SimulatedNodes {
         };
         match event {
             WatchEvent::Reset { kvs, .. } => {
+                self.stats.listings.fetch_add(1, Ordering::Relaxed);
                 let mut seen = HashSet::new();
                 for kv in &kvs {
                     let Some((node, task, a)) = self.parse(keys, kv.key(), kv.value()) else { continue };
@@ -327,22 +355,19 @@ impl SimulatedNodes {
     }
 }
 
-/// Renews the shared leases every third of their TTL; if one has lapsed (etcd unreachable too long), logs it
-/// loudly: its nodes are gone from the cell until this process re-registers them.
-async fn keep_alive(store: Store, leases: Vec<i64>, ttl: Duration, stats: Arc<SimStats>) {
-    let period = ttl / 3;
-    let mut renewers: Vec<Renewer> = leases.iter().map(|&l| Renewer::new(store.clone(), l)).collect();
-    loop {
-        tokio::time::sleep(period).await;
-        for renewer in &mut renewers {
-            match renewer.renew().await {
-                Ok(true) => drop(stats.keepalives.fetch_add(1, Ordering::Relaxed)),
-                Ok(false) => tracing::error!(
-                    lease = format!("{:x}", renewer.lease()),
-                    "a shared node lease lapsed: its nodes are down"
-                ),
-                Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; will retry"),
-            }
+/// Writes the liveness keys of `nodes` bound to `lease`, in as few transactions as the op limit allows.
+async fn put_liveness(store: &Store, nodes: &[String], lease: i64) -> omega::Result<()> {
+    let keys = store.keys();
+    let mut kv = store.client().kv_client();
+    let per_txn = store.limits().max_ops().max(1);
+    for chunk in nodes.chunks(per_txn) {
+        let mut ops = Vec::with_capacity(chunk.len());
+        for name in chunk {
+            let key = keys.live(name);
+            let live = Liveness { node: name.clone(), lease: format!("{lease:x}"), since_ms: now_ms() };
+            ops.push(TxnOp::put(key.as_str(), encode(&key, &live)?, Some(PutOptions::new().with_lease(lease))));
         }
+        kv.txn(Txn::new().and_then(ops)).await?;
     }
+    Ok(())
 }
