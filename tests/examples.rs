@@ -558,6 +558,13 @@ fn units_use_only_flags_the_programs_have() {
         let field = format!("pub {}:", flag.replace('-', "_"));
         assert!(scheduler_src.contains(&field), "omega-scheduler has no --{flag} (no `{field}` in config.rs)");
     }
+    let controller_src = std::fs::read_to_string(repo().join("schedulers/src/bin/omega-controller.rs")).unwrap();
+    let controller = flags(&exec_start("omega-controller.service"));
+    assert!(controller.contains("instance"), "omega-controller.service passes --instance: {controller:?}");
+    for flag in &controller {
+        let field = format!("    {}:", flag.replace('-', "_"));
+        assert!(controller_src.contains(&field), "omega-controller has no --{flag} (no `{field}`)");
+    }
     let agent = flags(&exec_start("omega-agent.service"));
     for flag in ["containerd-socket", "namespace", "log-dir", "listen"] {
         assert!(agent.contains(flag), "omega-agent.service passes --{flag}: {agent:?}");

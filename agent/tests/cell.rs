@@ -3,7 +3,7 @@
 
 use omega::etcd_process::free_port;
 use omega::keys::Keys;
-use omega::model::{Task, TaskState};
+use omega::model::{Job, JobState, SchedulerInstance, Task, TaskState};
 use omega::proto::logs::logs_client::LogsClient;
 use omega::proto::logs::TailRequest;
 use omega::store::Store;
@@ -65,6 +65,19 @@ async fn a_local_cell_runs_an_example_and_stops_cleanly() {
             break;
         }
         assert!(Instant::now() < deadline, "the example succeeded: {tasks:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The controller marks the job finished, and the scheduler's record shows the work it did.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = store.get_json::<Job>(&store.keys().job("hello")).await.unwrap().map(|(j, _)| j.state);
+        let (kvs, _) = store.list(&store.keys().schedulers_prefix(), 100, None).await.unwrap();
+        let placed: u64 =
+            kvs.iter().map(|kv| serde_json::from_slice::<SchedulerInstance>(kv.value()).unwrap().stats.placed).sum();
+        if job == Some(JobState::Succeeded) && placed >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job hello is {job:?}, schedulers placed {placed}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut client = LogsClient::connect(format!("http://127.0.0.1:{logs_port}")).await.unwrap();

@@ -1,8 +1,8 @@
 //! `omega-cell`: a whole Omega cell on this machine in one command (like `nomad agent -dev`).
 //!
 //! Starts etcd (a child process with its own data directory), a private containerd when this machine can run
-//! containers, one batch and one service scheduler (separate processes, as in production), one node agent
-//! with its log service, and optionally simulated nodes beside or instead of it. Prints what runs and how to
+//! containers, one batch and one service scheduler and the cell controller (separate processes, as in
+//! production), one node agent with its log service, and optionally simulated nodes beside or instead of it. Prints what runs and how to
 //! use `omctl`, optionally submits an example job, and on Ctrl-C (or SIGTERM) stops everything it started,
 //! leaving no process behind.
 
@@ -96,6 +96,18 @@ fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path) -> any
         .spawn()
         .with_context(|| format!("starting the {kind} scheduler"))?;
     Ok(Process { name: format!("{kind} scheduler"), child })
+}
+
+fn spawn_controller(endpoint: &str, logs: &Path) -> anyhow::Result<Process> {
+    let log = std::fs::File::create(logs.join("controller.log"))?;
+    let child = Command::new(sibling("omega-controller")?)
+        .args(["--etcd", endpoint, "--instance", "controller-1"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the controller")?;
+    Ok(Process { name: "controller".into(), child })
 }
 
 #[tokio::main]
@@ -200,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
 
     let batch = spawn_scheduler("batch", &endpoint, args.metrics_port, &logs)?;
     let service = spawn_scheduler("service", &endpoint, args.metrics_port + 1, &logs)?;
+    let controller = spawn_controller(&endpoint, &logs)?;
 
     println!(
         "Omega cell is up.\n\
@@ -234,6 +247,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     drop(batch);
     drop(service);
+    drop(controller);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
