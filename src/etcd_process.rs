@@ -128,6 +128,26 @@ impl EtcdProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections but answers nothing, like a hung member, and
+    /// its leases keep expiring by the clock. [`resume`](Self::resume) lets it go on.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a [paused](Self::pause) server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| Error::Process("etcd is not running".into()))?;
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status()?;
+        if !status.success() {
+            return Err(Error::Process(format!("kill {signal} {pid} failed: {status}")));
+        }
+        Ok(())
+    }
+
     /// Kills the server (SIGKILL), keeping its data.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

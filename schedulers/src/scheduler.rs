@@ -246,11 +246,13 @@ impl Scheduler {
     /// the previous rounds learned.
     async fn attempt(&mut self, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
+        // Decide only on a cache that has seen this scheduler's own commits: an older one would have it place
+        // again, or claim against ledgers older than its own writes. The next pass tries again.
         let snapshot = match self.cache.wait_for_revision(self.last_commit, Duration::from_secs(2)).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "the cache has not caught up with our own commits; deciding on what it has");
-                self.cache.snapshot()
+                tracing::warn!(error = %e, "the cache has not caught up with our own commits yet; waiting");
+                return;
             }
         };
         let mut pending: BTreeMap<String, Vec<Versioned<Task>>> = BTreeMap::new();
@@ -300,6 +302,7 @@ impl Scheduler {
             if learned.retryable == 0 || round > self.config.conflict_retries {
                 break;
             }
+            metrics::counter!("omega_scheduler_replacement_rounds_total").increment(1);
             // Back off a little (with jitter) before re-placing on the fresh ledgers the commit returned.
             let pause = Duration::from_millis(self.rng.random_range(1..=5) << round.min(6));
             tokio::time::sleep(pause).await;

@@ -2,8 +2,11 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "support/metrics.rs"]
+mod metrics;
 
 use common::*;
+use metrics::{metric, scrape};
 use omega::audit;
 use omega::model::{Constraint, Job, JobKind, JobStatus, Task, TaskState};
 use omega::resources::Resources;
@@ -87,24 +90,6 @@ async fn wait_until(
 
 async fn status(store: &Store, job: &str) -> Option<JobStatus> {
     store.get_json::<JobStatus>(&store.keys().status(job)).await.unwrap().map(|(s, _)| s)
-}
-
-/// GET /metrics over plain HTTP/1.0 on loopback.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics listener");
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// The sum of a metric's samples (over all label sets).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn placed(t: &Task) -> bool {

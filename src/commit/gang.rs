@@ -115,7 +115,7 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                     }
                 }
                 for (node, (ledger, live)) in fresh.ledgers {
-                    if c.is_own_write(&node, ledger.as_ref().map(|l| l.mod_revision)) {
+                    if unit.ledgers.get(&node).is_some_and(|(base, _)| c.behind_own_write(&node, *base)) {
                         report.self_conflicts += 1;
                     }
                     report.ledgers.insert(node.clone(), ledger.clone());

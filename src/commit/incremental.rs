@@ -239,7 +239,7 @@ fn refused(
     retries: &mut HashMap<String, u32>,
 ) {
     let (ledger, live) = fresh.ledgers.get(node).cloned().unwrap_or((None, false));
-    if c.is_own_write(node, ledger.as_ref().map(|l| l.mod_revision)) {
+    if unit.ledgers.get(node).is_some_and(|(base, _)| c.behind_own_write(node, *base)) {
         st.report.self_conflicts += 1;
     }
     st.report.ledgers.insert(node.to_string(), ledger.clone());

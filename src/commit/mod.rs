@@ -189,8 +189,8 @@ pub struct CommitReport {
     pub rounds: u32,
     /// Node sub-transactions (or gang transactions) whose compares failed.
     pub failed_node_txns: u32,
-    /// Of those, the ones whose node had last been written by this committer: it compared against a ledger
-    /// older than its own write. A scheduler that decides on what it learned from its commits never does.
+    /// Of those, the ones that compared against a ledger older than this committer's own last write of it.
+    /// A scheduler that decides and commits on what it learned from its commits never does.
     pub self_conflicts: u32,
     /// Claims re-sent after a fine check found they still fit.
     pub retried_claims: u32,
@@ -353,8 +353,9 @@ impl Committer {
         self.own_writes.lock().insert(node.to_string(), revision);
     }
 
-    /// Whether a ledger refused with this fresh revision was last written by this committer.
-    fn is_own_write(&self, node: &str, fresh_revision: Option<i64>) -> bool {
-        fresh_revision.is_some() && self.own_writes.lock().get(node).copied() == fresh_revision
+    /// Whether a claim compared against `base_revision` of a node's ledger although this committer had
+    /// already written a newer one: a conflict with itself.
+    fn behind_own_write(&self, node: &str, base_revision: i64) -> bool {
+        self.own_writes.lock().get(node).is_some_and(|own| *own > base_revision)
     }
 }

@@ -10,11 +10,17 @@ pub struct Proc(Child);
 impl Proc {
     /// Starts the workspace binary `name`; its output goes to `<tmp>/omega-test-<log>-<pid>.log`.
     pub fn start(name: &str, args: &[&str], log: &str) -> Proc {
+        Self::start_with_env(name, args, log, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables (failpoints, for instance).
+    pub fn start_with_env(name: &str, args: &[&str], log: &str, env: &[(&str, &str)]) -> Proc {
         let path = std::env::temp_dir().join(format!("omega-test-{log}-{}.log", std::process::id()));
         let out = std::fs::File::create(path).unwrap();
         let program = bin(name);
         let child = Command::new(&program)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -22,6 +28,16 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         Proc(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends a signal by name (`-STOP`, `-CONT`, `-TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.0.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill {signal} {}", self.0.id());
     }
 
     pub fn kill(&mut self) {
