@@ -219,3 +219,111 @@ async fn finished_jobs_are_garbage_collected() {
     assert_eq!(tasks(&store, "long").await.len(), 1);
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }
+
+/// A node of the test's own, alive under a lease the test holds (revoke it to "lose" the node).
+async fn own_node(store: &Store, name: &str) -> i64 {
+    let node = omega::model::Node {
+        name: name.into(),
+        capacity: Resources::new(4000, 8 << 30),
+        labels: Default::default(),
+        address: None,
+        registered_at_ms: 0,
+    };
+    store.register_node(&node).await.unwrap();
+    let lease = store.grant_lease(60).await.unwrap();
+    store.put_liveness(name, lease).await.unwrap();
+    lease
+}
+
+/// Places every task of `job` on `node` with the commit protocol, as a scheduler would.
+async fn place_on(store: &Store, job: &Job, node: &str) {
+    use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
+    let cache = omega::cell_state::CellState::start(store.clone(), Default::default()).await.unwrap();
+    let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+    let claims: Vec<Claim> = snap.tasks_of(job).map(|t| Claim::new(t.clone(), node)).collect::<Vec<_>>();
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &claims, CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.committed(), job.tasks as usize);
+}
+
+/// The controller decides a node is lost, but its agent re-registers before the release is written: the
+/// release, compared on the node still being down, writes nothing, and the node keeps its tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_comes_back_before_its_release_keeps_its_tasks() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let lease = own_node(&store, "n1").await;
+    let web = Job::new("web", JobKind::Service, 2, Resources::new(1000, 1 << 30));
+    store.create_job(&web, 128).await.unwrap();
+    place_on(&store, &web, "n1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Proc::start_with_env(
+        "omega-controller",
+        &["--etcd", &ep, "--instance", "ctl-fp", "--lease-ttl", "2s", "--grace", "200ms"],
+        "ctl-fp",
+        &[
+            ("OMEGA_FAILPOINTS", "controller.before_lost_release=pause"),
+            ("OMEGA_FAILPOINT_DIR", dir.path().to_str().unwrap()),
+        ],
+    );
+    wait_for("ctl-fp leads", 20, async || (leader(&store).await.as_deref() == Some("ctl-fp")).then_some(())).await;
+
+    // The node's lease goes: the controller waits out the grace and is about to give its tasks up.
+    store.client().lease_client().revoke(lease).await.unwrap();
+    let marker = dir.path().join("controller.before_lost_release");
+    wait_for("the controller to decide n1 is lost", 30, async || marker.exists().then_some(())).await;
+    // The agent comes back in that window.
+    let lease = store.grant_lease(60).await.unwrap();
+    store.put_liveness("n1", lease).await.unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    wait_for("the controller to see the node back", 30, async || {
+        ctl.log().contains("nodes came back before their tasks were given up").then_some(())
+    })
+    .await;
+    let ts = tasks(&store, "web").await;
+    assert!(
+        ts.iter().all(|t| t.state == TaskState::Assigned && t.node.as_deref() == Some("n1")),
+        "n1 keeps its tasks: {ts:?}"
+    );
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.violations);
+    assert_eq!(report.placed_tasks, 2);
+}
+
+/// Nodes that stay down and hold nothing are forgotten after `--node-gc-after` (record and ledger), so
+/// caches do not keep every node that ever existed; a node that held tasks is forgotten once they are
+/// released, and a live node is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_down_and_empty_are_forgotten() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let gone_empty = own_node(&store, "empty").await;
+    let gone_busy = own_node(&store, "busy").await;
+    let _alive = own_node(&store, "alive").await;
+    let job = Job::new("j", JobKind::Service, 1, Resources::new(1000, 1 << 30));
+    store.create_job(&job, 128).await.unwrap();
+    place_on(&store, &job, "busy").await;
+    let _ctl = Proc::start(
+        "omega-controller",
+        &["--etcd", &ep, "--instance", "ctl-gc", "--grace", "200ms", "--node-gc-after", "1s"],
+        "ctl-gc",
+    );
+    for lease in [gone_empty, gone_busy] {
+        store.client().lease_client().revoke(lease).await.unwrap();
+    }
+    for node in ["empty", "busy"] {
+        wait_for(&format!("{node} forgotten"), 30, async || {
+            let record = store.get_json::<serde_json::Value>(&store.keys().node(node)).await.ok()?;
+            let ledger = store.get_json::<serde_json::Value>(&store.keys().alloc(node)).await.ok()?;
+            (record.is_none() && ledger.is_none()).then_some(())
+        })
+        .await;
+    }
+    let t = &tasks(&store, "j").await[0];
+    assert_eq!(t.state, TaskState::Pending, "its task was released before the node was forgotten: {t:?}");
+    assert!(store.get_json::<serde_json::Value>(&store.keys().node("alive")).await.unwrap().is_some());
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.violations);
+}

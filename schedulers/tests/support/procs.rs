@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-pub struct Proc(Child);
+pub struct Proc(Child, PathBuf);
 
 impl Proc {
     /// Starts the workspace binary `name`; its output goes to `<tmp>/omega-test-<log>-<pid>.log`.
@@ -16,7 +16,7 @@ impl Proc {
     /// [`start`](Self::start) with extra environment variables (failpoints, for instance).
     pub fn start_with_env(name: &str, args: &[&str], log: &str, env: &[(&str, &str)]) -> Proc {
         let path = std::env::temp_dir().join(format!("omega-test-{log}-{}.log", std::process::id()));
-        let out = std::fs::File::create(path).unwrap();
+        let out = std::fs::File::create(&path).unwrap();
         let program = bin(name);
         let child = Command::new(&program)
             .args(args)
@@ -27,7 +27,12 @@ impl Proc {
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        Proc(child)
+        Proc(child, path)
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
