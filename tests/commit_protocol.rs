@@ -402,3 +402,69 @@ async fn preemption_of_a_changed_victim_is_refused_and_evicts_nothing() {
     assert_eq!(report.outcomes[1], ClaimOutcome::Conflicted(Conflict::Duplicate));
     assert_eq!(task_in_etcd(&store, "low/0").await.state, TaskState::Pending);
 }
+
+/// One claim that can never fit a request (its task record alone is over etcd's request limit) among 120
+/// that can: the others land and are reported, the big one is refused for good, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_too_large_for_any_request_does_not_cost_the_others_their_outcome() {
+    let (_etcd, store, cache) = setup(120, Resources::new(4000, 8 << 30), &[("wide", 120)]).await;
+    // Task 7's record carries 1.53 MB of text: it can be written alone, but no claim carrying it fits a request.
+    let key = store.keys().task("wide/7");
+    let (mut big, _) = store.get_json::<Task>(&key).await.unwrap().unwrap();
+    big.run = Some(omega::model::RunInfo { container: "x".repeat(1_530_000), ..Default::default() });
+    let mut kv = store.client().kv_client().max_decoding_message_size(64 << 20);
+    kv.put(key.as_str(), serde_json::to_vec(&big).unwrap(), None).await.unwrap();
+    let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+    let report = committer(&store, Detection::Fine)
+        .commit(&snap, &claims(&snap, "wide", 120, node_name), CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.outcomes[7], ClaimOutcome::Conflicted(Conflict::TooLarge));
+    assert_eq!(
+        report.committed(),
+        119,
+        "{:?}",
+        report.outcomes.iter().filter(|o| !o.is_committed()).collect::<Vec<_>>()
+    );
+    let audit = audit::audit(&store).await.unwrap();
+    assert!(audit.is_ok(), "{:?}", audit.violations);
+    assert_eq!(audit.placed_tasks, 119);
+}
+
+/// Preempting a task of a gang evicts the whole gang, wherever its tasks run, in the claim's own
+/// transaction: the gang is pending again whole, and both nodes' ledgers are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempting_a_gang_evicts_it_whole_in_one_transaction() {
+    let (_etcd, store, cache) = setup(2, Resources::new(1000, 8 << 30), &[]).await;
+    let mut gang = batch_job("gang", 2, TASK);
+    gang.gang = true;
+    store.create_job(&gang, 128).await.unwrap();
+    let mut high = batch_job("high", 1, TASK);
+    high.priority = 100;
+    store.create_job(&high, 128).await.unwrap();
+    let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+    let placed = committer(&store, Detection::Fine)
+        .commit(&snap, &claims(&snap, "gang", 2, node_name), CommitKind::Gang)
+        .await
+        .unwrap();
+    assert_eq!(placed.committed(), 2);
+    let snap = cache.wait_for_revision(placed.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+    let victims = vec![snap.tasks.get("gang/0").unwrap().clone(), snap.tasks.get("gang/1").unwrap().clone()];
+    let claim = Claim::preempting(snap.tasks.get("high/0").unwrap().clone(), node_name(0), victims);
+    let report = committer(&store, Detection::Fine).commit(&snap, &[claim], CommitKind::Incremental).await.unwrap();
+    assert!(report.outcomes[0].is_committed(), "{:?}", report.outcomes);
+    for id in ["gang/0", "gang/1"] {
+        let t = task_in_etcd(&store, id).await;
+        assert_eq!(t.state, TaskState::Pending, "{id} left with its gang");
+        assert!(t.reason.as_deref().unwrap_or("").contains("preempted"), "{:?}", t.reason);
+    }
+    let high0 = task_in_etcd(&store, "high/0").await;
+    assert_eq!(high0.preempted.len(), 2, "both sides show the preemption");
+    let (assignment, _) =
+        store.get_json::<Assignment>(&store.keys().assignment(&node_name(0), "high/0")).await.unwrap().unwrap();
+    assert_eq!(assignment.after, vec!["gang/0".to_string()], "the agent waits for the victim on its own node");
+    let audit = audit::audit(&store).await.unwrap();
+    assert!(audit.is_ok(), "{:?}", audit.violations);
+    assert_eq!(audit.placed_tasks, 1);
+    assert_eq!(audit.used, TASK, "node 1's ledger gave the gang's share back too");
+}
