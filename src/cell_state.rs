@@ -177,6 +177,25 @@ impl CellSnapshot {
     }
 }
 
+/// The objects a batch of changes touched, each once.
+fn changed_objects(keys: &Keys, changes: &[Change]) -> Vec<CellObject> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for change in changes {
+        let key = match change {
+            Change::Put(kv) => kv.key(),
+            Change::Delete { key, .. } => key.as_slice(),
+        };
+        let Some(object) = std::str::from_utf8(key).ok().and_then(|k| keys.parse(k)).and_then(CellObject::of) else {
+            continue;
+        };
+        if seen.insert(object.clone()) {
+            out.push(object);
+        }
+    }
+    out
+}
+
 /// Decodes and stores; a value that does not decode is logged and its entry removed, so the cache never
 /// holds a stale value for a key whose current value it cannot read.
 fn put<T: DeserializeOwned>(map: &mut Map<T>, name: &str, key: &str, value: &[u8], rev: i64) -> bool {
@@ -214,9 +233,47 @@ pub struct CellStateStats {
     pub resets: u64,
 }
 
-/// The running cache: a background task applying watch events, and a channel of published snapshots.
+/// An object of the cell, as consumers that react per object (the controller) name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CellObject {
+    /// A node: its record, its liveness key or its ledger changed.
+    Node(String),
+    /// A job: its record or its owner changed.
+    Job(String),
+    /// A task, by id (`<job>/<index>`).
+    Task(String),
+}
+
+impl CellObject {
+    /// The object a key of the cell belongs to (`None` for keys no per-object consumer follows).
+    pub fn of(key: Key<'_>) -> Option<CellObject> {
+        match key {
+            Key::Node(n) | Key::Live(n) | Key::Alloc(n) => Some(CellObject::Node(n.to_string())),
+            Key::Job(j) | Key::Owner(j) => Some(CellObject::Job(j.to_string())),
+            Key::Task(t) => Some(CellObject::Task(t.to_string())),
+            Key::Scheduler(_) | Key::Assignment { .. } | Key::Status(_) => None,
+        }
+    }
+}
+
+/// What one published snapshot changed.
+#[derive(Debug)]
+pub enum CellChanges {
+    /// The cache was rebuilt from a listing: anything may have changed.
+    All { revision: i64 },
+    /// These objects changed (a key of theirs was written or deleted), up to `revision`.
+    Objects { revision: i64, objects: Vec<CellObject> },
+}
+
+/// Change notices kept for slow subscribers before they are told to start over ([`CellChanges::All`] is
+/// then what they must assume).
+const CHANGE_BACKLOG: usize = 1024;
+
+/// The running cache: a background task applying watch events, and channels of published snapshots and of
+/// what each one changed.
 pub struct CellState {
     rx: watch::Receiver<Arc<CellSnapshot>>,
+    changes: tokio::sync::broadcast::Sender<Arc<CellChanges>>,
     stats: watch::Receiver<CellStateStats>,
     task: JoinHandle<()>,
 }
@@ -234,35 +291,53 @@ impl CellState {
             _ => CellSnapshot::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
+        let (changes_tx, _) = tokio::sync::broadcast::channel(CHANGE_BACKLOG);
         let mut stats = CellStateStats { resets: 1, watcher: watcher.stats(), ..Default::default() };
         let (stats_tx, stats_rx) = watch::channel(stats);
+        let notices = changes_tx.clone();
         let task = tokio::spawn(async move {
             loop {
-                match watcher.next().await {
+                let notice = match watcher.next().await {
                     WatchEvent::Reset { kvs, revision } => {
                         snapshot = CellSnapshot::from_kvs(&keys, &kvs, revision);
                         stats.resets += 1;
+                        Some(CellChanges::All { revision })
                     }
                     WatchEvent::Changes { changes, revision } => {
                         snapshot.apply_changes(&keys, &changes, revision);
                         stats.change_batches += 1;
+                        let objects = changed_objects(&keys, &changes);
+                        (!objects.is_empty()).then_some(CellChanges::Objects { revision, objects })
                     }
                     WatchEvent::Progress { revision } => {
                         if revision <= snapshot.revision {
                             continue;
                         }
                         snapshot.revision = revision;
+                        None
                     }
-                }
+                };
                 stats.watcher = watcher.stats();
                 let _ = stats_tx.send(stats);
-                if tx.send(Arc::new(snapshot.clone())).is_err() {
+                // Published before the notice, so a subscriber woken by a notice reads a snapshot holding it.
+                let published = tx.send(Arc::new(snapshot.clone()));
+                if let Some(notice) = notice {
+                    // No subscriber is not an error: most consumers only read snapshots.
+                    let _ = notices.send(Arc::new(notice));
+                }
+                if published.is_err() {
                     // Every reader is gone.
                     return;
                 }
             }
         });
-        Ok(CellState { rx, stats: stats_rx, task })
+        Ok(CellState { rx, changes: changes_tx, stats: stats_rx, task })
+    }
+
+    /// Notices of what each published snapshot changed, from now on. A subscriber that falls more than
+    /// [`CHANGE_BACKLOG`] notices behind gets `Lagged` from the channel and must assume everything changed.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<CellChanges>> {
+        self.changes.subscribe()
     }
 
     /// The newest snapshot. Cheap: an `Arc` clone.

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         instance,
         lease_ttl: args.lease_ttl,
         grace: args.grace,
-        period: Duration::from_secs(1),
+        resync: Duration::from_secs(30),
         gc_after: (!args.gc_after.is_zero()).then_some(args.gc_after),
         node_gc_after: (!args.node_gc_after.is_zero()).then_some(args.node_gc_after),
     };

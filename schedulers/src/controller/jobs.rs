@@ -1,0 +1,128 @@
+//! The job reconciler: what no scheduler owns about a job once its tasks are placed.
+//!
+//! - **service replicas**: a replica that ended (failed after its restarts, lost, or exited) is handed back to
+//!   `pending`, so the service keeps its replica count;
+//! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded, else
+//!   `failed`;
+//! - **garbage collection**: a job that finished (succeeded, failed, cancelled) longer than `gc_after` ago is
+//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound.
+
+use super::{queue::WorkQueue, ControllerConfig, Object, Reconciled};
+use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
+use omega::cell_state::{CellSnapshot, Versioned};
+use omega::model::{now_ms, JobKind, JobState, Task, TaskState};
+use omega::release::{release_guarded, Fence, Guard, Release};
+use omega::store::Store;
+use omega::txn::{Group, Outcome, Sender};
+use std::time::Duration;
+
+/// Looks at `jobs`; asks the queue to look again when a finished job becomes old enough to collect.
+pub async fn reconcile(
+    store: &Store,
+    snapshot: &CellSnapshot,
+    config: &ControllerConfig,
+    fence: &Fence,
+    jobs: &[String],
+    queue: &mut WorkQueue<Object>,
+) -> anyhow::Result<Reconciled> {
+    let mut done = Reconciled::default();
+    let mut replace: Vec<Release> = Vec::new();
+    let mut finished: Vec<(Versioned<omega::model::Job>, JobState)> = Vec::new();
+    let mut collect: Vec<Versioned<omega::model::Job>> = Vec::new();
+    for id in jobs {
+        let Some(job) = snapshot.jobs.get(id) else { continue };
+        let j = &job.value;
+        let active = matches!(j.state, JobState::Pending | JobState::Running);
+        match (j.kind, active) {
+            (JobKind::Service, true) => {
+                for t in snapshot.tasks_of(j) {
+                    if matches!(t.value.state, TaskState::Failed | TaskState::Lost | TaskState::Succeeded) {
+                        replace.push(replacement(t));
+                    }
+                }
+            }
+            (JobKind::Batch, true) => {
+                let tasks: Vec<&Versioned<Task>> = snapshot.tasks_of(j).collect();
+                if tasks.len() == j.tasks as usize && tasks.iter().all(|t| t.value.state.is_terminal()) {
+                    let state = if tasks.iter().all(|t| t.value.state == TaskState::Succeeded) {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Failed
+                    };
+                    finished.push((job.clone(), state));
+                }
+            }
+            (_, false) => {
+                let (Some(after), Some(at)) = (config.gc_after, j.finished_at_ms) else { continue };
+                let age = Duration::from_millis(now_ms().saturating_sub(at));
+                if snapshot.tasks_of(j).any(|t| t.value.state.holds_resources()) {
+                    // Its tasks are still being stopped; their releases bring it back here.
+                    continue;
+                }
+                if age >= after {
+                    collect.push(job.clone());
+                } else {
+                    queue.add_after(Object::Job(id.clone()), after - age);
+                }
+            }
+        }
+    }
+    if !replace.is_empty() {
+        done.replaced_replicas = replace.len();
+        release_guarded(store, &replace, Guard { fence: Some(fence), nodes_down: false }).await?;
+    }
+    for (job, state) in finished {
+        if store.set_job_state_if(&job.value, job.mod_revision, state, Some(fence.compare())).await?.is_some() {
+            done.finished_jobs += 1;
+            tracing::info!(job = job.value.id, ?state, "job finished");
+            if let Some(after) = config.gc_after {
+                queue.add_after(Object::Job(job.value.id.clone()), after);
+            }
+        }
+    }
+    if !collect.is_empty() {
+        done.collected_jobs = collect_jobs(store, &collect, fence).await?;
+    }
+    Ok(done)
+}
+
+fn replacement(t: &Versioned<Task>) -> Release {
+    Release {
+        task: t.clone(),
+        state: TaskState::Pending,
+        reason: Some(format!("replacing a replica that ended {}", t.value.state)),
+        run: None,
+    }
+}
+
+/// Deletes finished jobs that hold nothing: each job with its tasks, status and owner in one group, compared
+/// on the job record and the fence.
+async fn collect_jobs(store: &Store, jobs: &[Versioned<omega::model::Job>], fence: &Fence) -> anyhow::Result<usize> {
+    let keys = store.keys();
+    let mut groups = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let id = &job.value.id;
+        let job_key = keys.job(id);
+        let tasks = keys.tasks_of_job(id);
+        let mut g = Group::new();
+        g.compare(&job_key, Compare::mod_revision(job_key.as_str(), CompareOp::Equal, job.mod_revision));
+        g.delete(&job_key);
+        let range = DeleteOptions::new().with_range(omega::keys::prefix_end(tasks.as_bytes()));
+        g.write(TxnOp::delete(tasks.as_str(), Some(range)), tasks.len() * 2);
+        g.delete(&keys.status(id)).delete(&keys.owner(id));
+        groups.push(g);
+    }
+    let sent = Sender::new(store.clone(), 2).nested(&groups, Some(&fence.compare())).await;
+    let mut collected = 0;
+    for (job, outcome) in jobs.iter().zip(sent.outcomes) {
+        match outcome {
+            Outcome::Applied { .. } => {
+                collected += 1;
+                tracing::info!(job = job.value.id, "finished job collected");
+            }
+            Outcome::Fenced => return Err(omega::Error::NotLeader(String::from_utf8_lossy(&fence.key).into()).into()),
+            _ => {}
+        }
+    }
+    Ok(collected)
+}

@@ -1,0 +1,289 @@
+//! The cell controller: what no single scheduler owns.
+//!
+//! Several replicas run; one leads, elected through etcd's election API, and every write it makes is fenced
+//! on its leader key, so a replica that lost leadership (paused, partitioned) cannot write after the new
+//! leader has started. The leader watches the cell and:
+//! - **lost nodes**: a node whose liveness key is gone (its agent's lease lapsed) for longer than `grace`
+//!   loses its tasks: each is released from the node (ledger freed, assignment removed) and goes back to
+//!   `pending` for its scheduler, or, for a batch job that never restarts, ends `lost`;
+//! - **service replicas**: a replica that ended (failed after its restarts, or lost) is handed back to
+//!   `pending`, so the service keeps its replica count;
+//! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded,
+//!   else `failed`;
+//! - **garbage collection**: a job that finished (succeeded, failed, cancelled) longer than `gc_after` ago is
+//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound.
+//!
+//! The controller only releases and re-pends; placing is the schedulers' job, through the same optimistic
+//! commits as always.
+//!
+//! Like kube-runtime's controllers, the leader does not rescan the cell on every change: the cache tells it
+//! which objects changed ([`CellChanges`]), those go into a [`queue::WorkQueue`] (each once, with backoff per
+//! object after a failure, and a later due time when a grace period is running), and the [`nodes`] and
+//! [`jobs`] reconcilers look only at what is due. A full pass every `resync` is the safety net for anything a
+//! notice could have missed.
+
+mod jobs;
+mod nodes;
+pub mod queue;
+
+use futures_util::FutureExt;
+use omega::cell_state::{CellChanges, CellObject, CellSnapshot, CellState, CellStateOptions};
+use omega::lease::LeaseKeeper;
+use omega::release::Fence;
+use omega::store::Store;
+use queue::WorkQueue;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub instance: String,
+    /// TTL of the leadership lease: a dead leader is replaced this long after it stopped renewing.
+    pub lease_ttl: Duration,
+    /// How long a node stays without its liveness key before its tasks are given up (on top of the agent's
+    /// lease TTL, which already is the main grace).
+    pub grace: Duration,
+    /// How often the leader looks at every node and job even if no change notice asked for it.
+    pub resync: Duration,
+    /// Delete jobs (with their tasks and status) this long after they finished; `None` keeps them.
+    pub gc_after: Option<Duration>,
+    /// Forget nodes (their record and ledger) that have been down this long and hold nothing; `None` keeps
+    /// them. A node that comes back registers again.
+    pub node_gc_after: Option<Duration>,
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Reconciled {
+    pub lost_tasks: usize,
+    pub replaced_replicas: usize,
+    pub finished_jobs: usize,
+    pub collected_jobs: usize,
+    pub collected_nodes: usize,
+}
+
+impl Reconciled {
+    fn add(&mut self, other: Reconciled) {
+        self.lost_tasks += other.lost_tasks;
+        self.replaced_replicas += other.replaced_replicas;
+        self.finished_jobs += other.finished_jobs;
+        self.collected_jobs += other.collected_jobs;
+        self.collected_nodes += other.collected_nodes;
+    }
+
+    fn any(&self) -> bool {
+        self.lost_tasks + self.replaced_replicas + self.finished_jobs + self.collected_jobs + self.collected_nodes > 0
+    }
+}
+
+/// What the controller's queue holds: nodes and jobs (a task's change queues its job).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Object {
+    Node(String),
+    Job(String),
+}
+
+impl Object {
+    fn from_cell(object: &CellObject) -> Object {
+        match object {
+            CellObject::Node(n) => Object::Node(n.clone()),
+            CellObject::Job(j) => Object::Job(j.clone()),
+            CellObject::Task(t) => Object::Job(t.split_once('/').map(|(j, _)| j).unwrap_or(t).to_string()),
+        }
+    }
+}
+
+fn election(store: &Store) -> String {
+    format!("{}controller", store.keys().prefix())
+}
+
+/// Runs one controller replica until `shutdown`: campaigns, leads while it holds the leadership, campaigns
+/// again after losing it.
+pub async fn run(
+    store: Store,
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        // Leadership is bound to this lease: if it is ever replaced, the old election key went with the old
+        // lease, and this replica must stop writing and campaign again.
+        let noop: omega::lease::Register = Arc::new(|_, _| async { Ok(()) }.boxed());
+        let what = format!("controller {}", config.instance);
+        let keeper = match LeaseKeeper::start(store.clone(), config.lease_ttl, what, noop).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot get a lease to campaign with; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let lease = keeper.lease();
+        // Waits until this replica leads (a campaign has no request timeout: it uses the stream client).
+        let campaign = async {
+            let mut election_client = store.stream_client().election_client();
+            election_client.campaign(election(&store), config.instance.clone(), lease).await
+        };
+        let won = tokio::select! {
+            _ = &mut shutdown => { keeper.revoke().await; return Ok(()); }
+            won = campaign => won,
+        };
+        let leader = match won.map(|r| r.leader().cloned()) {
+            Ok(Some(l)) => l,
+            Ok(None) | Err(_) => {
+                keeper.revoke().await;
+                tracing::warn!("campaign failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let fence = Fence { key: leader.key().to_vec(), revision: leader.rev() };
+        tracing::info!(instance = config.instance, "leading the cell");
+        let outcome = lead(&store, &config, &fence, &keeper, &mut shutdown).await;
+        match outcome {
+            Ok(true) => {
+                // Shutting down: hand over at once.
+                keeper.revoke().await;
+                return Ok(());
+            }
+            Ok(false) => tracing::warn!(instance = config.instance, "lost the leadership; campaigning again"),
+            Err(e) => tracing::warn!(error = %e, "leading failed; campaigning again"),
+        }
+        keeper.revoke().await;
+    }
+}
+
+/// Leads until shutdown (`Ok(true)`) or until the leadership is lost (`Ok(false)`).
+async fn lead(
+    store: &Store,
+    config: &ControllerConfig,
+    fence: &Fence,
+    keeper: &LeaseKeeper,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<bool> {
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
+    // Subscribed before the first look, so no change between the two is missed.
+    let mut changes = cache.subscribe_changes();
+    let generation = keeper.state().generation;
+    let mut lease_changes = keeper.watch();
+    let mut queue: WorkQueue<Object> = WorkQueue::default();
+    let mut nodes = nodes::NodeReconciler::default();
+    let mut next_resync = Instant::now();
+    loop {
+        if keeper.state().generation != generation {
+            return Ok(false);
+        }
+        let snapshot = cache.snapshot();
+        if Instant::now() >= next_resync {
+            enqueue_all(&snapshot, &mut queue);
+            nodes.retain(&snapshot);
+            next_resync = Instant::now() + config.resync;
+        }
+        let due = queue.pop_due(Instant::now());
+        if !due.is_empty() {
+            match reconcile(store, &snapshot, config, fence, &due, &mut nodes, &mut queue).await {
+                Ok(done) if done.any() => tracing::info!(?done, "reconciled"),
+                Ok(_) => {}
+                Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => {
+                    return Ok(false)
+                }
+                Err(e) => tracing::warn!(error = %e, "reconciling failed; those objects will be retried"),
+            }
+        }
+        let wake = queue.next_due().unwrap_or(next_resync).min(next_resync);
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(true),
+            notice = changes.recv() => match notice {
+                Ok(notice) => match &*notice {
+                    CellChanges::All { .. } => enqueue_all(&cache.snapshot(), &mut queue),
+                    CellChanges::Objects { objects, .. } => {
+                        for o in objects {
+                            queue.add(Object::from_cell(o));
+                        }
+                    }
+                },
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "fell behind the cell's change notices; looking at everything");
+                    enqueue_all(&cache.snapshot(), &mut queue);
+                }
+                Err(RecvError::Closed) => anyhow::bail!("the cell-state cache stopped"),
+            },
+            _ = lease_changes.changed() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Queues every node and every job of the cell.
+fn enqueue_all(snapshot: &CellSnapshot, queue: &mut WorkQueue<Object>) {
+    for node in snapshot.allocations.keys().chain(snapshot.nodes.keys()) {
+        queue.add(Object::Node(node.clone()));
+    }
+    for job in snapshot.jobs.keys() {
+        queue.add(Object::Job(job.clone()));
+    }
+}
+
+/// Reconciles the objects due now: nodes, then jobs (so the releases of a lost node and the replicas they
+/// affect are handled in one pass). A failure puts that batch's objects back with backoff.
+async fn reconcile(
+    store: &Store,
+    snapshot: &CellSnapshot,
+    config: &ControllerConfig,
+    fence: &Fence,
+    due: &[Object],
+    nodes: &mut nodes::NodeReconciler,
+    queue: &mut WorkQueue<Object>,
+) -> anyhow::Result<Reconciled> {
+    let mut done = Reconciled::default();
+    let node_ids: Vec<String> =
+        due.iter().filter_map(|o| if let Object::Node(n) = o { Some(n.clone()) } else { None }).collect();
+    let job_ids: Vec<String> =
+        due.iter().filter_map(|o| if let Object::Job(j) = o { Some(j.clone()) } else { None }).collect();
+    let batches = [(node_ids, true), (job_ids, false)];
+    for (ids, is_nodes) in batches {
+        if ids.is_empty() {
+            continue;
+        }
+        let result = if is_nodes {
+            nodes.reconcile(store, snapshot, config, fence, &ids, queue).await
+        } else {
+            jobs::reconcile(store, snapshot, config, fence, &ids, queue).await
+        };
+        let wrap = |id: &String| if is_nodes { Object::Node(id.clone()) } else { Object::Job(id.clone()) };
+        match result {
+            Ok(d) => {
+                done.add(d);
+                for id in &ids {
+                    queue.succeeded(&wrap(id));
+                }
+            }
+            Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => return Err(e),
+            Err(e) => {
+                for id in &ids {
+                    queue.failed(wrap(id));
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+impl std::fmt::Display for ControllerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gc = |d: Option<Duration>| d.map(|d| format!("{d:?}")).unwrap_or_else(|| "never".into());
+        write!(
+            f,
+            "controller {} (lease {:?}, grace {:?}, jobs collected after {}, nodes after {})",
+            self.instance,
+            self.lease_ttl,
+            self.grace,
+            gc(self.gc_after),
+            gc(self.node_gc_after)
+        )
+    }
+}
