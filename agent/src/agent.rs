@@ -163,7 +163,7 @@ impl Agent {
             self.stop_runner(&task);
         }
         for (task, a) in desired {
-            if !self.active.get(&task).is_some_and(|r| r.placement == a.placement) {
+            if self.active.get(&task).is_none_or(|r| r.placement != a.placement) {
                 self.start_runner(task, a);
             }
         }

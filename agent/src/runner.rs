@@ -205,6 +205,7 @@ pub fn supervise(runner: Arc<TaskRunner>, stop: watch::Receiver<bool>, guard: Ru
         let task = runner.assignment.task.clone();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
+            let stopping = *stop.borrow();
             let mut attempt = AbortOnDrop(tokio::spawn({
                 let (runner, stop) = (runner.clone(), stop.clone());
                 async move { runner.run(stop).await }
@@ -217,10 +218,16 @@ pub fn supervise(runner: Arc<TaskRunner>, stop: watch::Receiver<bool>, guard: Ru
             };
             let wait = backoff.next();
             tracing::warn!(task, error = failure, retry_in = ?wait, "task runner failed; starting it again");
+            // A stop that arrives during the pause is acted on at once; an attempt that failed while already
+            // stopping waits its turn like any other.
             let mut stop = stop.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop_requested(&mut stop) => {}
+            if stopping {
+                tokio::time::sleep(wait).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop_requested(&mut stop) => {}
+                }
             }
         }
     })

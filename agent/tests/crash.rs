@@ -183,6 +183,46 @@ async fn a_restart_policy_survives_agent_crashes_between_runs() {
     assert_nothing_held(&s.store, NODE).await;
 }
 
+/// A runner that fails is started again until its work is done: containerd is killed while a task's end is
+/// being recorded, so deleting the run's containerd state fails (and keeps failing while containerd is down);
+/// the end is recorded regardless, and once containerd is back the container is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_runner_is_started_again_until_its_work_is_done() {
+    let (_etcd, _) = start_etcd().await;
+    let mut s = Setup::new(_etcd.endpoints(), "crash-supervise").await;
+    let agent = s.agent("only", &[failpoints::AFTER_EXIT]);
+    wait_alive(&s.store, NODE, 60).await;
+    submit_and_place(&s.store, &s.cache, job("once", ONCE, 100, 64 << 20), NODE).await;
+    let marker = omega::failpoint::marker(&failpoint_dir(s.work.path()), failpoints::AFTER_EXIT);
+    eventually("the exit", 120, || async { marker.exists().then_some(()) }).await;
+    let containerd = containerd_pid(&s.daemon).expect("the private containerd's pid");
+    signal("-KILL", &containerd.to_string());
+    std::fs::remove_file(&marker).expect("release the failpoint");
+
+    let t = wait_task(&s.store, "once/0", 120, |t| t.state.is_terminal()).await;
+    assert_eq!((t.state, t.run.as_ref().and_then(|r| r.exit_code)), (TaskState::Succeeded, Some(0)), "{t:?}");
+    eventually("the runner to fail on containerd", 120, || async {
+        agent.log().contains("task runner failed; starting it again").then_some(())
+    })
+    .await;
+    s.daemon.restart().await;
+    wait_no_containers(&s.daemon, 120).await;
+    assert_eq!(s.runs("once/0"), 1);
+    assert_nothing_held(&s.store, NODE).await;
+}
+
+/// The pid of the daemon's containerd (its command line names the daemon's config file).
+fn containerd_pid(daemon: &TestDaemon) -> Option<u32> {
+    let config = daemon.dir.path().join("config.toml").display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let is_containerd = args.first().is_some_and(|a| a.ends_with("containerd"));
+        (is_containerd && args.iter().any(|a| *a == config)).then_some(pid)
+    })
+}
+
 /// Three etcd members, the agent connected to all three; the leader is killed while tasks exit (the first
 /// exit is held at a failpoint until the leader is dead, the others exit during the election).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
