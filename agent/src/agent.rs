@@ -15,8 +15,9 @@
 //! the same code as every runner's start, and is retried with the runner until it succeeds.
 
 use crate::containerd::Containerd;
-use crate::runner::{supervise, Backoff, TaskRunner, LABEL_PLACEMENT, LABEL_TASK};
+use crate::runner::{TaskRunner, LABEL_PLACEMENT, LABEL_TASK};
 use crate::runners::Runners;
+use crate::supervisor::{supervise, Backoff};
 use omega::keys::{Key, Keys};
 use omega::lease::{LeaseKeeper, Register};
 use omega::model::{now_ms, Assignment, Job, Node, RestartMode};
@@ -210,7 +211,12 @@ impl Agent {
             runners: self.runners.clone(),
             assignment,
         };
-        self.handles.push(supervise(Arc::new(runner), stopped, guard));
+        let runner = Arc::new(runner);
+        let attempt = move |stop| {
+            let runner = runner.clone();
+            async move { runner.run(stop).await }
+        };
+        self.handles.push(supervise(task.clone(), stopped, guard, attempt));
         self.active.insert(task, Active { placement, stop });
     }
 

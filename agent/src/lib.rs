@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the agent loop: register the node, keep it alive, follow its assignments with one runner each.
 //! - [`runner`]: one task's life on the node, a state machine an agent crash cannot make run a task twice.
+//! - [`supervisor`]: starts a failed runner again, with backoff, until its work is done.
 //! - [`runners`]: which runners are alive (what preemption waits on).
 //! - [`preemption`]: a preempting task starts only once the tasks it evicted are gone from the node.
 //! - [`daemon`]: a private containerd (the local cell's, and the tests').
@@ -22,3 +23,4 @@ pub mod preemption;
 pub mod runner;
 pub mod runners;
 pub mod simulated;
+pub mod supervisor;

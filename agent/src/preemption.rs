@@ -17,8 +17,9 @@
 
 use crate::containerd::Containerd;
 use crate::error::Result;
-use crate::runner::{stop_requested, LABEL_PLACEMENT, LABEL_TASK};
+use crate::runner::{LABEL_PLACEMENT, LABEL_TASK};
 use crate::runners::Runners;
+use crate::supervisor::stop_requested;
 use omega::model::Task;
 use omega::store::Store;
 use std::collections::HashMap;

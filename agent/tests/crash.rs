@@ -219,7 +219,7 @@ fn containerd_pid(daemon: &TestDaemon) -> Option<u32> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
         let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let is_containerd = args.first().is_some_and(|a| a.ends_with("containerd"));
-        (is_containerd && args.iter().any(|a| *a == config)).then_some(pid)
+        (is_containerd && args.contains(&config)).then_some(pid)
     })
 }
 

@@ -37,24 +37,27 @@
 //! belong to other runners or to the agent's start-up sweep.
 //!
 //! Failpoints ([`omega::failpoint`]) mark each step boundary, so tests can kill the real agent exactly there.
-//! A runner that fails (etcd or containerd unreachable) is started again by its supervisor, with backoff,
-//! from `discover`: the same path as after a crash.
+//! A runner that fails (etcd or containerd unreachable) is started again by its supervisor
+//! ([`crate::supervisor`]), with backoff, from `discover`: the same path as after a crash. What the runner
+//! writes to etcd, and how each write is retried until it lands, is in `record.rs`.
+
+mod record;
 
 use crate::agent::{log_path, should_restart, AgentConfig};
 use crate::containerd::{ContainerInfo, ContainerSpec, Containerd, Error as ContainerdError, Exit, TaskPhase};
 use crate::error::{Error, Result};
 use crate::preemption::Victims;
-use crate::runners::{RunnerGuard, Runners};
+use crate::runners::Runners;
+use crate::supervisor::stop_requested;
 use omega::cell_state::Versioned;
 use omega::failpoint;
 use omega::model::{now_ms, Assignment, Job, RunInfo, Task, TaskState};
-use omega::release::{release, update_task, Release, ReleaseOutcome};
 use omega::store::Store;
+use record::Written;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub const LABEL_TASK: &str = "omega.task";
 pub const LABEL_PLACEMENT: &str = "omega.placement";
@@ -89,32 +92,6 @@ pub fn parse_container_id(task_id: &str, id: &str) -> Option<(u32, u32)> {
     match rest.split_once("-r") {
         Some((p, r)) => Some((p.parse().ok()?, r.parse().ok()?)),
         None => Some((rest.parse().ok()?, 0)),
-    }
-}
-
-/// Resolves once the runner is told to stop (its assignment went away). A closed channel is not a stop: the
-/// agent is shutting down and aborts its runners, whose containers must keep running for the next agent.
-pub(crate) async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
-    if stopped.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Doubling waits between attempts, up to a ceiling.
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(first: Duration, max: Duration) -> Self {
-        Backoff { next: first, max }
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let now = self.next;
-        self.next = (self.next * 2).min(self.max);
-        now
     }
 }
 
@@ -170,15 +147,6 @@ enum Step {
     Done,
 }
 
-/// What a guarded write found.
-enum Written {
-    Done,
-    /// The task is no longer this placement's, holding resources here: someone else decided its fate.
-    NotOurs,
-    /// The runner was told to stop meanwhile.
-    Stopped,
-}
-
 /// One assignment's runner.
 pub struct TaskRunner {
     pub store: Store,
@@ -188,58 +156,13 @@ pub struct TaskRunner {
     pub assignment: Assignment,
 }
 
-/// A task spawned for one attempt of a runner, aborted if the supervisor is (agent shutdown).
-struct AbortOnDrop(JoinHandle<Result<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Runs `runner` until it is done, starting it again (from `discover`, with backoff) whenever it fails or
-/// panics: a runner is never silently lost. The registration is held until then.
-pub fn supervise(runner: Arc<TaskRunner>, stop: watch::Receiver<bool>, guard: RunnerGuard) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let _guard = guard;
-        let task = runner.assignment.task.clone();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            let stopping = *stop.borrow();
-            let mut attempt = AbortOnDrop(tokio::spawn({
-                let (runner, stop) = (runner.clone(), stop.clone());
-                async move { runner.run(stop).await }
-            }));
-            let failure = match (&mut attempt.0).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => e.to_string(),
-                Err(e) if e.is_panic() => format!("panicked: {e}"),
-                Err(e) => format!("ended: {e}"),
-            };
-            let wait = backoff.next();
-            tracing::warn!(task, error = failure, retry_in = ?wait, "task runner failed; starting it again");
-            // A stop that arrives during the pause is acted on at once; an attempt that failed while already
-            // stopping waits its turn like any other.
-            let mut stop = stop.clone();
-            if stopping {
-                tokio::time::sleep(wait).await;
-            } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop_requested(&mut stop) => {}
-                }
-            }
-        }
-    })
-}
-
 impl TaskRunner {
     fn a(&self) -> &Assignment {
         &self.assignment
     }
 
     /// One attempt: find out where the task stands, then walk the state machine to its end.
-    async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
         if let Some((job, mut step)) = self.discover(&stop).await? {
             loop {
                 step = match step {
@@ -575,128 +498,6 @@ impl TaskRunner {
         }
         Ok(())
     }
-
-    /// Writes `running` for `run`, retried until it lands or the task is no longer ours.
-    async fn record_running(&self, run: &Run, stop: &mut watch::Receiver<bool>) -> Result<Written> {
-        let info = RunInfo {
-            container: run.container.clone(),
-            pid: run.pid,
-            started_at_ms: run.started_at_ms,
-            restarts: run.number,
-            ..Default::default()
-        };
-        self.write_own(stop, |t| {
-            if t.state == TaskState::Running && t.run.as_ref() == Some(&info) {
-                return None;
-            }
-            let mut new = t.clone();
-            new.state = TaskState::Running;
-            new.run = Some(info.clone());
-            Some(new)
-        })
-        .await
-    }
-
-    /// Writes that run `next` is the current one and not yet started, before anything of it exists.
-    async fn record_restart(&self, next: u32, reason: String, stop: &mut watch::Receiver<bool>) -> Result<Written> {
-        let a = self.a();
-        let info =
-            RunInfo { container: container_id(&a.task, a.placement, next), restarts: next, ..Default::default() };
-        self.write_own(stop, |t| {
-            if t.run.as_ref() == Some(&info) {
-                return None;
-            }
-            let mut new = t.clone();
-            new.state = TaskState::Running;
-            new.run = Some(info.clone());
-            new.reason = Some(reason.clone());
-            Some(new)
-        })
-        .await
-    }
-
-    /// A guarded update of our task (one that keeps its resources), retried until it lands: `change` gives
-    /// the new record, or `None` when the record already has it (a write whose answer was lost did land).
-    async fn write_own(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-        change: impl Fn(&Task) -> Option<Task>,
-    ) -> Result<Written> {
-        self.until_written(stop, "updating the task", || async {
-            let Some(seen) = self.read_task().await? else { return Ok(Attempt::Settled(Written::NotOurs)) };
-            if !self.ours(&seen.value) {
-                return Ok(Attempt::Settled(Written::NotOurs));
-            }
-            let Some(mut new) = change(&seen.value) else { return Ok(Attempt::Settled(Written::Done)) };
-            new.updated_at_ms = now_ms();
-            Ok(match update_task(&self.store, &seen, &new).await? {
-                Some(_) => Attempt::Settled(Written::Done),
-                None => Attempt::Changed,
-            })
-        })
-        .await
-    }
-
-    /// Releases the task into its final state, retried until etcd takes it. An unknown outcome is settled by
-    /// reading the task again: if it is no longer ours, the end is recorded (ours landed, or someone else's).
-    async fn record_end(
-        &self,
-        state: TaskState,
-        reason: Option<String>,
-        info: RunInfo,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<Written> {
-        self.until_written(stop, "recording the task's end", || async {
-            let Some(seen) = self.read_task().await? else { return Ok(Attempt::Settled(Written::NotOurs)) };
-            if !self.ours(&seen.value) {
-                return Ok(Attempt::Settled(Written::NotOurs));
-            }
-            let r = Release { task: seen, state, reason: reason.clone(), run: Some(info.clone()) };
-            Ok(match release(&self.store, &[r]).await?.first().copied() {
-                Some(ReleaseOutcome::Done { .. }) => Attempt::Settled(Written::Done),
-                Some(ReleaseOutcome::TaskChanged) => Attempt::Changed,
-                other => Attempt::Unsettled(format!("release outcome {other:?}")),
-            })
-        })
-        .await
-    }
-
-    /// Runs `attempt` until it settles: again at once when the task changed under it, after a backoff when
-    /// etcd failed or the outcome is not known; a stop ends the loop (the assignment is gone, so the task's
-    /// fate is recorded).
-    async fn until_written<F, Fut>(&self, stop: &mut watch::Receiver<bool>, what: &str, attempt: F) -> Result<Written>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Attempt>>,
-    {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            if *stop.borrow() {
-                return Ok(Written::Stopped);
-            }
-            let why = match attempt().await {
-                Ok(Attempt::Settled(written)) => return Ok(written),
-                Ok(Attempt::Changed) => continue,
-                Ok(Attempt::Unsettled(why)) => why,
-                Err(e) => e.to_string(),
-            };
-            let wait = backoff.next();
-            tracing::warn!(task = self.a().task, error = why, retry_in = ?wait, "{what} failed; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop_requested(stop) => return Ok(Written::Stopped),
-            }
-        }
-    }
-}
-
-/// One try at a guarded write.
-enum Attempt {
-    Settled(Written),
-    /// The task changed between the read and the write: read it again.
-    Changed,
-    /// Nothing known to be written (contention, an unknown outcome): try again after a pause.
-    Unsettled(String),
 }
 
 #[cfg(test)]
@@ -710,12 +511,5 @@ mod tests {
         assert_eq!(parse_container_id("web/3", "web-3-p2"), Some((2, 0)), "one container per placement");
         assert_eq!(parse_container_id("web/3", "web-30-p2-r0"), None);
         assert_eq!(parse_container_id("web/3", "web-3-px"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_ceiling() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let waits: Vec<u64> = (0..4).map(|_| b.next().as_millis() as u64).collect();
-        assert_eq!(waits, [100, 200, 350, 350]);
     }
 }
