@@ -8,7 +8,7 @@
 //! - no runner of an evicted placement of it is alive on this agent (its runner stops the container with the
 //!   grace period, removes it, and only then ends), and
 //! - no container of an evicted placement of it is running in containerd (this covers containers an earlier
-//!   agent process left behind, which the start-up sweep stops).
+//!   agent process left behind, which the agent's sweep stops).
 //!
 //! "Evicted placement" is any placement of the victim except the one etcd says it holds on this node now: a
 //! victim may be placed here again after the preemption (a new, higher placement, accounted for in the ledger

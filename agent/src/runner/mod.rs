@@ -34,7 +34,7 @@
 //! | absent, or its task gone | yes | the process vanished (containerd lost it): a failed run, exit unknown |
 //!
 //! Containers of runs older than R are removed (their exits are counted); containers of other placements
-//! belong to other runners or to the agent's start-up sweep.
+//! belong to other runners or to the agent's sweep of leftovers.
 //!
 //! Failpoints ([`omega::failpoint`]) mark each step boundary, so tests can kill the real agent exactly there.
 //! A runner that fails (etcd or containerd unreachable) is started again by its supervisor
