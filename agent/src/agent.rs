@@ -1,21 +1,26 @@
 //! The node agent: makes this node's assignments real containers, and reports what becomes of them.
 //!
-//! The loop: register the node and keep its liveness key alive on one lease; reconcile what containerd runs
-//! with what etcd assigns (adopt what should run, stop what should not, never start a task twice); then
-//! follow `assign/<node>/` and, per assignment, run the task through containerd with a runner that writes
-//! `running` (container, pid), applies the job's restart policy, and finally releases the task as `succeeded`
-//! or `failed` (exit code, OOM). A removed assignment (cancel, preemption, lost node) stops the container
-//! with a grace period; whoever removed it has already written the task's state.
+//! This is the loop that follows assignments; what happens to one task is its runner's business
+//! ([`crate::runner`], a state machine that survives agent crashes). The loop:
 //!
-//! Containers are named `<job>-<index>-p<placement>` and labelled with the task and placement, so after a
-//! restart the agent can tell a container it must adopt from a stale one of an earlier placement.
+//! - registers the node and keeps its liveness key alive on one lease ([`LeaseKeeper`]: if etcd was away for
+//!   longer than the TTL, or the lease was revoked, a new lease is granted and the key written again);
+//! - follows `assign/<node>/`: one supervised runner per assignment (task, placement). A new placement of a
+//!   task replaces the runner of the old one; a removed assignment (cancel, preemption, lost node) tells its
+//!   runner to stop the container with the grace period (whoever removed it has written the task's state);
+//! - on every (re-)listing of the assignments, sweeps containerd for containers no runner accounts for
+//!   (left by an earlier agent process for an assignment that is gone) and stops and removes them.
+//!
+//! Nothing is adopted here: a runner finds its own containers in containerd, so adoption after a restart is
+//! the same code as every runner's start, and is retried with the runner until it succeeds.
 
-use crate::containerd::{ContainerSpec, Containerd, Error as ContainerdError, Exit};
-use omega::cell_state::Versioned;
+use crate::containerd::Containerd;
+use crate::runner::{TaskRunner, LABEL_PLACEMENT, LABEL_TASK};
+use crate::runners::Runners;
+use crate::supervisor::{supervise, Backoff};
 use omega::keys::{Key, Keys};
-use omega::lease::Renewer;
-use omega::model::{now_ms, Assignment, Job, Node, RestartMode, RunInfo, Task, TaskState};
-use omega::release::{release, update_task, Release, ReleaseOutcome};
+use omega::lease::{LeaseKeeper, Register};
+use omega::model::{now_ms, Assignment, Job, Node, RestartMode};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega::watcher::{Change, WatchEvent, Watcher};
@@ -24,10 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
-const LABEL_TASK: &str = "omega.task";
-const LABEL_PLACEMENT: &str = "omega.placement";
+use tokio::task::{JoinHandle, JoinSet};
 
 /// What this agent is and where it keeps things.
 #[derive(Clone, Debug)]
@@ -39,7 +41,7 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// SIGTERM -> SIGKILL grace when stopping a task.
     pub grace: Duration,
-    /// Task logs: `<log_dir>/<job>/<index>.log` (kept after the container is gone).
+    /// Task logs: `<log_dir>/<job>/<index>.log` (kept after the container is gone, shared by a task's runs).
     pub log_dir: PathBuf,
 }
 
@@ -62,31 +64,42 @@ pub fn log_path(log_dir: &std::path::Path, task_id: &str) -> PathBuf {
     log_dir.join(format!("{task_id}.log"))
 }
 
-fn container_id(task_id: &str, placement: u32) -> String {
-    format!("{}-p{placement}", task_id.replace('/', "-"))
-}
-
-/// One running assignment: its runner, and how to tell it to stop.
-struct Runner {
+/// The runner of a current assignment, and how to tell it to stop.
+struct Active {
     placement: u32,
     stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
 }
 
 pub struct Agent {
     store: Store,
-    config: AgentConfig,
+    config: Arc<AgentConfig>,
     containerd: Arc<Containerd>,
-    runners: HashMap<String, Runner>,
+    runners: Runners,
+    /// Task -> the runner of its current assignment here.
+    active: HashMap<String, Active>,
+    /// Every runner and sweep spawned (stopping runners included), aborted at shutdown.
+    handles: Vec<JoinHandle<()>>,
 }
 
 impl Agent {
     pub fn new(store: Store, config: AgentConfig, containerd: Containerd) -> Self {
-        Agent { store, config, containerd: Arc::new(containerd), runners: HashMap::new() }
+        Agent {
+            store,
+            config: Arc::new(config),
+            containerd: Arc::new(containerd),
+            runners: Runners::new(),
+            active: HashMap::new(),
+            handles: Vec::new(),
+        }
+    }
+
+    /// The live task runners (for whoever wants to see or wait on them).
+    pub fn runners(&self) -> Runners {
+        self.runners.clone()
     }
 
     /// Registers the node and runs until `shutdown`. Tasks keep running in containerd when the agent stops:
-    /// the next agent adopts them.
+    /// the next agent's runners adopt them.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let node = Node {
@@ -97,67 +110,52 @@ impl Agent {
             registered_at_ms: now_ms(),
         };
         self.store.register_node(&node).await?;
-        let lease = self.store.grant_lease(self.config.lease_ttl.as_secs().max(2) as i64).await?;
-        self.store.put_liveness(&self.config.node, lease).await?;
-        let heartbeat =
-            tokio::spawn(heartbeat(self.store.clone(), self.config.node.clone(), lease, self.config.lease_ttl));
+        let name = self.config.node.clone();
+        let register: Register = Arc::new(move |store: Store, lease: i64| {
+            let name = name.clone();
+            Box::pin(async move { store.put_liveness(&name, lease).await.map(|_| ()) })
+        });
+        let keeper =
+            LeaseKeeper::start(self.store.clone(), self.config.lease_ttl, format!("node {}", node.name), register)
+                .await?;
         tracing::info!(node = self.config.node, capacity = %self.config.capacity, "node registered");
 
         let keys = self.store.keys().clone();
         let mut watcher = Watcher::new(self.store.clone(), keys.assignments_of(&self.config.node), 1000);
-        let mut first = true;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 event = watcher.next() => {
-                    let result = match event {
+                    self.handles.retain(|h| !h.is_finished());
+                    match event {
                         WatchEvent::Reset { kvs, .. } => {
                             let desired = kvs.iter().filter_map(|kv| parse(&keys, kv.key(), kv.value())).collect();
-                            self.reconcile(desired, first).await
+                            self.reconcile(desired);
+                            self.sweep();
                         }
-                        WatchEvent::Changes { changes, .. } => self.apply(&keys, changes).await,
-                        WatchEvent::Progress { .. } => Ok(()),
-                    };
-                    first = false;
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "handling assignments failed; the next change or re-list retries");
+                        WatchEvent::Changes { changes, .. } => self.apply(&keys, changes),
+                        WatchEvent::Progress { .. } => {}
                     }
                 }
             }
         }
-        heartbeat.abort();
-        for (_, r) in self.runners.drain() {
-            r.handle.abort();
+        // Runners are aborted, not stopped: their containers keep running for the next agent. They are all
+        // gone before their stop channels close, so none mistakes the shutdown for a removed assignment.
+        for h in &self.handles {
+            h.abort();
         }
+        for h in self.handles.drain(..) {
+            let _ = h.await;
+        }
+        self.active.clear();
+        drop(keeper);
         Ok(())
     }
 
-    /// Makes the set of runners match `desired` (task -> assignment). On the first pass also looks at what
-    /// containerd runs, adopting containers of current placements and stopping the rest.
-    async fn reconcile(&mut self, desired: HashMap<String, Assignment>, adopt: bool) -> anyhow::Result<()> {
-        let mut existing: HashMap<String, (u32, String, bool)> = HashMap::new();
-        if adopt {
-            for c in self.containerd.list().await? {
-                let (Some(task), Some(placement)) = (c.labels.get(LABEL_TASK), c.labels.get(LABEL_PLACEMENT)) else {
-                    continue;
-                };
-                let placement: u32 = placement.parse().unwrap_or(0);
-                let current = desired.get(task).is_some_and(|a| a.placement == placement);
-                if current {
-                    existing.insert(task.clone(), (placement, c.id.clone(), c.running));
-                } else {
-                    tracing::info!(container = c.id, "stopping a container no assignment asks for");
-                    let containerd = self.containerd.clone();
-                    let grace = self.config.grace;
-                    tokio::spawn(async move {
-                        let _ = containerd.stop(&c.id, grace).await;
-                        let _ = containerd.remove(&c.id).await;
-                    });
-                }
-            }
-        }
+    /// Makes the runners match `desired` (task -> assignment), after a (re-)listing.
+    fn reconcile(&mut self, desired: HashMap<String, Assignment>) {
         let stale: Vec<String> = self
-            .runners
+            .active
             .iter()
             .filter(|(t, r)| desired.get(*t).is_none_or(|a| a.placement != r.placement))
             .map(|(t, _)| t.clone())
@@ -166,23 +164,20 @@ impl Agent {
             self.stop_runner(&task);
         }
         for (task, a) in desired {
-            if self.runners.get(&task).is_some_and(|r| r.placement == a.placement) {
-                continue;
+            if self.active.get(&task).is_none_or(|r| r.placement != a.placement) {
+                self.start_runner(task, a);
             }
-            let adopted = existing.remove(&task).map(|(_, id, running)| (id, running));
-            self.start_runner(task, a, adopted);
         }
-        Ok(())
     }
 
-    async fn apply(&mut self, keys: &Keys, changes: Vec<Change>) -> anyhow::Result<()> {
+    fn apply(&mut self, keys: &Keys, changes: Vec<Change>) {
         for change in changes {
             match change {
                 Change::Put(kv) => {
                     if let Some((task, a)) = parse(keys, kv.key(), kv.value()) {
-                        if self.runners.get(&task).is_none_or(|r| r.placement != a.placement) {
+                        if self.active.get(&task).is_none_or(|r| r.placement != a.placement) {
                             self.stop_runner(&task);
-                            self.start_runner(task, a, None);
+                            self.start_runner(task, a);
                         }
                     }
                 }
@@ -195,30 +190,84 @@ impl Agent {
                 }
             }
         }
-        Ok(())
     }
 
     fn stop_runner(&mut self, task: &str) {
-        if let Some(r) = self.runners.remove(task) {
-            tracing::info!(task, "assignment removed; stopping");
+        if let Some(r) = self.active.remove(task) {
+            tracing::info!(task, placement = r.placement, "assignment removed; stopping its runner");
             let _ = r.stop.send(true);
         }
     }
 
-    fn start_runner(&mut self, task: String, assignment: Assignment, adopted: Option<(String, bool)>) {
+    fn start_runner(&mut self, task: String, assignment: Assignment) {
+        // Registered before it touches containerd, so the sweep never takes its containers for leftovers.
+        let guard = self.runners.register(&task, assignment.placement);
         let (stop, stopped) = watch::channel(false);
-        let ctx = RunContext {
+        let placement = assignment.placement;
+        let runner = TaskRunner {
             store: self.store.clone(),
             containerd: self.containerd.clone(),
             config: self.config.clone(),
-            assignment: assignment.clone(),
+            runners: self.runners.clone(),
+            assignment,
         };
-        let handle = tokio::spawn(async move {
-            if let Err(e) = ctx.run(adopted, stopped).await {
-                tracing::warn!(task = ctx.assignment.task, error = %e, "task runner failed");
+        let runner = Arc::new(runner);
+        let attempt = move |stop| {
+            let runner = runner.clone();
+            async move { runner.run(stop).await }
+        };
+        self.handles.push(supervise(task.clone(), stopped, guard, attempt));
+        self.active.insert(task, Active { placement, stop });
+    }
+
+    /// Stops and removes the containers that no runner accounts for (their assignments are gone: cancelled,
+    /// preempted or ended while no agent ran), retrying until containerd lets it.
+    fn sweep(&mut self) {
+        let (containerd, runners, grace) = (self.containerd.clone(), self.runners.clone(), self.config.grace);
+        self.handles.push(tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+            let listed = loop {
+                match containerd.list().await {
+                    Ok(listed) => break listed,
+                    Err(e) => {
+                        let wait = backoff.next();
+                        tracing::warn!(error = %e, retry_in = ?wait, "listing containerd's containers failed; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            };
+            let mut removals = JoinSet::new();
+            for c in listed {
+                let Some(task) = c.labels.get(LABEL_TASK).cloned() else { continue };
+                let placement = c.labels.get(LABEL_PLACEMENT).and_then(|p| p.parse::<u32>().ok());
+                if placement.is_some_and(|p| runners.has(&task, p)) {
+                    continue;
+                }
+                let (containerd, runners) = (containerd.clone(), runners.clone());
+                removals.spawn(async move {
+                    tracing::info!(container = c.id, task, "stopping a container no assignment asks for");
+                    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+                    loop {
+                        if placement.is_some_and(|p| runners.has(&task, p)) {
+                            return;
+                        }
+                        let removed = async {
+                            containerd.stop(&c.id, grace).await?;
+                            containerd.remove(&c.id).await
+                        };
+                        match removed.await {
+                            Ok(()) => return,
+                            Err(e) => {
+                                let wait = backoff.next();
+                                tracing::warn!(container = c.id, error = %e, retry_in = ?wait, "removing a leftover container failed; retrying");
+                                tokio::time::sleep(wait).await;
+                            }
+                        }
+                    }
+                });
             }
-        });
-        self.runners.insert(task, Runner { placement: assignment.placement, stop, handle });
+            while removals.join_next().await.is_some() {}
+        }));
     }
 }
 
@@ -227,172 +276,6 @@ fn parse(keys: &Keys, key: &[u8], value: &[u8]) -> Option<(String, Assignment)> 
     let Some(Key::Assignment { task, .. }) = keys.parse(key) else { return None };
     let a: Assignment = serde_json::from_slice(value).ok()?;
     Some((task.to_string(), a))
-}
-
-/// Everything one task's runner needs.
-struct RunContext {
-    store: Store,
-    containerd: Arc<Containerd>,
-    config: AgentConfig,
-    assignment: Assignment,
-}
-
-impl RunContext {
-    async fn task(&self) -> anyhow::Result<Option<Versioned<Task>>> {
-        let key = self.store.keys().task(&self.assignment.task);
-        Ok(self.store.get_json::<Task>(&key).await?.map(|(t, rev)| Versioned::new(t, rev)))
-    }
-
-    /// Runs the task (or adopts its container), applies the restart policy, and reports the end.
-    async fn run(&self, adopted: Option<(String, bool)>, mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let a = &self.assignment;
-        let Some((job, _)) = self.store.get_json::<Job>(&self.store.keys().job(&a.job)).await? else {
-            anyhow::bail!("job {} of assignment {} not found", a.job, a.task);
-        };
-        let id = container_id(&a.task, a.placement);
-        let mut restarts = 0u32;
-        let mut adopted = adopted;
-        loop {
-            // Start (or adopt) the container, then record `running`.
-            let pid = match adopted.take() {
-                Some((_, true)) => None,
-                Some((existing, false)) => {
-                    // Adopted but already exited while no agent watched: collect its exit below.
-                    tracing::info!(container = existing, "adopting an exited container");
-                    None
-                }
-                None => {
-                    let spec = self.spec(&job, &id);
-                    if let Some(dir) = spec.log_path.parent() {
-                        if let Err(e) = tokio::fs::create_dir_all(dir).await {
-                            return self
-                                .finish(TaskState::Failed, Some(format!("log directory {}: {e}", dir.display())), None)
-                                .await;
-                        }
-                    }
-                    if let Err(e) = self.containerd.ensure_image(&job.image).await {
-                        return self.finish(TaskState::Failed, Some(format!("image: {e}")), None).await;
-                    }
-                    // `run` replaces a dead container of this placement and refuses a live one, which is then
-                    // adopted: a task is never run twice.
-                    match self.containerd.run(&spec).await {
-                        Ok(pid) => Some(pid),
-                        Err(ContainerdError::AlreadyRunning { pid, .. }) => Some(pid),
-                        Err(e) => return self.finish(TaskState::Failed, Some(format!("start: {e}")), None).await,
-                    }
-                }
-            };
-            let started_at_ms = now_ms();
-            if let Some(seen) = self.task().await? {
-                if seen.value.placements != a.placement || !seen.value.state.holds_resources() {
-                    // The task moved on (cancelled, preempted) while we started: do not run it.
-                    let _ = self.containerd.stop(&id, self.config.grace).await;
-                    let _ = self.containerd.remove(&id).await;
-                    return Ok(());
-                }
-                let mut running = (*seen.value).clone();
-                running.state = TaskState::Running;
-                running.run = Some(RunInfo {
-                    container: id.clone(),
-                    pid: pid.or(seen.value.run.as_ref().and_then(|r| r.pid)),
-                    started_at_ms,
-                    restarts,
-                    ..Default::default()
-                });
-                running.updated_at_ms = now_ms();
-                update_task(&self.store, &seen, &running).await?;
-            }
-
-            // Wait for the exit, or for the assignment to go away.
-            let exit: Exit = tokio::select! {
-                exit = self.containerd.wait(&id) => exit?,
-                _ = stop_requested(&mut stopped) => {
-                    let grace = self.config.grace;
-                    let exit = self.containerd.stop(&id, grace).await?;
-                    let _ = self.containerd.remove(&id).await;
-                    tracing::info!(task = a.task, ?exit, "stopped");
-                    return Ok(());
-                }
-            };
-            let _ = self.containerd.remove(&id).await;
-            let run = RunInfo {
-                container: id.clone(),
-                pid,
-                started_at_ms,
-                finished_at_ms: Some(exit.finished_at_ms),
-                exit_code: Some(exit.code),
-                oom_killed: exit.oom_killed,
-                restarts,
-            };
-            let failed = exit.code != 0 || exit.oom_killed;
-            if should_restart(&job, failed, restarts) {
-                restarts += 1;
-                let backoff = Duration::from_millis(job.restart.backoff_ms.saturating_mul(1 << (restarts - 1).min(6)))
-                    .min(Duration::from_secs(60));
-                tracing::info!(task = a.task, code = exit.code, restarts, ?backoff, "restarting per policy");
-                if let Some(seen) = self.task().await? {
-                    let mut t = (*seen.value).clone();
-                    t.run = Some(run);
-                    t.reason = Some(format!("restarting after exit {} ({} so far)", exit.code, restarts));
-                    update_task(&self.store, &seen, &t).await?;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => continue,
-                    _ = stop_requested(&mut stopped) => return Ok(()),
-                }
-            }
-            let (state, reason) = if exit.oom_killed {
-                (TaskState::Failed, Some("OOM-killed: exceeded its memory limit".to_string()))
-            } else if failed {
-                (TaskState::Failed, Some(format!("exited with code {}", exit.code)))
-            } else {
-                (TaskState::Succeeded, None)
-            };
-            return self.finish(state, reason, Some(run)).await;
-        }
-    }
-
-    fn spec(&self, job: &Job, id: &str) -> ContainerSpec {
-        let a = &self.assignment;
-        let labels: BTreeMap<String, String> = [
-            (LABEL_TASK.to_string(), a.task.clone()),
-            (LABEL_PLACEMENT.to_string(), a.placement.to_string()),
-            ("omega.job".to_string(), a.job.clone()),
-        ]
-        .into();
-        ContainerSpec {
-            id: id.to_string(),
-            image: job.image.clone(),
-            command: job.command.clone(),
-            args: job.args.clone(),
-            env: job.env.clone(),
-            cpu_millis: a.resources.cpu_millis,
-            memory_bytes: a.resources.memory_bytes,
-            log_path: log_path(&self.config.log_dir, &a.task),
-            labels,
-        }
-    }
-
-    /// Releases the task into its final state (guarded: a task changed meanwhile is left as it is).
-    async fn finish(&self, state: TaskState, reason: Option<String>, run: Option<RunInfo>) -> anyhow::Result<()> {
-        for _ in 0..5 {
-            let Some(seen) = self.task().await? else { return Ok(()) };
-            if seen.value.placements != self.assignment.placement || !seen.value.state.holds_resources() {
-                return Ok(());
-            }
-            let r = Release { task: seen, state, reason: reason.clone(), run: run.clone() };
-            if matches!(release(&self.store, &[r]).await?.first(), Some(ReleaseOutcome::Done { .. })) {
-                tracing::info!(task = self.assignment.task, %state, "task finished");
-                return Ok(());
-            }
-        }
-        anyhow::bail!("task {} kept changing while recording its end", self.assignment.task)
-    }
-}
-
-/// Resolves once the runner is told to stop (the assignment went away).
-async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|s| *s).await;
 }
 
 /// Whether a task that just exited runs again on this node (the job's restart policy).
@@ -405,36 +288,6 @@ pub fn should_restart(job: &Job, failed: bool, restarts_so_far: u32) -> bool {
     };
     let unlimited = policy.mode == RestartMode::Always && policy.max_restarts == 0;
     wanted && (unlimited || restarts_so_far < policy.max_restarts)
-}
-
-/// Keeps this node's lease alive; if it lapses (etcd unreachable longer than the TTL) the node has been
-/// declared gone and its tasks may be re-placed elsewhere: say so loudly, and re-register.
-async fn heartbeat(store: Store, node: String, lease: i64, ttl: Duration) {
-    let period = ttl / 3;
-    let mut renewer = Renewer::new(store.clone(), lease);
-    loop {
-        tokio::time::sleep(period).await;
-        match renewer.renew().await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::error!(
-                    node,
-                    "the node's lease lapsed: the cell considers this node lost and may re-place its tasks; \
-                     containers still running here may be duplicated elsewhere until the controller reconciles"
-                );
-                match store.grant_lease(ttl.as_secs().max(2) as i64).await {
-                    Ok(new) => {
-                        renewer.set_lease(new);
-                        if let Err(e) = store.put_liveness(&node, new).await {
-                            tracing::warn!(error = %e, "re-registering liveness failed");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "granting a new lease failed"),
-                }
-            }
-            Err(e) => tracing::warn!(node, error = %e, "heartbeat failed; etcd unreachable? will retry"),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -148,6 +148,35 @@ pub struct ContainerInfo {
     pub running: bool,
     /// The task's pid on the host, when a task exists.
     pub pid: Option<u32>,
+    /// Where its task is in its life: after a crash the agent must tell a process that ran and exited (its
+    /// exit is there to collect) from one that never started (it may be started).
+    pub task: TaskPhase,
+}
+
+/// The life of a container's task, as containerd reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskPhase {
+    /// The container has no task (never created, or already deleted).
+    None,
+    /// Created but never started.
+    Created,
+    /// Running or paused.
+    Alive,
+    /// Ran and exited; its exit status is kept until the task is deleted.
+    Exited,
+    /// A status containerd did not name.
+    Unknown,
+}
+
+impl TaskPhase {
+    fn of(status: i32) -> TaskPhase {
+        match TaskStatus::try_from(status) {
+            Ok(TaskStatus::Created) => TaskPhase::Created,
+            Ok(TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing) => TaskPhase::Alive,
+            Ok(TaskStatus::Stopped) => TaskPhase::Exited,
+            _ => TaskPhase::Unknown,
+        }
+    }
 }
 
 /// Everything that can go wrong talking to containerd.
@@ -202,6 +231,18 @@ impl Error {
     /// containerd said "not found" (container, task, snapshot, lease, image or process).
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Rpc { code: Code::NotFound, .. } | Error::NotFound { .. })
+    }
+
+    /// containerd could not be reached or did not answer in time: trying the same call again later may work.
+    /// Anything else (the image is missing, runc refused the command, ...) would fail the same way again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } => true,
+            Error::Rpc { code, .. } => {
+                matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted)
+            }
+            _ => false,
+        }
     }
 
     fn is_already_exists(&self) -> bool {
@@ -1093,6 +1134,20 @@ impl Containerd {
     /// Absent pieces are fine: removing twice, or removing what never existed, is `Ok`. Once it returns, the
     /// log file is complete (deleting the task is what waits for the shim's output copy).
     pub async fn remove(&self, id: &str) -> Result<()> {
+        self.delete_task(id).await?;
+        let request = DeleteContainerRequest { id: id.to_string() };
+        match self.call("containers.delete", id, self.containers().delete(self.request(request))).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        self.remove_snapshot(id).await
+    }
+
+    /// Deletes container `id`'s task (killing it first if alive; retried), keeping the container record and
+    /// its snapshot. This is the step that ends the task's exit status in containerd: the agent takes it only
+    /// once that exit is recorded elsewhere. No task is `Ok`.
+    pub async fn delete_task(&self, id: &str) -> Result<()> {
         check_id(id)?;
         let mut last_error = None;
         for attempt in 0..DELETE_ATTEMPTS {
@@ -1137,13 +1192,7 @@ impl Containerd {
             w.task.abort();
         }
         lock(&self.inner.oom_events).remove(id);
-        let request = DeleteContainerRequest { id: id.to_string() };
-        match self.call("containers.delete", id, self.containers().delete(self.request(request))).await {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-        self.remove_snapshot(id).await
+        Ok(())
     }
 
     async fn remove_snapshot(&self, id: &str) -> Result<()> {
@@ -1177,6 +1226,7 @@ impl Containerd {
                 ContainerInfo {
                     running: task.is_some_and(|t| is_alive(t.status)),
                     pid: task.map(|t| t.pid).filter(|p| *p > 0),
+                    task: task.map_or(TaskPhase::None, |t| TaskPhase::of(t.status)),
                     labels: c.labels.into_iter().collect(),
                     id: c.id,
                 }

@@ -1,16 +1,26 @@
 //! Omega's node agent.
 //!
-//! - [`agent`]: the agent loop: register the node, keep it alive, run its assignments, report their states.
+//! - [`agent`]: the agent loop: register the node, keep it alive, follow its assignments with one runner each.
+//! - [`runner`]: one task's life on the node, a state machine an agent crash cannot make run a task twice.
+//! - [`supervisor`]: starts a failed runner again, with backoff, until its work is done.
+//! - [`runners`]: which runners are alive (what preemption waits on).
+//! - [`preemption`]: a preempting task starts only once the tasks it evicted are gone from the node.
 //! - [`daemon`]: a private containerd (the local cell's, and the tests').
 //! - [`containerd`]: the container runtime, containerd's gRPC API (run, wait, stop, remove, list).
 //! - [`image`]: loading images into containerd from OCI tarballs (no registry), and building the tiny
 //!   busybox image tests and the local cell use.
 //! - [`logs`]: the gRPC log service `omctl logs` streams from.
 //! - [`simulated`]: many virtual nodes in one process, running tasks as timers, for scale tests.
+//! - [`error`]: the library's error type.
 
 pub mod agent;
 pub mod containerd;
 pub mod daemon;
+pub mod error;
 pub mod image;
 pub mod logs;
+pub mod preemption;
+pub mod runner;
+pub mod runners;
 pub mod simulated;
+pub mod supervisor;

@@ -5,7 +5,7 @@ use omega::keys::Keys;
 use omega::resources::Resources;
 use omega::store::Store;
 use omega_agent::agent::{Agent, AgentConfig};
-use omega_agent::containerd::Containerd;
+use omega_agent::containerd::{Containerd, ContainerdOptions};
 use omega_agent::logs::LogService;
 use omega_agent::simulated::{SimOptions, SimulatedNodes};
 use std::collections::BTreeMap;
@@ -45,6 +45,9 @@ struct Args {
     /// containerd namespace holding Omega's containers (one dedicated namespace).
     #[arg(long, default_value = "omega")]
     namespace: String,
+    /// containerd snapshotter for task root filesystems (`native` where overlay mounts do not work).
+    #[arg(long, default_value = "overlayfs")]
+    snapshotter: String,
     /// Where task logs are kept.
     #[arg(long, default_value = "/var/lib/omega/logs")]
     log_dir: PathBuf,
@@ -122,7 +125,8 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     std::fs::create_dir_all(&args.log_dir).with_context(|| format!("creating {}", args.log_dir.display()))?;
-    let containerd = Containerd::connect(&args.containerd_socket, &args.namespace)
+    let options = ContainerdOptions { snapshotter: args.snapshotter.clone(), ..ContainerdOptions::default() };
+    let containerd = Containerd::connect_with(&args.containerd_socket, &args.namespace, options)
         .await
         .with_context(|| format!("connecting to containerd at {}", args.containerd_socket.display()))?;
     let config = AgentConfig {

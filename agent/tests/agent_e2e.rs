@@ -21,6 +21,7 @@ use omega::resources::Resources;
 use omega::store::Store;
 use omega_agent::agent::{Agent, AgentConfig};
 use omega_agent::logs::{serve, LogService};
+use omega_agent::runners::Runners;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -31,6 +32,7 @@ struct RunningAgent {
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
     logs: String,
+    runners: Runners,
 }
 
 impl RunningAgent {
@@ -52,6 +54,7 @@ impl RunningAgent {
             let _ = logs_stopped.await;
         }));
         let agent = Agent::new(store.clone(), config, daemon.client().await);
+        let runners = agent.runners();
         let handle = tokio::spawn(async move {
             let r = agent
                 .run(async move {
@@ -67,7 +70,7 @@ impl RunningAgent {
             assert!(Instant::now() < deadline, "the agent registered its node");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        RunningAgent { stop: Some(stop), handle, logs: format!("http://{listen}") }
+        RunningAgent { stop: Some(stop), handle, logs: format!("http://{listen}"), runners }
     }
 
     async fn stop(mut self) {
@@ -271,4 +274,64 @@ async fn a_failing_task_is_restarted_per_policy_then_left_failed() {
     assert_eq!(text.matches("attempt").count(), 3, "{text}");
     assert!(audit::audit(&store).await.unwrap().is_ok());
     agent.stop().await;
+}
+
+/// Preemption on the node: the preemptor's claim takes the victim's ledger share at once, but its container
+/// starts only after the victim's container has exited (here after the whole grace period: the victim
+/// ignores SIGTERM) and the victim's runner has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preemptor_starts_only_after_its_victim_has_stopped() {
+    let (_etcd, store, daemon, cache, logs) = setup("e2e-preempt").await;
+    let agent = RunningAgent::start(&store, &daemon, logs.path()).await;
+    // The node's whole CPU each, so the two cannot both hold it.
+    let stubborn = ["sh", "-c", "trap '' TERM; echo victim; while true; do sleep 1; done"];
+    submit_and_place(&store, &cache, job("low", &stubborn, 2000, 64 << 20)).await;
+    let victim = wait_state(&store, "low/0", 30, |t| t.state == TaskState::Running).await;
+    let victim_container = victim.run.expect("run info").container;
+    let client = daemon.client().await;
+    let victim_exit = tokio::spawn({
+        let (client, id) = (client.clone(), victim_container.clone());
+        async move { client.wait(&id).await }
+    });
+
+    let mut high = job("high", &["sh", "-c", "echo preemptor; sleep 600"], 2000, 64 << 20);
+    high.priority = 100;
+    store.create_job(&high, 128).await.unwrap();
+    let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
+    let claim = Claim::preempting(
+        snap.tasks.get("high/0").unwrap().clone(),
+        NODE,
+        vec![snap.tasks.get("low/0").unwrap().clone()],
+    );
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &[claim], CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.committed(), 1, "{:?}", report.outcomes);
+
+    let preemptor = wait_state(&store, "high/0", 60, |t| t.state == TaskState::Running).await;
+    let started_at = preemptor.run.expect("run info").started_at_ms;
+    let exit = tokio::time::timeout(Duration::from_secs(30), victim_exit).await.unwrap().unwrap().unwrap();
+    assert_eq!(exit.code, 137, "the victim ignored SIGTERM and was killed after the grace period");
+    assert!(
+        started_at >= exit.finished_at_ms,
+        "the preemptor started at {started_at}, before its victim exited at {}",
+        exit.finished_at_ms
+    );
+    assert!(
+        agent.runners.placements("low/0").is_empty(),
+        "the victim's runner is gone: {:?}",
+        agent.runners.snapshot()
+    );
+    let listed = client.list().await.unwrap();
+    assert!(listed.iter().all(|c| c.id != victim_container), "the victim's container is removed: {listed:?}");
+    assert_eq!(task(&store, "low/0").await.state, TaskState::Pending, "the victim waits for its scheduler");
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.violations);
+    agent.stop().await;
+    let running: Vec<String> = client.list().await.unwrap().into_iter().map(|c| c.id).collect();
+    for id in running {
+        let _ = client.stop(&id, Duration::from_secs(1)).await;
+        let _ = client.remove(&id).await;
+    }
 }

@@ -1,0 +1,515 @@
+//! One task's life on this node: an explicit state machine that an agent crash at any step cannot make run a
+//! task twice, or leave holding its resources.
+//!
+//! ```text
+//!            +-------------------------------- restart policy: record run R+1, then delete run R -----+
+//!            v                                                                                       |
+//! discover -> start(R) -> running(R) -> exited(R) -> end recorded (release) -> task deleted -> container removed
+//!     |                                                                                       (done)
+//!     +--> stop (the assignment is gone): SIGTERM, grace, SIGKILL, remove
+//! ```
+//!
+//! What is persisted where, and why it is enough:
+//!
+//! - **Each run is its own container**, `<job>-<index>-p<placement>-r<run>`, labelled with the task, the
+//!   placement and the run number, so a container found after a crash says exactly which run it is.
+//! - **etcd says which run is current**: the task record's `run.restarts` is the run number, `run.container`
+//!   its container (whose name carries the placement), `run.started_at_ms > 0` with state `running` that it
+//!   was started. A restart writes run R+1 (not yet started) *before* run R's container is deleted and run
+//!   R+1 is created, so after a crash a container of an older run is known to be counted already.
+//! - **"Assignment present" means "end not recorded"**: the end is recorded by a release, which deletes the
+//!   assignment in the same transaction. Nothing of containerd's state of the run is deleted before that
+//!   release has landed, so containerd keeps the exit status (and the OOM count in the cgroup) until etcd has
+//!   it. Recording is retried until etcd takes it (a transport failure is an unknown outcome: the task is read
+//!   again, and what it says decides).
+//!
+//! After a crash a new runner starts from `discover`, which reads the record and the task's containers:
+//!
+//! | container of the current run R | record says R started | then |
+//! |---|---|---|
+//! | running | either | adopt it: wait for its exit |
+//! | exited | either | collect its exit (the process ran; it is never run again) |
+//! | created but never started, or no task | no | start it (what ran before was nothing) |
+//! | absent | no | start run R |
+//! | absent, or its task gone | yes | the process vanished (containerd lost it): a failed run, exit unknown |
+//!
+//! Containers of runs older than R are removed (their exits are counted); containers of other placements
+//! belong to other runners or to the agent's sweep of leftovers.
+//!
+//! Failpoints ([`omega::failpoint`]) mark each step boundary, so tests can kill the real agent exactly there.
+//! A runner that fails (etcd or containerd unreachable) is started again by its supervisor
+//! ([`crate::supervisor`]), with backoff, from `discover`: the same path as after a crash. What the runner
+//! writes to etcd, and how each write is retried until it lands, is in `record.rs`.
+
+mod record;
+
+use crate::agent::{log_path, should_restart, AgentConfig};
+use crate::containerd::{ContainerInfo, ContainerSpec, Containerd, Error as ContainerdError, Exit, TaskPhase};
+use crate::error::{Error, Result};
+use crate::preemption::Victims;
+use crate::runners::Runners;
+use crate::supervisor::stop_requested;
+use omega::cell_state::Versioned;
+use omega::failpoint;
+use omega::model::{now_ms, Assignment, Job, RunInfo, Task, TaskState};
+use omega::store::Store;
+use record::Written;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub const LABEL_TASK: &str = "omega.task";
+pub const LABEL_PLACEMENT: &str = "omega.placement";
+pub const LABEL_RUN: &str = "omega.run";
+pub const LABEL_JOB: &str = "omega.job";
+
+/// The step boundaries a test can stop the agent at (`OMEGA_FAILPOINTS=<name>=pause`).
+pub mod failpoints {
+    /// About to create and start a run's container (a preemptor's victims are gone).
+    pub const BEFORE_START: &str = "agent.before_start";
+    /// The container runs; `running` is not recorded yet.
+    pub const AFTER_START: &str = "agent.after_start";
+    /// The exit was observed; nothing of it is recorded.
+    pub const AFTER_EXIT: &str = "agent.after_exit";
+    /// The restart policy's next run is recorded; the exited run's container is still there.
+    pub const AFTER_RESTART_RECORDED: &str = "agent.after_restart_recorded";
+    /// The end is recorded (task released, assignment deleted); the containerd task and container remain.
+    pub const AFTER_RELEASE: &str = "agent.after_release";
+    /// The containerd task is deleted; the container record (and snapshot) remain.
+    pub const AFTER_TASK_DELETE: &str = "agent.after_task_delete";
+}
+
+/// The container of run `run` of `task_id`'s placement `placement`.
+pub fn container_id(task_id: &str, placement: u32, run: u32) -> String {
+    format!("{}-p{placement}-r{run}", task_id.replace('/', "-"))
+}
+
+/// The placement and run a container id names, for a container of `task_id`: `<task>-p<P>-r<R>`, or
+/// `<task>-p<P>` (agents before runs were numbered: one container per placement, taken as run 0).
+pub fn parse_container_id(task_id: &str, id: &str) -> Option<(u32, u32)> {
+    let rest = id.strip_prefix(&task_id.replace('/', "-"))?.strip_prefix("-p")?;
+    match rest.split_once("-r") {
+        Some((p, r)) => Some((p.parse().ok()?, r.parse().ok()?)),
+        None => Some((rest.parse().ok()?, 0)),
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Exited(Exit),
+    /// Its process is gone with no exit status (containerd lost the task, e.g. the machine rebooted).
+    Vanished,
+}
+
+impl End {
+    fn failed(&self) -> bool {
+        match self {
+            End::Exited(e) => e.code != 0 || e.oom_killed,
+            End::Vanished => true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            End::Exited(e) if e.oom_killed => "an OOM kill".to_string(),
+            End::Exited(e) => format!("exit {}", e.code),
+            End::Vanished => "its process vanished".to_string(),
+        }
+    }
+}
+
+/// A run in progress (or just ended).
+#[derive(Clone, Debug)]
+struct Run {
+    number: u32,
+    container: String,
+    pid: Option<u32>,
+    started_at_ms: u64,
+}
+
+enum Step {
+    Start(u32),
+    /// `recorded`: the record already says this run started (nothing to write before waiting).
+    Running {
+        run: Run,
+        recorded: bool,
+    },
+    Exited(Run, End),
+    End {
+        container: String,
+        state: TaskState,
+        reason: Option<String>,
+        info: RunInfo,
+    },
+    Stop,
+    Done,
+}
+
+/// One assignment's runner.
+pub struct TaskRunner {
+    pub store: Store,
+    pub containerd: Arc<Containerd>,
+    pub config: Arc<AgentConfig>,
+    pub runners: Runners,
+    pub assignment: Assignment,
+}
+
+impl TaskRunner {
+    fn a(&self) -> &Assignment {
+        &self.assignment
+    }
+
+    /// One attempt: find out where the task stands, then walk the state machine to its end.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
+        if let Some((job, mut step)) = self.discover(&stop).await? {
+            loop {
+                step = match step {
+                    Step::Start(n) => self.start(&job, n, &mut stop).await?,
+                    Step::Running { run, recorded } => self.running(run, recorded, &mut stop).await?,
+                    Step::Exited(run, end) => self.exited(&job, run, end, &mut stop).await?,
+                    Step::End { container, state, reason, info } => {
+                        self.end(container, state, reason, info, &mut stop).await?
+                    }
+                    Step::Stop => break,
+                    Step::Done => return Ok(()),
+                }
+            }
+        }
+        self.stop_containers().await
+    }
+
+    async fn read_task(&self) -> Result<Option<Versioned<Task>>> {
+        let key = self.store.keys().task(&self.a().task);
+        Ok(self.store.get_json::<Task>(&key).await?.map(|(t, rev)| Versioned::new(t, rev)))
+    }
+
+    /// Whether the task is still this assignment's: this placement, on this node, holding its resources.
+    fn ours(&self, t: &Task) -> bool {
+        t.placements == self.a().placement && t.state.holds_resources() && t.node.as_deref() == Some(&self.a().node)
+    }
+
+    /// The run the record says is current, and whether it was started.
+    fn recorded_run(&self, t: &Task) -> (u32, bool) {
+        match &t.run {
+            Some(run) if parse_container_id(&t.id, &run.container).map(|(p, _)| p) == Some(self.a().placement) => {
+                (run.restarts, t.state == TaskState::Running && run.started_at_ms > 0)
+            }
+            _ => (0, false),
+        }
+    }
+
+    /// This placement's containers of the task, with their run numbers.
+    async fn containers(&self, current: u32) -> Result<Vec<(u32, ContainerInfo)>> {
+        let a = self.a();
+        let placement = a.placement.to_string();
+        let mut out = Vec::new();
+        for c in self.containerd.list().await? {
+            if c.labels.get(LABEL_TASK) != Some(&a.task) || c.labels.get(LABEL_PLACEMENT) != Some(&placement) {
+                continue;
+            }
+            // No run label: made by an agent that kept one container per placement, i.e. the current run.
+            let run = match c.labels.get(LABEL_RUN) {
+                Some(r) => r.parse::<u32>().map_err(|_| Error::Unaccountable {
+                    container: c.id.clone(),
+                    task: a.task.clone(),
+                    why: format!("run label {r:?} is not a number"),
+                })?,
+                None => current,
+            };
+            out.push((run, c));
+        }
+        Ok(out)
+    }
+
+    /// Reads the record and the containers and decides where to resume. `None`: the task is not ours any
+    /// more (its end was recorded, or someone else moved it): only our containers are left to stop.
+    async fn discover(&self, stop: &watch::Receiver<bool>) -> Result<Option<(Job, Step)>> {
+        let a = self.a();
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        let Some(task) = self.read_task().await? else { return Ok(None) };
+        if !self.ours(&task.value) {
+            return Ok(None);
+        }
+        let Some((job, _)) = self.store.get_json::<Job>(&self.store.keys().job(&a.job)).await? else {
+            return Err(Error::JobMissing { job: a.job.clone(), task: a.task.clone() });
+        };
+        let (current, started) = self.recorded_run(&task.value);
+        let recorded_start = task.value.run.as_ref().map(|r| r.started_at_ms).filter(|_| started).unwrap_or(0);
+        let mut found = None;
+        for (run, c) in self.containers(current).await? {
+            if run < current {
+                tracing::info!(task = a.task, container = c.id, run, current, "removing a run whose end is counted");
+                self.containerd.remove(&c.id).await?;
+            } else if run > current {
+                // Never started by this protocol (a run starts only once the record names it): not ours to run.
+                tracing::warn!(task = a.task, container = c.id, run, current, "removing a run the record never named");
+                self.containerd.stop(&c.id, self.config.grace).await?;
+                self.containerd.remove(&c.id).await?;
+            } else {
+                found = Some(c);
+            }
+        }
+        let run = |c: &ContainerInfo, pid| Run {
+            number: current,
+            container: c.id.clone(),
+            pid,
+            started_at_ms: recorded_start,
+        };
+        let step = match found {
+            Some(c) => match c.task {
+                TaskPhase::Alive | TaskPhase::Unknown => {
+                    tracing::info!(task = a.task, container = c.id, "adopting a running container");
+                    Step::Running { run: run(&c, c.pid), recorded: started }
+                }
+                TaskPhase::Exited => {
+                    tracing::info!(task = a.task, container = c.id, "collecting the exit of a container that ended");
+                    Step::Running { run: run(&c, c.pid), recorded: true }
+                }
+                TaskPhase::Created | TaskPhase::None if started => {
+                    let pid = task.value.run.as_ref().and_then(|r| r.pid);
+                    Step::Exited(run(&c, pid), End::Vanished)
+                }
+                TaskPhase::Created | TaskPhase::None => Step::Start(current),
+            },
+            None if started => {
+                let r = task.value.run.as_ref();
+                let gone = Run {
+                    number: current,
+                    container: r
+                        .map(|r| r.container.clone())
+                        .unwrap_or_else(|| container_id(&a.task, a.placement, current)),
+                    pid: r.and_then(|r| r.pid),
+                    started_at_ms: recorded_start,
+                };
+                Step::Exited(gone, End::Vanished)
+            }
+            None => Step::Start(current),
+        };
+        if let Step::Exited(run, End::Vanished) = &step {
+            tracing::warn!(
+                task = a.task,
+                container = run.container,
+                "the run's process vanished without an exit status"
+            );
+        }
+        Ok(Some((job, step)))
+    }
+
+    fn spec(&self, job: &Job, id: &str, run: u32) -> ContainerSpec {
+        let a = self.a();
+        let labels: BTreeMap<String, String> = [
+            (LABEL_TASK.to_string(), a.task.clone()),
+            (LABEL_PLACEMENT.to_string(), a.placement.to_string()),
+            (LABEL_RUN.to_string(), run.to_string()),
+            (LABEL_JOB.to_string(), a.job.clone()),
+        ]
+        .into();
+        ContainerSpec {
+            id: id.to_string(),
+            image: job.image.clone(),
+            command: job.command.clone(),
+            args: job.args.clone(),
+            env: job.env.clone(),
+            cpu_millis: a.resources.cpu_millis,
+            memory_bytes: a.resources.memory_bytes,
+            log_path: log_path(&self.config.log_dir, &a.task),
+            labels,
+        }
+    }
+
+    async fn start(&self, job: &Job, number: u32, stop: &mut watch::Receiver<bool>) -> Result<Step> {
+        let a = self.a();
+        let victims = Victims {
+            store: &self.store,
+            containerd: &self.containerd,
+            runners: &self.runners,
+            node: &a.node,
+            task: &a.task,
+            victims: &a.after,
+        };
+        if !victims.wait_gone(stop).await? {
+            return Ok(Step::Stop);
+        }
+        failpoint::hit(failpoints::BEFORE_START).await;
+        if *stop.borrow() {
+            return Ok(Step::Stop);
+        }
+        let id = container_id(&a.task, a.placement, number);
+        let failed = |reason: String| Step::End {
+            container: id.clone(),
+            state: TaskState::Failed,
+            reason: Some(reason),
+            info: RunInfo { container: id.clone(), restarts: number, ..Default::default() },
+        };
+        let spec = self.spec(job, &id, number);
+        if let Some(dir) = spec.log_path.parent() {
+            if let Err(e) = tokio::fs::create_dir_all(dir).await {
+                return Ok(failed(format!("log directory {}: {e}", dir.display())));
+            }
+        }
+        match self.containerd.ensure_image(&job.image).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => return Ok(failed(format!("image: {e}"))),
+        }
+        // Taken before the container starts: whatever started later is after this.
+        let started_at_ms = now_ms();
+        let pid = match self.containerd.run(&spec).await {
+            Ok(pid) => pid,
+            Err(ContainerdError::AlreadyRunning { pid, .. }) => pid,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => return Ok(failed(format!("start: {e}"))),
+        };
+        tracing::info!(task = a.task, container = id, pid, run = number, "started");
+        failpoint::hit(failpoints::AFTER_START).await;
+        let run = Run { number, container: id, pid: Some(pid), started_at_ms };
+        Ok(Step::Running { run, recorded: false })
+    }
+
+    /// Records `running` (unless the record has it), and waits for the exit or a stop.
+    async fn running(&self, mut run: Run, recorded: bool, stop: &mut watch::Receiver<bool>) -> Result<Step> {
+        let container = run.container.clone();
+        let wait = self.containerd.wait(&container);
+        tokio::pin!(wait);
+        if !recorded {
+            if run.started_at_ms == 0 {
+                run.started_at_ms = now_ms();
+            }
+            let mut stop_writing = stop.clone();
+            tokio::select! {
+                biased;
+                written = self.record_running(&run, &mut stop_writing) => match written? {
+                    Written::Done => {}
+                    Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
+                },
+                // It ended before etcd took `running` (etcd slow or away): the end is what matters.
+                exit = &mut wait => return self.observed(run, exit).await,
+                _ = stop_requested(stop) => return Ok(Step::Stop),
+            }
+        }
+        tokio::select! {
+            exit = &mut wait => self.observed(run, exit).await,
+            _ = stop_requested(stop) => Ok(Step::Stop),
+        }
+    }
+
+    async fn observed(&self, run: Run, exit: std::result::Result<Exit, ContainerdError>) -> Result<Step> {
+        let end = match exit {
+            Ok(exit) => End::Exited(exit),
+            Err(e) if e.is_not_found() => End::Vanished,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(task = self.a().task, container = run.container, end = end.describe(), "run ended");
+        failpoint::hit(failpoints::AFTER_EXIT).await;
+        Ok(Step::Exited(run, end))
+    }
+
+    /// Applies the restart policy: the next run (recorded first), or the end.
+    async fn exited(&self, job: &Job, run: Run, end: End, stop: &mut watch::Receiver<bool>) -> Result<Step> {
+        let a = self.a();
+        let (exit_code, oom_killed, finished_at_ms) = match end {
+            End::Exited(e) => (Some(e.code), e.oom_killed, Some(e.finished_at_ms)),
+            End::Vanished => (None, false, Some(now_ms())),
+        };
+        let info = RunInfo {
+            container: run.container.clone(),
+            pid: run.pid,
+            started_at_ms: run.started_at_ms,
+            finished_at_ms,
+            exit_code,
+            oom_killed,
+            restarts: run.number,
+        };
+        if should_restart(job, end.failed(), run.number) {
+            let next = run.number + 1;
+            let reason = match job.restart.max_restarts {
+                0 => format!("restarting after {} (restart {next})", end.describe()),
+                max => format!("restarting after {} (restart {next} of {max})", end.describe()),
+            };
+            match self.record_restart(next, reason, stop).await? {
+                Written::Done => {}
+                Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
+            }
+            failpoint::hit(failpoints::AFTER_RESTART_RECORDED).await;
+            self.delete_container(&run.container).await?;
+            let backoff = Duration::from_millis(job.restart.backoff_ms.saturating_mul(1 << run.number.min(6)))
+                .min(Duration::from_secs(60));
+            tracing::info!(task = a.task, end = end.describe(), next, ?backoff, "restarting per policy");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => return Ok(Step::Start(next)),
+                _ = stop_requested(stop) => return Ok(Step::Stop),
+            }
+        }
+        let (state, reason) = match end {
+            End::Exited(e) if e.oom_killed => {
+                (TaskState::Failed, Some("OOM-killed: exceeded its memory limit".to_string()))
+            }
+            End::Exited(e) if e.code != 0 => (TaskState::Failed, Some(format!("exited with code {}", e.code))),
+            End::Exited(_) => (TaskState::Succeeded, None),
+            End::Vanished => (
+                TaskState::Failed,
+                Some("its process vanished: containerd no longer knows the task (was the node rebooted?)".into()),
+            ),
+        };
+        Ok(Step::End { container: run.container, state, reason, info })
+    }
+
+    /// Records the end (retried until etcd takes it), then deletes the run's containerd state.
+    async fn end(
+        &self,
+        container: String,
+        state: TaskState,
+        reason: Option<String>,
+        info: RunInfo,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Step> {
+        match self.record_end(state, reason, info, stop).await? {
+            Written::Done => tracing::info!(task = self.a().task, %state, "task finished"),
+            Written::NotOurs | Written::Stopped => {
+                tracing::info!(task = self.a().task, "its end was already recorded elsewhere")
+            }
+        }
+        failpoint::hit(failpoints::AFTER_RELEASE).await;
+        self.delete_container(&container).await?;
+        Ok(Step::Done)
+    }
+
+    /// Deletes a run's containerd task, then its container: only ever after its exit is recorded in etcd.
+    async fn delete_container(&self, id: &str) -> Result<()> {
+        self.containerd.delete_task(id).await?;
+        failpoint::hit(failpoints::AFTER_TASK_DELETE).await;
+        self.containerd.remove(id).await?;
+        Ok(())
+    }
+
+    /// Stops and removes every container of this placement (the assignment is gone: whoever removed it has
+    /// written the task's state).
+    async fn stop_containers(&self) -> Result<()> {
+        for (_, c) in self.containers(0).await? {
+            if c.running || c.task == TaskPhase::Created {
+                let exit = self.containerd.stop(&c.id, self.config.grace).await?;
+                tracing::info!(task = self.a().task, container = c.id, ?exit, "stopped");
+            }
+            self.containerd.remove(&c.id).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_name_placement_and_run() {
+        assert_eq!(container_id("web/3", 2, 0), "web-3-p2-r0");
+        assert_eq!(parse_container_id("web/3", "web-3-p2-r5"), Some((2, 5)));
+        assert_eq!(parse_container_id("web/3", "web-3-p2"), Some((2, 0)), "one container per placement");
+        assert_eq!(parse_container_id("web/3", "web-30-p2-r0"), None);
+        assert_eq!(parse_container_id("web/3", "web-3-px"), None);
+    }
+}

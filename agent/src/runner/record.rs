@@ -1,0 +1,150 @@
+//! What a task runner writes to etcd, each write guarded by the task's mod_revision and retried until it
+//! settles: `running` when a run starts, the next run before a restart, and the end (a release, which also
+//! frees the ledger and deletes the assignment). A write whose answer was lost is settled by reading the task
+//! again: the record either already says what was written, or is no longer this assignment's.
+
+use super::{container_id, Run, TaskRunner};
+use crate::error::Result;
+use crate::supervisor::{stop_requested, Backoff};
+use omega::model::{now_ms, RunInfo, Task, TaskState};
+use omega::release::{release, update_task, Release, ReleaseOutcome};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What a guarded write found.
+pub(super) enum Written {
+    Done,
+    /// The task is no longer this placement's, holding resources here: someone else decided its fate.
+    NotOurs,
+    /// The runner was told to stop meanwhile.
+    Stopped,
+}
+
+impl TaskRunner {
+    /// Writes `running` for `run`, retried until it lands or the task is no longer ours.
+    pub(super) async fn record_running(&self, run: &Run, stop: &mut watch::Receiver<bool>) -> Result<Written> {
+        let info = RunInfo {
+            container: run.container.clone(),
+            pid: run.pid,
+            started_at_ms: run.started_at_ms,
+            restarts: run.number,
+            ..Default::default()
+        };
+        self.write_own(stop, |t| {
+            if t.state == TaskState::Running && t.run.as_ref() == Some(&info) {
+                return None;
+            }
+            let mut new = t.clone();
+            new.state = TaskState::Running;
+            new.run = Some(info.clone());
+            Some(new)
+        })
+        .await
+    }
+
+    /// Writes that run `next` is the current one and not yet started, before anything of it exists.
+    pub(super) async fn record_restart(
+        &self,
+        next: u32,
+        reason: String,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Written> {
+        let a = self.a();
+        let info =
+            RunInfo { container: container_id(&a.task, a.placement, next), restarts: next, ..Default::default() };
+        self.write_own(stop, |t| {
+            if t.run.as_ref() == Some(&info) {
+                return None;
+            }
+            let mut new = t.clone();
+            new.state = TaskState::Running;
+            new.run = Some(info.clone());
+            new.reason = Some(reason.clone());
+            Some(new)
+        })
+        .await
+    }
+
+    /// A guarded update of our task (one that keeps its resources), retried until it lands: `change` gives
+    /// the new record, or `None` when the record already has it (a write whose answer was lost did land).
+    async fn write_own(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        change: impl Fn(&Task) -> Option<Task>,
+    ) -> Result<Written> {
+        self.until_written(stop, "updating the task", || async {
+            let Some(seen) = self.read_task().await? else { return Ok(Attempt::Settled(Written::NotOurs)) };
+            if !self.ours(&seen.value) {
+                return Ok(Attempt::Settled(Written::NotOurs));
+            }
+            let Some(mut new) = change(&seen.value) else { return Ok(Attempt::Settled(Written::Done)) };
+            new.updated_at_ms = now_ms();
+            Ok(match update_task(&self.store, &seen, &new).await? {
+                Some(_) => Attempt::Settled(Written::Done),
+                None => Attempt::Changed,
+            })
+        })
+        .await
+    }
+
+    /// Releases the task into its final state, retried until etcd takes it. An unknown outcome is settled by
+    /// reading the task again: if it is no longer ours, the end is recorded (ours landed, or someone else's).
+    pub(super) async fn record_end(
+        &self,
+        state: TaskState,
+        reason: Option<String>,
+        info: RunInfo,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Written> {
+        self.until_written(stop, "recording the task's end", || async {
+            let Some(seen) = self.read_task().await? else { return Ok(Attempt::Settled(Written::NotOurs)) };
+            if !self.ours(&seen.value) {
+                return Ok(Attempt::Settled(Written::NotOurs));
+            }
+            let r = Release { task: seen, state, reason: reason.clone(), run: Some(info.clone()) };
+            Ok(match release(&self.store, &[r]).await?.first().copied() {
+                Some(ReleaseOutcome::Done { .. }) => Attempt::Settled(Written::Done),
+                Some(ReleaseOutcome::TaskChanged) => Attempt::Changed,
+                other => Attempt::Unsettled(format!("release outcome {other:?}")),
+            })
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it settles: again at once when the task changed under it, after a backoff when
+    /// etcd failed or the outcome is not known; a stop ends the loop (the assignment is gone, so the task's
+    /// fate is recorded).
+    async fn until_written<F, Fut>(&self, stop: &mut watch::Receiver<bool>, what: &str, attempt: F) -> Result<Written>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            if *stop.borrow() {
+                return Ok(Written::Stopped);
+            }
+            let why = match attempt().await {
+                Ok(Attempt::Settled(written)) => return Ok(written),
+                Ok(Attempt::Changed) => continue,
+                Ok(Attempt::Unsettled(why)) => why,
+                Err(e) => e.to_string(),
+            };
+            let wait = backoff.next();
+            tracing::warn!(task = self.a().task, error = why, retry_in = ?wait, "{what} failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop_requested(stop) => return Ok(Written::Stopped),
+            }
+        }
+    }
+}
+
+/// One try at a guarded write.
+enum Attempt {
+    Settled(Written),
+    /// The task changed between the read and the write: read it again.
+    Changed,
+    /// Nothing known to be written (contention, an unknown outcome): try again after a pause.
+    Unsettled(String),
+}
