@@ -356,7 +356,9 @@ mod tests {
     #[test]
     fn flat_transactions_split_their_writes() {
         assert!(flat_txn(&group(3, 10), 16).is_some(), "fits as is");
-        assert!(flat_txn(&group(3, 100), 16).is_some(), "writes nested");
+        // 3 compares: 5 sub-transactions of 11 writes each carry 50 (the outer opc is then 5).
+        assert!(flat_txn(&group(3, 50), 16).is_some(), "writes nested");
+        assert!(flat_txn(&group(3, 100), 16).is_none(), "at most 8 x 8 = 64 writes fit under 16 ops");
         assert!(flat_txn(&group(17, 1), 16).is_none(), "too many compares");
         // 10 compares leave 6 per sub-txn; 200 writes would need 34 sub-txns, more than the limit.
         assert!(flat_txn(&group(10, 200), 16).is_none());

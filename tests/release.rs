@@ -208,3 +208,42 @@ async fn many_tasks_start_running_in_few_round_trips() {
     assert!(omega::release::update_tasks(&store, &updates).await.is_err(), "leaving a node goes through release()");
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }
+
+/// Cancelling a large job: its pending tasks are released many per round trip (each etcd transaction that
+/// writes raises the revision by one, so the revision counts the round trips), and its placed tasks leave
+/// their nodes in groups per node, within the server's op limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_thousands_of_tasks_takes_few_round_trips() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 10, Resources::new(400_000, 1 << 40)).await;
+    store.create_job(&batch_job("big", 2000, TASK), 128).await.unwrap();
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
+    let snap = assert_converged(&store, &cache).await;
+    // 500 of them placed, 50 on each node.
+    let claims: Vec<Claim> = (0..500)
+        .map(|i| Claim::new(snap.tasks.get(&format!("big/{i}")).unwrap().clone(), node_name(i % 10)))
+        .collect();
+    let report = Committer::new(store.clone(), CommitConfig::default())
+        .commit(&snap, &claims, CommitKind::Incremental)
+        .await
+        .unwrap();
+    assert_eq!(report.committed(), 500);
+    let snap = cache.wait_for_revision(report.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
+    let releases: Vec<Release> = snap
+        .tasks
+        .values()
+        .map(|t| Release { task: t.clone(), state: TaskState::Killed, reason: Some("cancelled".into()), run: None })
+        .collect();
+    assert_eq!(releases.len(), 2000);
+    let before = store.revision().await.unwrap();
+    let out = release(&store, &releases).await.unwrap();
+    let round_trips = store.revision().await.unwrap() - before;
+    assert!(out.iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })), "{:?}", &out[..3]);
+    // 1,500 pending tasks at 125 per transaction (12), then the 500 placed ones: one group per node of 101
+    // writes (ledger, 50 tasks, 50 assignments), and ten such groups fit one transaction under 128 ops.
+    eprintln!("2,000 releases in {round_trips} transactions");
+    assert!(round_trips <= 13 + 10, "2,000 releases took {round_trips} transactions");
+    let audit = audit::audit(&store).await.unwrap();
+    assert!(audit.is_ok(), "{:?}", audit.violations);
+    assert_eq!(audit.used, Resources::ZERO);
+}
