@@ -65,6 +65,12 @@
 //!   `"1.10"` (not `1.1`), `cpu: 0.5` is exactly 500 millicores. The flip side: `~` and `null` are not special
 //!   in string fields (`image: null` names an image called `null`).
 //! - **Anchors and aliases work; merge keys (`<<`) do not** (they are reported as an unknown field).
+//! - **Limits are checked before anything is written.** A file of at most 4 MiB, nested at most 32 levels deep,
+//!   checked by a linear scan before parsing, since the YAML parser's time grows with the square of the nesting
+//!   depth. A job whose stored record fits one etcd request (1.5 MiB by default), or the error points at the
+//!   largest field, rather than submission failing later with a transport error. No control characters in
+//!   names, images and labels; in values and arguments none but tab, newline and carriage return; NUL nowhere
+//!   (a process receives its arguments and environment as C strings, cut at the first NUL).
 //!
 //! # Where errors point
 //!
@@ -79,19 +85,23 @@
 //! (`resources.cpu`) points at its parent's key.
 
 mod build;
+mod prescan;
 mod probe;
 mod quantity;
 mod raw;
 mod render;
+mod size;
 #[cfg(test)]
 mod tests;
 
 use crate::model::Job;
+use crate::store::DEFAULT_MAX_REQUEST_BYTES;
 use build::Ctx;
 use raw::RawJob;
 use serde::Deserialize;
 use std::fmt;
 
+pub use prescan::{MAX_DEPTH, MAX_FILE_BYTES};
 pub use quantity::{parse_duration_ms, parse_quantity_cpu, parse_quantity_memory};
 pub use render::to_yaml;
 
@@ -154,8 +164,13 @@ impl std::error::Error for JobSpecError {}
 /// The job is fully validated: a job this returns can be written to the cell as is.
 pub fn parse_job(source_name: &str, text: &str) -> Result<Job, JobSpecError> {
     let mut ctx = Ctx { source: source_name, text, doc: 0 };
+    prescan::check(text).map_err(|refused| ctx.error(refused.at, None, refused.message))?;
     ctx.doc = ctx.select_document()?;
-    let document = serde_norway::Deserializer::from_str(text).nth(ctx.doc).expect("the document was just read");
+    let Some(document) = serde_norway::Deserializer::from_str(text).nth(ctx.doc) else {
+        return Err(ctx.error(None, None, "the job's YAML document could not be read twice"));
+    };
     let raw = RawJob::deserialize(document).map_err(|err| ctx.serde_error(err))?;
-    ctx.build(raw)
+    let job = ctx.build(raw)?;
+    ctx.check_size(&job, DEFAULT_MAX_REQUEST_BYTES)?;
+    Ok(job)
 }

@@ -130,7 +130,7 @@ scalar_field!(de_job_name, String, "a job name such as `web`", |s| checked_name(
 scalar_field!(de_scheduler, String, "a scheduler name such as `batch`", |s| checked_name("scheduler", s));
 scalar_field!(de_image, String, "a container image such as `busybox`", image);
 scalar_field!(de_label, String, "a node label name such as `zone`", label);
-scalar_field!(de_text, String, "a string", |s| Ok(s.to_string()));
+scalar_field!(de_text, String, "a string", label_value);
 scalar_field!(de_kind, JobKind, "`batch` or `service`", kind);
 scalar_field!(de_policy, RestartMode, "`never`, `on_failure` or `always`", policy);
 scalar_field!(de_cpu, u64, "a CPU quantity such as `500m` or `2`", cpu_request);
@@ -142,7 +142,9 @@ fn checked_name(what: &str, s: &str) -> Result<String, String> {
 }
 
 fn image(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
+    if let Some(problem) = control(s, Allow::Nothing) {
+        Err(format!("the image name {problem}"))
+    } else if s.trim().is_empty() {
         Err("the image must not be empty; name a container image such as `busybox`".to_string())
     } else if s.chars().any(char::is_whitespace) {
         Err(format!("image {s:?} contains whitespace; put the command in `command` and `args`"))
@@ -152,7 +154,9 @@ fn image(s: &str) -> Result<String, String> {
 }
 
 fn label(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
+    if let Some(problem) = control(s, Allow::Nothing) {
+        Err(format!("the label name {problem}"))
+    } else if s.trim().is_empty() {
         Err("a label name must not be empty; name a node label such as `zone`".to_string())
     } else {
         Ok(s.to_string())
@@ -275,7 +279,8 @@ fn de_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
 /// A list of scalars, each read as written.
 struct List {
     expecting: &'static str,
-    non_empty: bool,
+    /// Label values (a node label's value: one line of text), not command-line arguments.
+    values: bool,
 }
 
 impl<'de> Visitor<'de> for List {
@@ -285,10 +290,11 @@ impl<'de> Visitor<'de> for List {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
         let mut out = Vec::new();
-        while let Some(item) = seq.next_element_seed(Scalar { expecting: "a string", parse: |s| Ok(s.to_string()) })? {
+        let parse: fn(&str) -> Result<String, String> = if self.values { label_value } else { argument };
+        while let Some(item) = seq.next_element_seed(Scalar { expecting: "a string", parse })? {
             out.push(item);
         }
-        if self.non_empty && out.is_empty() {
+        if self.values && out.is_empty() {
             return Err(de::Error::custom("the list is empty; give at least one value, e.g. `[a, b]`"));
         }
         Ok(out)
@@ -296,11 +302,11 @@ impl<'de> Visitor<'de> for List {
 }
 
 fn de_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_seq(List { expecting: "a list of strings, e.g. `[\"sh\", \"-c\"]`", non_empty: false }).map(Some)
+    d.deserialize_seq(List { expecting: "a list of strings, e.g. `[\"sh\", \"-c\"]`", values: false }).map(Some)
 }
 
 fn de_values<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_seq(List { expecting: "a list of label values, e.g. `[a, b]`", non_empty: true }).map(Some)
+    d.deserialize_seq(List { expecting: "a list of label values, e.g. `[a, b]`", values: true }).map(Some)
 }
 
 struct Constraints;
@@ -335,8 +341,7 @@ impl<'de> Visitor<'de> for Env {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut env = BTreeMap::new();
         while let Some(name) = map.next_key_seed(EnvName(&env))? {
-            let value =
-                map.next_value_seed(Scalar { expecting: "a string, number or boolean", parse: |s| Ok(s.to_string()) })?;
+            let value = map.next_value_seed(Scalar { expecting: "a string, number or boolean", parse: env_value })?;
             env.insert(name, value);
         }
         Ok(env)
@@ -360,6 +365,10 @@ impl<'de> Visitor<'de> for EnvName<'_> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
         if v.is_empty() {
             Err(E::custom("a variable name must not be empty"))
+        } else if let Some(problem) = control(v, Allow::Nothing) {
+            Err(E::custom(format!("variable name {problem}")))
+        } else if v.chars().any(char::is_whitespace) {
+            Err(E::custom(format!("variable name {} contains whitespace, which no variable name may", shown(v))))
         } else if v.contains('=') {
             Err(E::custom(format!("variable name `{v}` contains `=`, which no variable name may")))
         } else if self.0.contains_key(v) {
@@ -372,4 +381,67 @@ impl<'de> Visitor<'de> for EnvName<'_> {
 
 fn de_env<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
     d.deserialize_map(Env).map(Some)
+}
+
+/// Which control characters a text may hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Allow {
+    /// Names, images, labels: none (they are one word of printable text).
+    Nothing,
+    /// Values and arguments: tab, newline and carriage return (scripts and multi-line values are real).
+    LineBreaks,
+}
+
+/// What is wrong with a text's control characters, as the end of a sentence naming the text; `None` if fine.
+///
+/// NUL is refused everywhere: an argument or an environment variable reaches the process as a C string, so
+/// anything after a NUL would be silently cut off.
+fn control(s: &str, allow: Allow) -> Option<String> {
+    let (at, c) = s
+        .chars()
+        .enumerate()
+        .find(|&(_, c)| c.is_control() && !(allow == Allow::LineBreaks && matches!(c, '\t' | '\n' | '\r')))?;
+    let which = match c {
+        '\0' => "NUL (U+0000), which no process can receive: the text would be cut off there".to_string(),
+        _ => format!("the control character U+{:04X}", c as u32),
+    };
+    let allowed = match allow {
+        Allow::Nothing => "no control character is allowed here",
+        Allow::LineBreaks => "tab, newline and carriage return are the only control characters allowed here",
+    };
+    Some(format!("{} contains {which} at character {}; {allowed}", shown(s), at + 1))
+}
+
+/// A text as it appears in a message: quoted and escaped, and shortened if long.
+fn shown(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() <= MAX {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(MAX).collect();
+    format!("{head:?}... ({} characters)", s.chars().count())
+}
+
+/// A label value (in a constraint): one line of printable text, as node labels are.
+fn label_value(s: &str) -> Result<String, String> {
+    match control(s, Allow::Nothing) {
+        Some(problem) => Err(format!("the label value {problem}")),
+        None => Ok(s.to_string()),
+    }
+}
+
+/// A command or argument: any text a process can receive.
+fn argument(s: &str) -> Result<String, String> {
+    match control(s, Allow::LineBreaks) {
+        Some(problem) => Err(format!("the argument {problem}")),
+        None => Ok(s.to_string()),
+    }
+}
+
+/// An environment variable's value: any text a process can receive.
+fn env_value(s: &str) -> Result<String, String> {
+    match control(s, Allow::LineBreaks) {
+        Some(problem) => Err(format!("the value {problem}")),
+        None => Ok(s.to_string()),
+    }
 }

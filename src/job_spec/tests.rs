@@ -458,3 +458,56 @@ fn durations() {
         assert!(e.contains(why), "{s:?}: {e}");
     }
 }
+
+#[test]
+fn control_characters_are_refused_where_they_make_no_sense() {
+    let e = assert_err(
+        &format!("{MINIMAL}env:\n  A: \"x\\0y\"\n"),
+        Some(7),
+        Some("env.A"),
+        &["NUL (U+0000)", "character 2"],
+    );
+    assert_eq!(e.column, Some(6));
+    assert_err(&format!("{MINIMAL}env:\n  \"A\\x01\": x\n"), Some(7), Some("env"), &["U+0001", "no control character"]);
+    assert_err(&format!("{MINIMAL}env:\n  \"A B\": x\n"), Some(7), Some("env"), &["whitespace"]);
+    assert_err(&format!("{MINIMAL}env:\n  A: \"\\e[1m\"\n"), Some(7), Some("env.A"), &["U+001B", "tab, newline"]);
+    assert_err(&format!("{MINIMAL}args: [\"a\\0\"]\n"), Some(6), Some("args[0]"), &["NUL"]);
+    assert_err(
+        &format!("{MINIMAL}constraints: [{{label: zone, equals: \"a\\tb\"}}]\n"),
+        Some(6),
+        Some("constraints[0].equals"),
+        &["U+0009"],
+    );
+    assert_err(&format!("{MINIMAL}spread: \"zo\\0ne\"\n"), Some(6), Some("spread"), &["NUL"]);
+    assert_err(&MINIMAL.replace("image: trainer", "image: \"trainer\\0\""), Some(5), Some("image"), &["NUL"]);
+    // Line breaks and tabs are text in values and arguments.
+    let job = parse_job("t", &format!("{MINIMAL}env: {{A: \"a\\tb\\nc\"}}\nargs: [\"x\\ny\"]\n")).unwrap();
+    assert_eq!((job.env["A"].as_str(), job.args[0].as_str()), ("a\tb\nc", "x\ny"));
+}
+
+#[test]
+fn deep_or_huge_files_are_refused_before_parsing() {
+    let text = format!("{MINIMAL}args: {}\n", "[".repeat(100_000));
+    let e = assert_err(&text, Some(6), None, &["deeper than 32 levels"]);
+    assert_eq!(e.column, Some(7 + MAX_DEPTH - 1));
+    let text = format!("{MINIMAL}args:\n{}x\n", "- ".repeat(100_000));
+    assert_err(&text, Some(7), None, &["deeper than 32 levels"]);
+    let e = err(&format!("{MINIMAL}# {}\n", "x".repeat(MAX_FILE_BYTES)));
+    assert!(e.line.is_none() && e.message.contains("at most 4194304 bytes"), "{e}");
+}
+
+#[test]
+fn a_job_too_large_for_one_etcd_request_is_refused_at_its_largest_field() {
+    let blob = "x".repeat(1_600_000);
+    let e = assert_err(
+        &format!("{MINIMAL}env:\n  SMALL: a\n  BLOB: {blob}\n"),
+        Some(8),
+        Some("env.BLOB"),
+        &["more than fits one etcd request", "1.44 MiB", "--max-request-bytes"],
+    );
+    assert_eq!(e.column, Some(3));
+    let args: Vec<String> = (0..25_000).map(|i| format!("arg-{i:060}")).collect();
+    assert_err(&format!("{MINIMAL}args: [{}]\n", args.join(", ")), Some(6), Some("args"), &["this field alone"]);
+    // Just under the limit is fine.
+    assert!(parse_job("t", &format!("{MINIMAL}env:\n  BLOB: {}\n", "x".repeat(1_400_000))).is_ok());
+}
