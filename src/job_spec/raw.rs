@@ -401,15 +401,19 @@ fn control(s: &str, allow: Allow) -> Option<String> {
         .chars()
         .enumerate()
         .find(|&(_, c)| c.is_control() && !(allow == Allow::LineBreaks && matches!(c, '\t' | '\n' | '\r')))?;
-    let which = match c {
-        '\0' => "NUL (U+0000), which no process can receive: the text would be cut off there".to_string(),
-        _ => format!("the control character U+{:04X}", c as u32),
-    };
+    let at = at + 1;
     let allowed = match allow {
         Allow::Nothing => "no control character is allowed here",
         Allow::LineBreaks => "tab, newline and carriage return are the only control characters allowed here",
     };
-    Some(format!("{} contains {which} at character {}; {allowed}", shown(s), at + 1))
+    Some(match c {
+        '\0' => format!(
+            "{} contains NUL (U+0000) at character {at}, which no process can receive (it would cut the text off \
+             there); {allowed}",
+            shown(s)
+        ),
+        _ => format!("{} contains the control character U+{:04X} at character {at}; {allowed}", shown(s), c as u32),
+    })
 }
 
 /// A text as it appears in a message: quoted and escaped, and shortened if long.
