@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod orphans;
 pub mod submission;
-pub use submission::{OrphanTasks, SubmitError};
+pub use orphans::OrphanTasks;
+pub use submission::SubmitError;
 
 /// Large enough for a page of big allocation records; etcd's own reply limit is far above this.
 pub const MAX_DECODING_BYTES: usize = 64 << 20;

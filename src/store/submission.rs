@@ -27,7 +27,6 @@ use crate::model::{now_ms, Job, Task};
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::time::Duration;
 
 /// Request bytes an operation costs beside its key and value; a compare beside its key (and value).
 const OP_OVERHEAD: usize = 16;
@@ -118,6 +117,8 @@ pub struct SubmissionSizes {
     pub job_transaction: usize,
     /// The largest task record's key and value.
     pub largest_task: usize,
+    /// A transaction carrying only that task (with its guards): the least a task transaction needs.
+    pub task_transaction: usize,
 }
 
 /// What submitting `job` under `keys` writes, in request bytes.
@@ -127,14 +128,15 @@ pub fn submission_sizes(keys: &Keys, job: &Job) -> Result<SubmissionSizes> {
     Ok(SubmissionSizes {
         job_record: encoded.job.bytes - OP_OVERHEAD,
         job_transaction: encoded.final_bytes(),
-        largest_task,
+        largest_task: largest_task.saturating_sub(OP_OVERHEAD),
+        task_transaction: largest_task + SUBTXN_OVERHEAD + encoded.guard_bytes(),
     })
 }
 
 /// Refuses a job that cannot be submitted under a request limit of `max_request_bytes`, saying by how much.
 pub fn check_submission_size(keys: &Keys, job: &Job, max_request_bytes: usize) -> Result<()> {
     let sizes = submission_sizes(keys, job)?;
-    if sizes.job_transaction <= max_request_bytes && sizes.largest_task + 64 <= max_request_bytes {
+    if sizes.job_transaction <= max_request_bytes && sizes.task_transaction <= max_request_bytes {
         return Ok(());
     }
     Err(Error::InvalidArgument(format!(
@@ -293,22 +295,22 @@ fn packed(mut ops: Vec<TxnOp>, max_ops: usize, compares: usize) -> Vec<TxnOp> {
 }
 
 /// How many of `ops`, from the first, one transaction can carry besides `fixed_ops` other writes and
-/// `fixed_bytes`.
+/// `fixed_bytes`. Each op is counted with the framing of a sub-transaction of its own (the most it can cost).
 fn fitting(ops: &[Op], max_ops: usize, compares: usize, fixed_ops: usize, fixed_bytes: usize, budget: usize) -> usize {
     let room_ops = capacity(max_ops, compares).saturating_sub(fixed_ops);
-    let mut used = fixed_bytes + max_ops * SUBTXN_OVERHEAD;
+    let mut used = fixed_bytes;
     let mut n = 0;
     for op in ops.iter().take(room_ops) {
-        if used + op.bytes > budget {
+        if used + op.bytes + SUBTXN_OVERHEAD > budget {
             break;
         }
-        used += op.bytes;
+        used += op.bytes + SUBTXN_OVERHEAD;
         n += 1;
     }
     n
 }
 
-fn revision(resp: &TxnResponse) -> i64 {
+pub(super) fn revision(resp: &TxnResponse) -> i64 {
     resp.header().map(|h| h.revision()).unwrap_or(0)
 }
 
@@ -503,7 +505,7 @@ impl Store {
 }
 
 /// Keys the first delete of a successful transaction removed.
-fn deleted(resp: &TxnResponse) -> u64 {
+pub(super) fn deleted(resp: &TxnResponse) -> u64 {
     resp.op_responses()
         .into_iter()
         .find_map(|r| match r {
@@ -511,130 +513,6 @@ fn deleted(resp: &TxnResponse) -> u64 {
             _ => None,
         })
         .unwrap_or(0)
-}
-
-/// Tasks under a job id that has no job record: what a multi-transaction submission writes before its
-/// record, and what one that died half way leaves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct OrphanTasks {
-    pub job: String,
-    pub tasks: u64,
-    /// The submission that wrote them, if its marker is still there.
-    pub marker: Option<SubmissionMarker>,
-    /// When they were last written: the marker's start, else the newest task's update.
-    pub written_ms: u64,
-}
-
-impl Store {
-    /// Every job id with tasks (or a submission marker) but no job record, read at one revision.
-    pub async fn orphan_tasks(&self) -> Result<Vec<OrphanTasks>> {
-        let page = super::DEFAULT_PAGE_SIZE;
-        let (jobs, rev) = self.list(&self.keys.jobs_prefix(), page, None).await?;
-        let (tasks, _) = self.list(&self.keys.tasks_prefix(), page, Some(rev)).await?;
-        let (markers, _) = self.list(&marker_key(&self.keys, ""), page, Some(rev)).await?;
-        let jobs: std::collections::BTreeSet<Vec<u8>> = jobs.iter().map(|kv| kv.key().to_vec()).collect();
-        let mut out: std::collections::BTreeMap<String, OrphanTasks> = std::collections::BTreeMap::new();
-        let tasks_prefix = self.keys.tasks_prefix();
-        for kv in &tasks {
-            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
-            let Some((job, _)) = key.strip_prefix(tasks_prefix.as_str()).and_then(|r| r.split_once('/')) else {
-                continue;
-            };
-            if jobs.contains(self.keys.job(job).as_bytes()) {
-                continue;
-            }
-            let written = serde_json::from_slice::<Task>(kv.value()).map(|t| t.updated_at_ms).unwrap_or(0);
-            let entry = out.entry(job.to_string()).or_insert_with(|| OrphanTasks {
-                job: job.to_string(),
-                tasks: 0,
-                marker: None,
-                written_ms: 0,
-            });
-            entry.tasks += 1;
-            entry.written_ms = entry.written_ms.max(written);
-        }
-        for kv in &markers {
-            let Ok(marker) = serde_json::from_slice::<SubmissionMarker>(kv.value()) else { continue };
-            if jobs.contains(self.keys.job(&marker.job).as_bytes()) {
-                continue;
-            }
-            let entry = out.entry(marker.job.clone()).or_insert_with(|| OrphanTasks {
-                job: marker.job.clone(),
-                tasks: 0,
-                marker: None,
-                written_ms: 0,
-            });
-            entry.written_ms = marker.started_ms;
-            entry.marker = Some(marker);
-        }
-        Ok(out.into_values().collect())
-    }
-
-    /// Deletes the tasks (and submission marker) of `job` if it has no job record and nothing of it was
-    /// written for `grace`. Guarded, so that a submission that resumed meanwhile, or completed, loses nothing;
-    /// `fence` (a leader's) must hold too. Returns how many tasks were deleted, `None` if there was nothing
-    /// to collect (a job record, or too young, or changed while looking).
-    pub async fn delete_orphan_tasks(&self, job: &str, grace: Duration, fence: Option<Compare>) -> Result<Option<u64>> {
-        keys::validate_name("job", job)?;
-        let job_key = self.keys.job(job);
-        let marker_key = marker_key(&self.keys, job);
-        let tasks = self.keys.tasks_of_job(job);
-        let tasks_end = prefix_end(tasks.as_bytes());
-        // One read-only transaction: the three reads see one revision.
-        let look = Txn::new().and_then([
-            TxnOp::get(job_key.as_str(), Some(GetOptions::new().with_keys_only())),
-            TxnOp::get(marker_key.as_str(), None),
-            TxnOp::get(tasks.as_str(), Some(GetOptions::new().with_range(tasks_end.clone()))),
-        ]);
-        let resp = self.client.kv_client().txn(look).await?;
-        let read = revision(&resp);
-        let gets: Vec<Vec<KeyValue>> = resp
-            .op_responses()
-            .into_iter()
-            .map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().to_vec(),
-                _ => Vec::new(),
-            })
-            .collect();
-        let [job_kvs, marker_kvs, task_kvs] = <[Vec<KeyValue>; 3]>::try_from(gets)
-            .map_err(|_| Error::InvalidArgument("etcd answered three reads with another count".into()))?;
-        if !job_kvs.is_empty() || (marker_kvs.is_empty() && task_kvs.is_empty()) {
-            return Ok(None);
-        }
-        let marker = marker_kvs.first();
-        let written = match marker.and_then(|kv| serde_json::from_slice::<SubmissionMarker>(kv.value()).ok()) {
-            Some(m) => m.started_ms,
-            None => task_kvs
-                .iter()
-                .filter_map(|kv| serde_json::from_slice::<Task>(kv.value()).ok())
-                .map(|t| t.updated_at_ms)
-                .max()
-                .unwrap_or(0),
-        };
-        if now_ms().saturating_sub(written) < grace.as_millis() as u64 {
-            return Ok(None);
-        }
-        let mut guards = vec![
-            Compare::create_revision(job_key.as_str(), CompareOp::Equal, 0),
-            Compare::mod_revision(tasks.as_str(), CompareOp::Less, read + 1).with_range(tasks_end.clone()),
-            match marker {
-                Some(kv) => Compare::mod_revision(marker_key.as_str(), CompareOp::Equal, kv.mod_revision()),
-                None => Compare::create_revision(marker_key.as_str(), CompareOp::Equal, 0),
-            },
-        ];
-        guards.extend(fence);
-        let txn = Txn::new().when(guards).and_then([
-            TxnOp::delete(tasks.as_str(), Some(DeleteOptions::new().with_range(tasks_end))),
-            TxnOp::delete(marker_key.as_str(), None),
-        ]);
-        let resp = self.client.kv_client().txn(txn).await?;
-        if !resp.succeeded() {
-            return Ok(None);
-        }
-        let n = deleted(&resp);
-        tracing::info!(job, tasks = n, "deleted tasks an incomplete submission left");
-        Ok(Some(n))
-    }
 }
 
 #[cfg(test)]
@@ -677,8 +555,8 @@ mod tests {
     #[test]
     fn fitting_stops_at_the_byte_budget() {
         let ops: Vec<Op> = (0..100).map(|i| Op::put(format!("k{i:02}"), vec![0; 84])).collect();
-        // Each op is 3 + 84 + 16 = 103 bytes; 16 * 8 bytes of sub-transaction overhead are reserved.
-        assert_eq!(fitting(&ops, 16, 2, 0, 0, 128 + 10 * 103), 10);
+        // Each op is 3 + 84 + 16 = 103 bytes, and 8 of sub-transaction framing.
+        assert_eq!(fitting(&ops, 16, 2, 0, 0, 10 * 111 + 110), 10);
         assert_eq!(fitting(&ops, 16, 2, 0, 0, 1 << 20), capacity(16, 2));
     }
 }
