@@ -1,7 +1,7 @@
 //! Tasks without a job record: what a multi-transaction submission writes before its record, and what one
-//! that died half way leaves. No scheduler places them (schedulers work job by job), but they hold the job's
-//! name hostage for a retry only in appearance (a retry replaces them) and take space; these helpers let an
-//! operator list them and the controller collect them once they are older than a grace period.
+//! that died half way leaves. No scheduler places them (schedulers work job by job) and a retry of the
+//! submission replaces them, but left alone they take space and puzzle whoever reads the cell; these helpers
+//! let an operator list them and the controller collect them once they are older than a grace period.
 
 use super::submission::{deleted, marker_key, revision, SubmissionMarker};
 use super::Store;
