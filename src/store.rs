@@ -4,13 +4,18 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{self, prefix_end, Keys};
-use crate::model::{now_ms, Allocation, Job, JobState, Liveness, Node, Task};
+use crate::model::{now_ms, Allocation, Job, JobState, Liveness, Node};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub mod orphans;
+pub mod submission;
+pub use orphans::OrphanTasks;
+pub use submission::SubmitError;
 
 /// Large enough for a page of big allocation records; etcd's own reply limit is far above this.
 pub const MAX_DECODING_BYTES: usize = 64 << 20;
@@ -345,47 +350,11 @@ impl Store {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
-    /// Writes a new job and its pending tasks. Fails with [`Error::AlreadyExists`] if the id is taken.
-    ///
-    /// Guarded by "does not exist". A job with fewer tasks than `max_txn_ops` is one transaction; a larger one
-    /// writes its record first and its tasks in batches that respect the server's transaction size, so a
-    /// reader may briefly see fewer pending tasks, never a task without its job.
+    /// Writes a new job and its pending tasks so that no reader ever sees the job without all of them.
+    /// Fails with [`Error::AlreadyExists`] if the id is taken. See [`submission`] for how, and
+    /// [`Store::submit_job`] for what a failed submission left behind.
     pub async fn create_job(&self, job: &Job, max_txn_ops: usize) -> Result<i64> {
-        keys::validate_name("job", &job.id)?;
-        let job_key = self.keys.job(&job.id);
-        let mut kv = self.client.kv_client();
-        let mut first = vec![TxnOp::put(job_key.as_str(), encode(&job_key, job)?, None)];
-        // A job that fits one transaction is written whole: no reader (and no retry after a lost answer) ever
-        // sees it without its tasks.
-        let whole = (job.tasks as usize) < max_txn_ops;
-        if whole {
-            for index in 0..job.tasks {
-                let task = Task::pending(job, index);
-                let key = self.keys.task(&task.id);
-                first.push(TxnOp::put(key.as_str(), encode(&key, &task)?, None));
-            }
-        }
-        let txn = Txn::new().when([Compare::create_revision(job_key.as_str(), CompareOp::Equal, 0)]).and_then(first);
-        let resp = kv.txn(txn).await?;
-        if !resp.succeeded() {
-            return Err(Error::AlreadyExists(format!("job {}", job.id)));
-        }
-        let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        if whole {
-            return Ok(revision);
-        }
-        let per_txn = max_txn_ops.max(1);
-        let mut ops = Vec::with_capacity(per_txn);
-        for index in 0..job.tasks {
-            let task = Task::pending(job, index);
-            let key = self.keys.task(&task.id);
-            ops.push(TxnOp::put(key.as_str(), encode(&key, &task)?, None));
-            if ops.len() == per_txn || index + 1 == job.tasks {
-                let resp = kv.txn(Txn::new().and_then(std::mem::take(&mut ops))).await?;
-                revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
-            }
-        }
-        Ok(revision)
+        self.submit_job(job, max_txn_ops).await.map_err(|e| e.error)
     }
 }
 

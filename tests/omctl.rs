@@ -1,93 +1,22 @@
 //! `omctl`, the real binary, against a real etcd: every command, its JSON, and its error paths and exit codes.
 
 mod common;
+mod omctl_support;
 
 use common::*;
 use etcd_client::PutOptions;
-use omega::cell_state::CellSnapshot;
+use omctl_support::*;
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
-use omega::model::{Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, Task, TaskState};
+use omega::model::{Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, SchedulerStats, TaskState};
 use omega::resources::Resources;
-use omega::store::{encode, Store};
+use omega::store::encode;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 const NODE: Resources = Resources::new(4000, 8 << 30);
-/// The longest any single omctl run may take in these tests.
-const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-/// What one run of omctl did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "omctl failed: {self:?}");
-        self
-    }
-}
-
-fn omctl_command(etcd: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omctl"));
-    cmd.arg("--etcd")
-        .arg(etcd)
-        .args(args)
-        .env_remove("OMEGA_ETCD")
-        .env_remove("OMEGA_PREFIX")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-/// Runs omctl to completion (at most [`RUN_LIMIT`]), with `input` on stdin.
-async fn omctl_with_input(etcd: &str, args: &[&str], input: Option<&str>) -> Run {
-    let mut cmd = omctl_command(etcd, args);
-    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().expect("start omctl");
-    if let Some(text) = input {
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        stdin.write_all(text.as_bytes()).await.expect("write stdin");
-        drop(stdin);
-    }
-    let out = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("omctl {args:?} did not finish within {RUN_LIMIT:?}"))
-        .expect("omctl ran");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-async fn omctl(etcd: &str, args: &[&str]) -> Run {
-    omctl_with_input(etcd, args, None).await
-}
-
-fn endpoint(store: &Store) -> String {
-    store.endpoints()[0].clone()
-}
-
-fn write_file(dir: &Path, name: &str, text: &str) -> String {
-    let path: PathBuf = dir.join(name);
-    std::fs::write(&path, text).expect("write job file");
-    path.to_string_lossy().into_owned()
-}
-
 const WEB: &str = "\
 # three replicas in two zones
 name: web
@@ -103,32 +32,6 @@ constraints:
 spread: zone
 anti_affinity: true
 ";
-
-fn batch_file(name: &str, tasks: u32, cpu: &str) -> String {
-    format!("name: {name}\nkind: batch\ntasks: {tasks}\nresources: {{cpu: {cpu}, memory: 1Gi}}\nimage: busybox\n")
-}
-
-/// The cell as etcd holds it now.
-async fn snapshot(store: &Store) -> CellSnapshot {
-    let (kvs, revision) = store.list(&store.keys().cell_prefix(), 1000, None).await.expect("list the cell");
-    CellSnapshot::from_kvs(store.keys(), &kvs, revision)
-}
-
-/// Places tasks `task ids -> nodes` with the library's committer, as a scheduler would.
-async fn place(store: &Store, placements: &[(&str, &str)]) {
-    let snap = snapshot(store).await;
-    let claims: Vec<Claim> = placements
-        .iter()
-        .map(|(task, node)| Claim::new(snap.tasks.get(*task).expect("task exists").clone(), *node))
-        .collect();
-    let committer = Committer::new(store.clone(), CommitConfig { placed_by: "test/t-1".into(), ..Default::default() });
-    let report = committer.commit(&snap, &claims, CommitKind::Incremental).await.expect("commit");
-    assert_eq!(report.committed(), claims.len(), "{:?}", report.outcomes);
-}
-
-async fn task(store: &Store, id: &str) -> Task {
-    store.get_json::<Task>(&store.keys().task(id)).await.unwrap().expect("task exists").0
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_list_describe_tasks_and_nodes() {
@@ -343,6 +246,38 @@ async fn audit_is_clean_then_reports_a_corrupted_ledger() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_a_half_held_gang_and_a_job_missing_tasks() {
+    let (_etcd, store) = start_etcd().await;
+    seed_nodes(&store, 3, NODE).await;
+    let etcd = endpoint(&store);
+    let gang = "name: g\nkind: batch\ntasks: 3\ngang: true\nresources: {cpu: 1, memory: 1Gi}\nimage: busybox\n";
+    omctl_with_input(&etcd, &["submit", "-"], Some(gang)).await.ok();
+    omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("short", 3, "1"))).await.ok();
+    omctl(&etcd, &["audit"]).await.ok();
+
+    // Two of the gang's three tasks placed on their own (not as a gang), one left pending.
+    place(&store, &[("g/0", &node_name(0)), ("g/1", &node_name(1))]).await;
+    // A job record whose task was deleted behind its back.
+    store.client().kv_client().delete(store.keys().task("short/1"), None).await.unwrap();
+
+    let broken = omctl(&etcd, &["audit"]).await;
+    assert_eq!(broken.code, 2, "{broken:?}");
+    assert!(broken.stdout.contains("2 violations:"), "{broken:?}");
+    assert!(
+        broken
+            .stdout
+            .contains("gang job g: 2 tasks hold resources while 1 is pending; a gang is placed whole or not at all"),
+        "{broken:?}"
+    );
+    assert!(broken.stdout.contains("job short: has 2 of its 3 tasks; missing short/1"), "{broken:?}");
+    let json = omctl(&etcd, &["audit", "-o", "json"]).await;
+    assert_eq!(json.code, 2);
+    let kinds: Vec<String> =
+        json.json()["violations"].as_array().unwrap().iter().map(|v| v["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, ["gang_split", "job_incomplete"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_changes_as_lines_and_ndjson() {
     let (_etcd, store) = start_etcd().await;
     seed_nodes(&store, 2, NODE).await;
@@ -423,19 +358,37 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     assert!(empty.stdout.contains("No scheduler instances are running"), "{empty:?}");
 
     omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("huge", 2, "64"))).await.ok();
-    // What a scheduler instance writes: its record and the job's owner (both on its lease), and the status.
+    // What scheduler instances write: their records (one publishing its counters, one of an older scheduler
+    // that publishes none) and the job's owner (all on their lease), and the job's status.
     let lease = store.grant_lease(60).await.unwrap();
     let keys = store.keys().clone();
     let mut kv = store.client().kv_client();
-    let instance = SchedulerInstance {
+    let started = omega::model::now_ms() - 100_000;
+    let counted = SchedulerInstance {
         scheduler: "batch".into(),
         instance: "b-1".into(),
         kind: JobKind::Batch,
-        started_ms: omega::model::now_ms(),
+        started_ms: started,
         metrics: Some("127.0.0.1:9101".into()),
-        stats: Default::default(),
+        stats: SchedulerStats {
+            attempts: 40,
+            attempts_conflicted: 8,
+            claims: 500,
+            claims_conflicted: 20,
+            placed: 480,
+            busy_ms: 12_300,
+            commit_ms: 4_500,
+            updated_ms: started + 100_000,
+        },
     };
-    let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-1".into(), since_ms: 1 };
+    let uncounted = SchedulerInstance {
+        instance: "b-2".into(),
+        metrics: None,
+        stats: Default::default(),
+        started_ms: omega::model::now_ms(),
+        ..counted.clone()
+    };
+    let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-2".into(), since_ms: 1 };
     let status = JobStatus {
         job: "huge".into(),
         pending: 2,
@@ -444,36 +397,68 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         attempts: 10,
         conflicts: 3,
         last_attempt_ms: omega::model::now_ms(),
-        scheduler_instance: "batch/b-1".into(),
+        scheduler_instance: "batch/b-2".into(),
     };
     let with_lease = || Some(PutOptions::new().with_lease(lease));
-    let k = keys.scheduler("batch", "b-1");
-    kv.put(k.as_str(), encode(&k, &instance).unwrap(), with_lease()).await.unwrap();
+    for instance in [&counted, &uncounted] {
+        let k = keys.scheduler(&instance.scheduler, &instance.instance);
+        kv.put(k.as_str(), encode(&k, instance).unwrap(), with_lease()).await.unwrap();
+    }
     let k = keys.owner("huge");
     kv.put(k.as_str(), encode(&k, &owner).unwrap(), with_lease()).await.unwrap();
     let k = keys.status("huge");
     kv.put(k.as_str(), encode(&k, &status).unwrap(), None).await.unwrap();
 
     let table = omctl(&etcd, &["schedulers"]).await.ok();
-    let row = table.stdout.lines().nth(1).expect("one instance");
-    for expected in ["batch", "b-1", "127.0.0.1:9101", "1 (huge)", "10", "3", "30.0%"] {
+    let header = table.stdout.lines().next().unwrap();
+    for column in ["ATTEMPTS", "CONFLICTED", "CONFLICT FRACTION", "PLACED", "CLAIMS (CONFLICTED)", "BUSY", "COMMITTING"]
+    {
+        assert!(header.contains(column), "{column} in {header}");
+    }
+    let row = table.stdout.lines().nth(1).expect("two instances");
+    // The paper's conflict fraction: 8 conflicted of 40 attempts is 8 per 32 successful ones.
+    for expected in ["b-1", "127.0.0.1:9101", " 40 ", " 8 ", "0.25", "480", "500 (20)", "12.3s (12.3%)", "4.5s"] {
         assert!(row.contains(expected), "missing {expected:?} in {row:?}");
     }
+    let row = table.stdout.lines().nth(2).expect("two instances");
+    // No counters of its own: the sums of the statuses it wrote (3 conflicted of 10: 3 per 7 successful).
+    for expected in ["b-2", "1 (huge)", " 10 ", " 3 ", "0.43"] {
+        assert!(row.contains(expected), "missing {expected:?} in {row:?}");
+    }
+    assert!(table.stdout.contains("publish no counters of their own"), "{}", table.stdout);
+
     let json = omctl(&etcd, &["schedulers", "-o", "json"]).await.ok().json();
     let s = &json["schedulers"][0];
-    assert_eq!(s["scheduler"], "batch");
-    assert_eq!(s["instance"], "b-1");
-    assert_eq!(s["kind"], "batch");
+    assert_eq!(
+        (s["scheduler"].as_str(), s["instance"].as_str(), s["kind"].as_str()),
+        (Some("batch"), Some("b-1"), Some("batch"))
+    );
+    assert_eq!(s["counters_from"], "instance");
+    assert_eq!((s["attempts"].as_u64(), s["conflicts"].as_u64()), (Some(40), Some(8)));
+    assert!((s["conflict_fraction"].as_f64().unwrap() - 0.25).abs() < 1e-9);
+    assert_eq!(
+        (s["placed"].as_u64(), s["claims"].as_u64(), s["claims_conflicted"].as_u64()),
+        (Some(480), Some(500), Some(20))
+    );
+    assert_eq!((s["busy_ms"].as_u64(), s["commit_ms"].as_u64()), (Some(12_300), Some(4_500)));
+    assert!((s["busyness"].as_f64().unwrap() - 0.123).abs() < 1e-9);
+    assert_eq!(s["metrics"], "127.0.0.1:9101");
+    let s = &json["schedulers"][1];
+    assert_eq!(s["counters_from"], "job_statuses");
     assert_eq!(s["jobs_owned"][0], "huge");
-    assert_eq!(s["attempts"], 10);
-    assert_eq!(s["conflicts"], 3);
-    assert!((s["conflict_fraction"].as_f64().unwrap() - 0.3).abs() < 1e-9);
+    assert_eq!((s["attempts"].as_u64(), s["conflicts"].as_u64(), s["statuses"].as_u64()), (Some(10), Some(3), Some(1)));
+    assert!((s["conflict_fraction"].as_f64().unwrap() - 3.0 / 7.0).abs() < 1e-9);
+    assert!(s["placed"].is_null() && s["busy_ms"].is_null());
+    let yaml = omctl(&etcd, &["schedulers", "-o", "yaml"]).await.ok();
+    let from_yaml: Value = serde_norway::from_str(&yaml.stdout).expect("schedulers -o yaml parses");
+    assert_eq!(from_yaml["schedulers"][0]["placed"], 480);
+    assert_eq!(from_yaml["schedulers"][1]["counters_from"], "job_statuses");
 
     // The status shows in the job's listing and description.
     let jobs = omctl(&etcd, &["jobs", "-o", "json"]).await.ok().json();
     assert_eq!(jobs["jobs"][0]["pending_reason"], "0/1 nodes available: 1 insufficient cpu");
     assert_eq!(jobs["jobs"][0]["reasons"]["insufficient_cpu"], 1);
-    assert_eq!(jobs["jobs"][0]["owner"], "batch/b-1");
+    assert_eq!(jobs["jobs"][0]["owner"], "batch/b-2");
     let describe = omctl(&etcd, &["job", "huge"]).await.ok();
     for expected in [
         "Pending reason:",
@@ -482,7 +467,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         "Attempts:",
         "3 (30.0% of attempts)",
         "Written by:",
-        "batch/b-1",
+        "batch/b-2",
         "Owner:",
     ] {
         assert!(describe.stdout.contains(expected), "missing {expected:?} in:\n{}", describe.stdout);

@@ -86,5 +86,5 @@ async fn a_job_id_is_taken_once() {
     let err = store.create_job(&job, 128).await.expect_err("second create");
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
     let (tasks, _) = store.list(&store.keys().tasks_of_job("once"), 50, None).await.unwrap();
-    assert_eq!(tasks.len(), 300, "all tasks written, across several transactions, read back in pages");
+    assert_eq!(tasks.len(), 300, "all tasks written, read back in pages");
 }

@@ -14,7 +14,8 @@ use std::time::Duration;
 needs no server of its own. Read commands take one consistent cut of the cell (a single etcd revision).\n\n\
 Exit codes: 0 ok; 1 user error (not found, bad job file, already exists, bad arguments); 2 the audit found \
 violations; 3 etcd cannot be reached (or a request to it failed); 4 `submit --wait` timed out with tasks still \
-pending.",
+pending; 5 `logs -f`: the task did not succeed; 6 etcd is out of space (it refuses every write until an operator \
+compacts, defragments and disarms its alarm; the message gives the commands).",
     after_help = "Examples:\n  omctl submit web.yaml --wait\n  omctl jobs\n  omctl job web\n  \
 omctl tasks --job web --state pending\n  omctl nodes -o json\n  omctl watch --prefix-kind tasks\n  omctl cancel web"
 )]
@@ -31,6 +32,10 @@ pub struct Cli {
     /// How long to keep trying to reach etcd before giving up (exit code 3).
     #[arg(long, global = true, default_value = "3s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// The etcd server's --max-txn-ops: larger values let `submit` write bigger jobs in one transaction.
+    #[arg(long, global = true, env = "OMEGA_MAX_TXN_OPS", default_value_t = omega::store::DEFAULT_MAX_TXN_OPS,
+          value_parser = parse_max_txn_ops)]
+    pub max_txn_ops: usize,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,7 +46,10 @@ pub enum Command {
     #[command(long_about = "Submit a job file (YAML; `-` reads standard input). The file is validated first: a \
 mistake is reported as file:line:column: field: message, and nothing is written. --dry-run validates, prints \
 the job as it would be stored, and says where its tasks could go right now (like `nomad job plan`). --wait \
-waits until every task has left `pending`, printing progress.")]
+waits until every task has left `pending`, printing progress.\n\n\
+A job appears whole or not at all: its tasks are written first and its record last, so no scheduler ever sees \
+part of it. If a submission fails midway, omctl deletes what it wrote and says so; submitting the same file again \
+replaces anything a failed attempt left and completes.")]
     Submit(SubmitArgs),
     /// List jobs: kind, scheduler, priority, state, placed tasks, why the rest are pending.
     Jobs(JobsArgs),
@@ -60,7 +68,9 @@ resources are released from their nodes (ledger, task and assignment change in o
     /// Check the cell's invariants at one revision (exit code 2 if any is broken).
     #[command(long_about = "Check the cell's invariants on one consistent read: no ledger over capacity; each \
 ledger equal to the tasks placed on its node; each placed task in its node's ledger and with its assignment; \
-each assignment naming a task placed on that node. Exit code 0 if clean, 2 if violations were found.")]
+each assignment naming a task placed on that node; every job record with all its tasks and none beyond; no gang \
+job holding resources with some tasks while others are pending. Exit code 0 if clean, 2 if violations were \
+found.")]
     Audit,
     /// Stream changes to the cell as they happen, one line each (NDJSON with -o json).
     #[command(long_about = "Stream changes under the cell's prefix as they happen, one line per change: time, \
@@ -228,6 +238,15 @@ impl JobStateArg {
             JobStateArg::Failed => JobState::Failed,
             JobStateArg::Cancelled => JobState::Cancelled,
         }
+    }
+}
+
+/// `--max-txn-ops`: at least what one transaction with a few guards needs.
+fn parse_max_txn_ops(s: &str) -> Result<usize, String> {
+    let min = omega::store::MIN_TXN_OPS;
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least {min} (etcd's default is 128)")),
     }
 }
 

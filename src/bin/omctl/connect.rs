@@ -3,7 +3,7 @@
 use crate::cli::Cli;
 use crate::exit::{user, Unreachable};
 use omega::keys::Keys;
-use omega::store::Store;
+use omega::store::{Store, StoreOptions};
 
 /// The key layout the global `--prefix` names.
 pub fn keys(cli: &Cli) -> anyhow::Result<Keys> {
@@ -18,7 +18,8 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
     if endpoints.is_empty() {
         return Err(user("--etcd: no endpoint given; e.g. --etcd http://127.0.0.1:2379"));
     }
-    match Store::connect_with_retry(&endpoints, keys, cli.connect_timeout).await {
+    let options = StoreOptions { max_txn_ops: cli.max_txn_ops, ..StoreOptions::default() };
+    match Store::connect_with(&endpoints, keys, options, cli.connect_timeout).await {
         Ok(store) => Ok(store),
         Err(omega::Error::Unreachable { endpoints, waited, last_error }) => {
             Err(anyhow::Error::new(Unreachable { endpoints, waited, last_error: plain(&last_error) }))

@@ -6,6 +6,7 @@
 use crate::units;
 use omega::keys::{Key, Keys};
 use omega::model::{Allocation, Assignment, Job, JobOwner, JobStatus, Liveness, Node, SchedulerInstance, Task};
+use omega::store::submission::{marker_key, SubmissionMarker};
 use serde::de::DeserializeOwned;
 
 /// What a change was about: a kind (`task`, `job`, `node`, ...), the thing's name, and the sentence.
@@ -14,6 +15,17 @@ pub struct Summary {
     pub kind: &'static str,
     pub name: String,
     pub text: String,
+}
+
+/// A submission marker: a job being written in several transactions (its record comes last).
+fn submission(job: &str, new: Option<SubmissionMarker>, exists: bool) -> String {
+    match (new, exists) {
+        (Some(m), _) => format!("submission of job {job} started: writing its {} tasks, its record last", m.tasks),
+        (None, true) => format!("submission of job {job} started (undecodable marker)"),
+        (None, false) => {
+            format!("submission of job {job} ended (its record is written, or the attempt was cleaned up)")
+        }
+    }
 }
 
 fn decoded<T: DeserializeOwned>(bytes: Option<&[u8]>) -> Option<T> {
@@ -33,7 +45,10 @@ pub fn describe(keys: &Keys, key: &str, prev: Option<&[u8]>, new: Option<&[u8]>)
         Some(Key::Scheduler(s)) => ("scheduler", s, scheduler(s, decoded(new), new.is_some())),
         Some(Key::Status(j)) => ("status", j, status(j, decoded(new), new.is_some())),
         Some(Key::Assignment { node, task }) => ("assign", task, assignment(node, task, decoded(new), new.is_some())),
-        None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
+        None => match key.strip_prefix(marker_key(keys, "").as_str()) {
+            Some(job) => ("submission", job, submission(job, decoded(new), new.is_some())),
+            None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
+        },
     };
     let text = if undecodable { format!("{key}: value is not JSON") } else { text };
     Summary { kind, name: name.to_string(), text }

@@ -40,6 +40,14 @@ fn render(r: &AuditReport) -> String {
         units::memory(r.capacity.memory_bytes),
         units::percent(r.used.memory_bytes, r.capacity.memory_bytes),
     );
+    if r.orphan_tasks > 0 {
+        let _ = writeln!(
+            out,
+            "{} tasks have no job record: a submission still writing, or one that failed midway (`omctl jobs` \
+             lists them; submitting the same file again completes it)",
+            r.orphan_tasks
+        );
+    }
     if r.violations.is_empty() {
         out.push_str("OK: every invariant holds\n");
     } else {

@@ -17,6 +17,16 @@ pub struct JobsOutput {
     /// The etcd revision the listing reflects.
     pub revision: i64,
     pub jobs: Vec<JobRow>,
+    /// Job ids with tasks but no job record: a submission still writing its tasks, or one that failed midway.
+    /// No scheduler places these tasks; submitting the same file again completes the job.
+    pub incomplete_submissions: Vec<IncompleteSubmission>,
+}
+
+#[derive(Serialize)]
+pub struct IncompleteSubmission {
+    pub job: String,
+    /// Task records written so far.
+    pub tasks: u32,
 }
 
 #[derive(Serialize)]
@@ -44,7 +54,7 @@ pub async fn run(cli: &Cli, args: &JobsArgs) -> anyhow::Result<Code> {
         Some(s) => out.jobs.into_iter().filter(|j| j.state == s.state()).collect(),
         None => out.jobs,
     };
-    let out = JobsOutput { revision: out.revision, jobs };
+    let out = JobsOutput { jobs, ..out };
     emit(cli.output, &out, || render(&out))?;
     Ok(Code::Ok)
 }
@@ -60,7 +70,13 @@ pub async fn list(store: &Store) -> anyhow::Result<JobsOutput> {
     let mut jobs: Vec<&Job> = read.snapshot.jobs.values().map(|j| &*j.value).collect();
     jobs.sort_by(|a, b| a.id.cmp(&b.id));
     let rows = jobs.into_iter().map(|job| row(&read, job)).collect();
-    Ok(JobsOutput { revision: read.revision, jobs: rows })
+    let mut incomplete: BTreeMap<&str, u32> = BTreeMap::new();
+    for task in read.snapshot.tasks.values().filter(|t| !read.snapshot.jobs.contains_key(&t.value.job)) {
+        *incomplete.entry(task.value.job.as_str()).or_default() += 1;
+    }
+    let incomplete_submissions =
+        incomplete.into_iter().map(|(job, tasks)| IncompleteSubmission { job: job.to_string(), tasks }).collect();
+    Ok(JobsOutput { revision: read.revision, jobs: rows, incomplete_submissions })
 }
 
 fn row(read: &CellRead, job: &Job) -> JobRow {
@@ -107,6 +123,18 @@ pub fn pending_reason(
 }
 
 fn render(out: &JobsOutput) -> String {
+    let mut text = table(out);
+    for s in &out.incomplete_submissions {
+        text.push_str(&format!(
+            "Incomplete submission: {} tasks of job {} have no job record yet (a submission still writing, or one \
+             that failed midway); no scheduler places them, and submitting the same file again completes it\n",
+            s.tasks, s.job
+        ));
+    }
+    text
+}
+
+fn table(out: &JobsOutput) -> String {
     if out.jobs.is_empty() {
         return "No jobs. Submit one with `omctl submit FILE`.\n".into();
     }

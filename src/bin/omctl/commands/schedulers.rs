@@ -1,21 +1,33 @@
 //! `omctl schedulers`: the live scheduler instances, what they own, and how their attempts went.
 //!
-//! Attempts and conflicts come from the job statuses each instance wrote (`status/<job>` names its writer):
-//! they cover the jobs whose status it wrote last, not the instance's whole life (its metrics do that).
+//! The counters come from each instance's own record (`stats`, republished every few seconds while they move):
+//! its whole life since it started. An instance whose record carries no counters (an older scheduler) falls
+//! back to the sums of the job statuses it wrote last, which cover only those jobs; `counters_from` says which.
 
 use crate::cell;
 use crate::cli::Cli;
 use crate::exit::Code;
 use crate::output::{emit, Table};
 use crate::units;
-use omega::model::JobKind;
+use omega::model::{JobKind, JobStatus, SchedulerInstance};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// `omctl schedulers -o json`.
 #[derive(Serialize)]
 pub struct SchedulersOutput {
     pub revision: i64,
     pub schedulers: Vec<SchedulerRow>,
+}
+
+/// Where a row's counters come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountersFrom {
+    /// The instance's own record: everything since it started.
+    Instance,
+    /// Sums over the job statuses it wrote last (its record carries no counters).
+    JobStatuses,
 }
 
 #[derive(Serialize)]
@@ -29,13 +41,28 @@ pub struct SchedulerRow {
     pub metrics: Option<String>,
     /// Jobs it owns now (`cell/owners/`), sorted.
     pub jobs_owned: Vec<String>,
-    /// Job statuses it wrote last, and the sums of their counters.
+    pub counters_from: CountersFrom,
+    /// Job statuses it wrote last.
     pub statuses: u32,
+    /// Attempts (the Omega paper's transactions: one decision's commit for one job).
     pub attempts: u64,
     /// Attempts that hit at least one conflict.
     pub conflicts: u64,
-    /// conflicts / attempts (`null` before any attempt).
+    /// The Omega paper's conflict fraction: conflicted attempts per successful one (`null` before any
+    /// successful attempt). It can exceed 1.
     pub conflict_fraction: Option<f64>,
+    /// Tasks placed (claims committed); `null` when only job statuses are known.
+    pub placed: Option<u64>,
+    /// Claims sent, and how many conflicted.
+    pub claims: Option<u64>,
+    pub claims_conflicted: Option<u64>,
+    /// Time spent deciding (the paper's busyness, useful and wasted), and committing.
+    pub busy_ms: Option<u64>,
+    pub commit_ms: Option<u64>,
+    /// Busy time over the time since it started, up to its last report.
+    pub busyness: Option<f64>,
+    /// When the instance last published its counters.
+    pub stats_updated_ms: Option<u64>,
 }
 
 pub async fn run(cli: &Cli) -> anyhow::Result<Code> {
@@ -47,8 +74,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Code> {
         .schedulers
         .values()
         .map(|i| {
-            let i = &i.value;
-            let name = format!("{}/{}", i.scheduler, i.instance);
+            let i = &*i.value;
             let mut jobs_owned: Vec<String> = s
                 .owners
                 .values()
@@ -56,31 +82,57 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Code> {
                 .map(|o| o.value.job.clone())
                 .collect();
             jobs_owned.sort();
-            let mut row = SchedulerRow {
-                scheduler: i.scheduler.clone(),
-                instance: i.instance.clone(),
-                kind: i.kind,
-                started_ms: i.started_ms,
-                metrics: i.metrics.clone(),
-                jobs_owned,
-                statuses: 0,
-                attempts: 0,
-                conflicts: 0,
-                conflict_fraction: None,
-            };
-            for st in read.statuses.values().filter(|st| st.scheduler_instance == name) {
-                row.statuses += 1;
-                row.attempts += st.attempts;
-                row.conflicts += st.conflicts;
-            }
-            row.conflict_fraction = (row.attempts > 0).then(|| row.conflicts as f64 / row.attempts as f64);
-            row
+            row(i, jobs_owned, &read.statuses)
         })
         .collect();
     rows.sort_by(|a, b| a.scheduler.cmp(&b.scheduler).then(a.instance.cmp(&b.instance)));
     let out = SchedulersOutput { revision: read.revision, schedulers: rows };
     emit(cli.output, &out, || render(&out))?;
     Ok(Code::Ok)
+}
+
+/// One instance's row: its own counters when its record has them, else the sums of its job statuses.
+pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<String, JobStatus>) -> SchedulerRow {
+    let name = format!("{}/{}", i.scheduler, i.instance);
+    let mine: Vec<&JobStatus> = statuses.values().filter(|st| st.scheduler_instance == name).collect();
+    let mut row = SchedulerRow {
+        scheduler: i.scheduler.clone(),
+        instance: i.instance.clone(),
+        kind: i.kind,
+        started_ms: i.started_ms,
+        metrics: i.metrics.clone(),
+        jobs_owned,
+        counters_from: CountersFrom::JobStatuses,
+        statuses: mine.len() as u32,
+        attempts: mine.iter().map(|st| st.attempts).sum(),
+        conflicts: mine.iter().map(|st| st.conflicts).sum(),
+        conflict_fraction: None,
+        placed: None,
+        claims: None,
+        claims_conflicted: None,
+        busy_ms: None,
+        commit_ms: None,
+        busyness: None,
+        stats_updated_ms: None,
+    };
+    // A record that never published counters has them all zero, `updated_ms` included.
+    let stats = &i.stats;
+    if stats.updated_ms > 0 {
+        row.counters_from = CountersFrom::Instance;
+        row.attempts = stats.attempts;
+        row.conflicts = stats.attempts_conflicted;
+        row.placed = Some(stats.placed);
+        row.claims = Some(stats.claims);
+        row.claims_conflicted = Some(stats.claims_conflicted);
+        row.busy_ms = Some(stats.busy_ms);
+        row.commit_ms = Some(stats.commit_ms);
+        row.stats_updated_ms = Some(stats.updated_ms);
+        let lived = stats.updated_ms.saturating_sub(i.started_ms);
+        row.busyness = (lived > 0 && i.started_ms > 0).then(|| stats.busy_ms as f64 / lived as f64);
+    }
+    let successful = row.attempts.saturating_sub(row.conflicts);
+    row.conflict_fraction = (successful > 0).then(|| row.conflicts as f64 / successful as f64);
+    row
 }
 
 fn render(out: &SchedulersOutput) -> String {
@@ -96,14 +148,23 @@ fn render(out: &SchedulersOutput) -> String {
         "METRICS",
         "JOBS OWNED",
         "ATTEMPTS",
-        "CONFLICTS",
+        "CONFLICTED",
         "CONFLICT FRACTION",
+        "PLACED",
+        "CLAIMS (CONFLICTED)",
+        "BUSY",
+        "COMMITTING",
     ]);
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for r in &out.schedulers {
         let owned = match r.jobs_owned.len() {
             0 => "0".to_string(),
             n => format!("{n} ({})", units::truncate(&r.jobs_owned.join(","), 40)),
         };
+        let busy = r.busy_ms.map(|ms| match r.busyness {
+            Some(b) => format!("{} ({:.1}%)", seconds(ms), b * 100.0),
+            None => seconds(ms),
+        });
         t.row(vec![
             r.scheduler.clone(),
             r.instance.clone(),
@@ -113,8 +174,24 @@ fn render(out: &SchedulersOutput) -> String {
             owned,
             r.attempts.to_string(),
             r.conflicts.to_string(),
-            units::ratio(r.conflicts, r.attempts),
+            or_dash(r.conflict_fraction.map(|f| format!("{f:.2}"))),
+            or_dash(r.placed.map(|n| n.to_string())),
+            or_dash(r.claims.zip(r.claims_conflicted).map(|(c, x)| format!("{c} ({x})"))),
+            or_dash(busy),
+            or_dash(r.commit_ms.map(seconds)),
         ]);
     }
-    t.render()
+    let mut text = t.render();
+    if out.schedulers.iter().any(|r| r.counters_from == CountersFrom::JobStatuses) {
+        text.push_str(
+            "Instances without PLACED publish no counters of their own; their attempts and conflicts are the sums of \
+             the job statuses they wrote last.\n",
+        );
+    }
+    text
+}
+
+/// `12.3s`.
+fn seconds(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
 }

@@ -3,15 +3,17 @@
 
 use crate::cell::{self, TaskCounts};
 use crate::cli::{Cli, SubmitArgs};
-use crate::exit::{user, Code};
+use crate::exit::{user, Code, NoSpace};
 use crate::output::{emit, Fields};
 use crate::units;
 use omega::cell_state::{CellSnapshot, Versioned};
+use omega::job_spec::MAX_FILE_BYTES;
 use omega::model::{Job, JobKind, JobState, JobStatus, Task, TaskState};
 use omega::placement::explain::{Explanation, Reason};
 use omega::placement::feasible::{self, Candidate};
 use omega::placement::{self, NodeTable, PlacementOptions};
-use omega::store::{Store, DEFAULT_MAX_TXN_OPS, DEFAULT_PAGE_SIZE};
+use omega::store::submission::{check_submission_size, Cleanup};
+use omega::store::{Store, SubmitError, DEFAULT_PAGE_SIZE};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -80,20 +82,12 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<Code> {
     let (source, text) = read_source(&args.file)?;
     let job = omega::job_spec::parse_job(&source, &text).map_err(|e| user(e.to_string()))?;
     if args.dry_run {
-        return dry_run(cli, job).await;
+        return dry_run(cli, job, &source).await;
     }
     let store = crate::connect::connect(cli).await?;
-    let revision = match store.create_job(&job, DEFAULT_MAX_TXN_OPS).await {
+    let revision = match store.submit_job(&job, store.limits().max_ops()).await {
         Ok(rev) => rev,
-        Err(omega::Error::AlreadyExists(_)) => {
-            return Err(user(format!(
-                "job {} already exists; give the new one another `name:` in {source}, or see the existing one with \
-                 `omctl job {}`",
-                job.id, job.id
-            )))
-        }
-        Err(omega::Error::InvalidArgument(m)) => return Err(user(format!("{source}: {m}"))),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("submitting job {}", job.id))),
+        Err(e) => return Err(failed(&store, &job, &source, e).await),
     };
     let mut out = SubmitOutput {
         job: job.id.clone(),
@@ -133,14 +127,56 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<Code> {
     }
 }
 
-/// The file's name for messages and its text; `-` is standard input.
+/// Why a submission did not happen, in omctl's words and exit codes; what it left behind is always said.
+async fn failed(store: &Store, job: &Job, source: &str, e: SubmitError) -> anyhow::Error {
+    let id = &job.id;
+    let SubmitError { error, cleanup } = e;
+    match (&error, &cleanup) {
+        (omega::Error::AlreadyExists(_), Cleanup::TakenOver) => user(format!(
+            "another submission of job {id} completed it or took over while this one ran, so this one stopped; \
+             see what is there with `omctl job {id}`"
+        )),
+        (omega::Error::AlreadyExists(_), _) => user(format!(
+            "job {id} already exists; give the new one another `name:` in {source}, or see the existing one with \
+             `omctl job {id}`"
+        )),
+        (omega::Error::InvalidArgument(m), _) => user(format!("{source}: {m}")),
+        (e, _) if e.is_no_space() => anyhow::Error::new(NoSpace {
+            what: format!("job {id} was not submitted ({cleanup})"),
+            endpoints: store.endpoints().join(","),
+            revision: store.revision().await.ok(),
+        }),
+        (e, _) if e.is_request_too_large() || e.is_too_many_ops() => {
+            user(format!("{source}: job {id} is too large for this etcd server ({cleanup}): {e}"))
+        }
+        _ => anyhow::Error::new(error).context(format!("job {id} was not submitted ({cleanup})")),
+    }
+}
+
+/// The file's name for messages and its text; `-` is standard input. A file larger than a job file may be
+/// is refused before it is read whole.
 fn read_source(file: &str) -> anyhow::Result<(String, String)> {
+    let too_large = |name: &str| {
+        user(format!(
+            "{name}: larger than {MAX_FILE_BYTES} bytes ({} MiB), the most a job file may be (a job must fit one etcd \
+             request once stored)",
+            MAX_FILE_BYTES >> 20
+        ))
+    };
     if file == "-" {
         let mut text = String::new();
         std::io::stdin()
+            .take(MAX_FILE_BYTES as u64 + 1)
             .read_to_string(&mut text)
             .map_err(|e| user(format!("cannot read the job from standard input: {e}")))?;
+        if text.len() > MAX_FILE_BYTES {
+            return Err(too_large("<stdin>"));
+        }
         return Ok(("<stdin>".into(), text));
+    }
+    let meta = std::fs::metadata(file).map_err(|e| user(format!("cannot read job file {file}: {e}")))?;
+    if meta.len() > MAX_FILE_BYTES as u64 {
+        return Err(too_large(file));
     }
     let text = std::fs::read_to_string(file).map_err(|e| user(format!("cannot read job file {file}: {e}")))?;
     Ok((file.to_string(), text))
@@ -215,9 +251,12 @@ fn render_wait(out: &SubmitOutput, timeout: Duration) -> String {
     s
 }
 
-async fn dry_run(cli: &Cli, job: Job) -> anyhow::Result<Code> {
+async fn dry_run(cli: &Cli, job: Job, source: &str) -> anyhow::Result<Code> {
     let store = crate::connect::connect(cli).await?;
     let keys = store.keys();
+    // The file was checked against etcd's default request limit; this checks the key prefix in use too.
+    check_submission_size(keys, &job, store.limits().max_request_bytes())
+        .map_err(|e| user(format!("{source}: {e}")))?;
     let (kvs, revision) = store.list(&keys.cell_prefix(), DEFAULT_PAGE_SIZE, None).await?;
     let mut snapshot = CellSnapshot::from_kvs(keys, &kvs, revision);
     let already_exists = snapshot.jobs.contains_key(&job.id);

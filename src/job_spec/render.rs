@@ -1,0 +1,180 @@
+//! Rendering a job back into the job-file format.
+
+use crate::model::{Constraint, Job, JobKind, RestartMode};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Renders a job in the job file format, so that what `parse_job` reads back is the same job.
+///
+/// Quantities and durations come out in their canonical form (`500m`, `2`, `512Mi`, `90s`) rather than as raw
+/// numbers, so the output is what a person would have written. `restart` and `scheduler` are always written
+/// out, since they are what an operator looking at a job most often wants to check; other fields only when
+/// they differ from their default. What is not part of the file (state, submission time) is left out. A job
+/// that `parse_job` would refuse (say, one built in code with an empty image) renders as a file it refuses.
+pub fn to_yaml(job: &Job) -> String {
+    let (tasks, replicas) = match job.kind {
+        JobKind::Batch => (Some(job.tasks), None),
+        JobKind::Service => (None, Some(job.tasks)),
+    };
+    let out = OutJob {
+        name: &job.id,
+        kind: kind_name(job.kind),
+        scheduler: &job.scheduler,
+        priority: job.priority,
+        tasks,
+        replicas,
+        resources: OutResources {
+            cpu: render_cpu(job.resources.cpu_millis),
+            memory: render_memory(job.resources.memory_bytes),
+        },
+        image: &job.image,
+        command: &job.command,
+        args: &job.args,
+        env: &job.env,
+        constraints: job
+            .constraints
+            .iter()
+            .map(|c| match c {
+                Constraint::Equals { label, value } => {
+                    OutConstraint { label, equals: Some(value), ..Default::default() }
+                }
+                Constraint::In { label, values } => OutConstraint { label, r#in: Some(values), ..Default::default() },
+                Constraint::NotIn { label, values } => {
+                    OutConstraint { label, not_in: Some(values), ..Default::default() }
+                }
+            })
+            .collect(),
+        spread: job.spread.as_deref(),
+        anti_affinity: job.anti_affinity,
+        gang: job.gang,
+        restart: OutRestart {
+            policy: policy_name(job.restart.mode),
+            max_restarts: job.restart.max_restarts,
+            backoff: render_duration(job.restart.backoff_ms),
+        },
+        duration: job.duration_ms.map(render_duration),
+    };
+    serde_norway::to_string(&out).expect("a job always renders as YAML")
+}
+// ---------------------------------------------------------------------------------------------------------
+// Rendering.
+
+#[derive(Serialize)]
+struct OutJob<'a> {
+    name: &'a str,
+    kind: &'static str,
+    scheduler: &'a str,
+    #[serde(skip_serializing_if = "is_zero")]
+    priority: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tasks: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<u32>,
+    resources: OutResources,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    image: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    command: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    args: &'a [String],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    constraints: Vec<OutConstraint<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spread: Option<&'a str>,
+    #[serde(skip_serializing_if = "is_false")]
+    anti_affinity: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    gang: bool,
+    restart: OutRestart,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<String>,
+}
+
+#[derive(Serialize)]
+struct OutResources {
+    cpu: Quantity,
+    memory: Quantity,
+}
+
+/// A number when the canonical form is a bare number, so the YAML does not quote it.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(super) enum Quantity {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Default, Serialize)]
+struct OutConstraint<'a> {
+    label: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    equals: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    r#in: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_in: Option<&'a [String]>,
+}
+
+#[derive(Serialize)]
+struct OutRestart {
+    policy: &'static str,
+    max_restarts: u32,
+    backoff: String,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Batch => "batch",
+        JobKind::Service => "service",
+    }
+}
+
+fn policy_name(mode: RestartMode) -> &'static str {
+    match mode {
+        RestartMode::Never => "never",
+        RestartMode::OnFailure => "on_failure",
+        RestartMode::Always => "always",
+    }
+}
+
+/// `1500` -> `1500m`, `2000` -> `2` (whole cores).
+pub(super) fn render_cpu(millis: u64) -> Quantity {
+    if millis % 1000 == 0 {
+        Quantity::Number(millis / 1000)
+    } else {
+        Quantity::Text(format!("{millis}m"))
+    }
+}
+
+/// The largest binary suffix that is exact (`512Mi`, `1536Mi`), else bytes.
+pub(super) fn render_memory(bytes: u64) -> Quantity {
+    for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+            return Quantity::Text(format!("{}{suffix}", bytes >> shift));
+        }
+    }
+    Quantity::Number(bytes)
+}
+
+/// The largest unit that is exact (`1h`, `90s`, `1500ms`).
+pub(super) fn render_duration(ms: u64) -> String {
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}

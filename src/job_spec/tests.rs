@@ -1,0 +1,513 @@
+use super::probe::PROBE;
+use super::render::{render_cpu, render_duration, render_memory, Quantity};
+use super::*;
+use crate::model::{Constraint, JobKind, RestartMode};
+use crate::model::{JobState, RestartPolicy};
+use crate::resources::Resources;
+
+const FULL: &str = "\
+# web.yaml: three replicas of a web server.
+name: web
+kind: service
+scheduler: service
+priority: 100
+replicas: 3
+resources:
+  cpu: 500m
+  memory: 512Mi
+image: busybox
+command: [\"sh\", \"-c\"]
+args: [\"echo hi && sleep 3600\"]
+env:
+  GREETING: hello
+  PORT: 8080
+  VERSION: 1.10
+  DEBUG: true
+constraints:
+  - {label: zone, in: [a, b]}
+  - label: disk
+    not_in: [hdd]
+  - {label: arch, equals: amd64}
+spread: zone
+anti_affinity: true
+restart:
+  policy: on_failure
+  max_restarts: 3
+  backoff: 2s
+duration: 30s
+";
+
+const MINIMAL: &str = "\
+name: train
+kind: batch
+tasks: 8
+resources: {cpu: 4, memory: 16Gi}
+image: trainer
+";
+
+fn err(text: &str) -> JobSpecError {
+    match parse_job("job.yaml", text) {
+        Ok(job) => panic!("expected an error, got {job:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts line and field, and that the message mentions each of `mentions`.
+fn assert_err(text: &str, line: Option<usize>, field: Option<&str>, mentions: &[&str]) -> JobSpecError {
+    let e = err(text);
+    assert_eq!((e.line, e.field.as_deref()), (line, field), "{e}");
+    for m in mentions {
+        assert!(e.message.contains(m), "{:?} does not mention {m:?}", e.message);
+    }
+    assert!(!e.message.contains(PROBE), "{e}");
+    e
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn full_example_parses_to_the_expected_job() {
+    let job = parse_job("web.yaml", FULL).unwrap();
+    let mut expected = Job::new("web", JobKind::Service, 3, Resources::new(500, 512 << 20));
+    expected.submitted_at_ms = job.submitted_at_ms;
+    expected.priority = 100;
+    expected.image = "busybox".into();
+    expected.command = strs(&["sh", "-c"]);
+    expected.args = strs(&["echo hi && sleep 3600"]);
+    expected.env = [("GREETING", "hello"), ("PORT", "8080"), ("VERSION", "1.10"), ("DEBUG", "true")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    expected.constraints = vec![
+        Constraint::In { label: "zone".into(), values: strs(&["a", "b"]) },
+        Constraint::NotIn { label: "disk".into(), values: strs(&["hdd"]) },
+        Constraint::Equals { label: "arch".into(), value: "amd64".into() },
+    ];
+    expected.spread = Some("zone".into());
+    expected.anti_affinity = true;
+    expected.restart = RestartPolicy { mode: RestartMode::OnFailure, max_restarts: 3, backoff_ms: 2000 };
+    expected.duration_ms = Some(30_000);
+    assert_eq!(job, expected);
+    assert_eq!(job.state, JobState::Pending);
+    assert!(job.submitted_at_ms > 0);
+}
+
+/// The examples in the module documentation are real job files.
+#[test]
+fn documented_examples_parse() {
+    let doc: Vec<&str> = include_str!("mod.rs")
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .map(|l| l.strip_prefix("//!").unwrap().strip_prefix(' ').unwrap_or(""))
+        .collect();
+    let mut examples = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc {
+        match (line, current.as_mut()) {
+            ("```yaml", None) => current = Some(String::new()),
+            ("```", Some(_)) => examples.push(current.take().unwrap()),
+            (line, Some(text)) => text.push_str(&format!("{line}\n")),
+            _ => {}
+        }
+    }
+    assert_eq!(examples.len(), 2);
+    let web = parse_job("web.yaml", &examples[0]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((web.tasks, web.constraints.len(), web.env["PORT"].as_str()), (3, 2, "8080"));
+    let train = parse_job("train.yaml", &examples[1]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(train.gang && train.resources == Resources::new(4000, 16 << 30));
+}
+
+#[test]
+fn defaults_follow_the_kind() {
+    let job = parse_job("train.yaml", &format!("{MINIMAL}gang: true\n")).unwrap();
+    assert_eq!((job.kind, job.scheduler.as_str(), job.tasks, job.gang), (JobKind::Batch, "batch", 8, true));
+    assert_eq!(job.resources, Resources::new(4000, 16 << 30));
+    assert_eq!(job.restart, RestartPolicy { mode: RestartMode::Never, max_restarts: 0, backoff_ms: 1000 });
+    assert_eq!((job.priority, job.anti_affinity, job.duration_ms, job.spread.clone()), (0, false, None, None));
+    assert!(job.command.is_empty() && job.args.is_empty() && job.env.is_empty() && job.constraints.is_empty());
+
+    let service = "name: api\nkind: service\ntasks: 2\nresources: {cpu: '0.25', memory: 100M}\nimage: nginx\n\
+                       scheduler: fast-lane\npriority: -5\nrestart: {backoff: 1500}\n";
+    let job = parse_job("api.yaml", service).unwrap();
+    assert_eq!((job.kind, job.tasks, job.scheduler.as_str(), job.priority), (JobKind::Service, 2, "fast-lane", -5));
+    assert_eq!(job.resources, Resources::new(250, 100_000_000));
+    assert_eq!(job.restart, RestartPolicy { mode: RestartMode::Always, max_restarts: 0, backoff_ms: 1500 });
+    // `gang: false` asks for nothing, so a service may say it.
+    assert!(parse_job("api.yaml", &format!("{service}gang: false\n")).is_ok());
+    // A trailing or leading document marker and comments are fine.
+    assert!(parse_job("t.yaml", &format!("# c\n---\n{MINIMAL}---\n")).is_ok());
+}
+
+#[test]
+fn round_trip() {
+    let mut odd = parse_job("train.yaml", MINIMAL).unwrap();
+    odd.env = [("A", "yes"), ("B", "007"), ("C", ""), ("D", "x: y"), ("E", "~")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    odd.command = strs(&["-c", "#not a comment", "[x]", "null"]);
+    odd.resources = Resources::new(1, 1536 << 20);
+    odd.gang = true;
+    odd.restart.backoff_ms = 90_500;
+    odd.duration_ms = Some(0);
+    odd.constraints = vec![Constraint::Equals { label: "zone".into(), value: "1.10".into() }];
+    for job in [parse_job("web.yaml", FULL).unwrap(), parse_job("train.yaml", MINIMAL).unwrap(), odd] {
+        let yaml = to_yaml(&job);
+        let mut back = parse_job("rendered.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        back.submitted_at_ms = job.submitted_at_ms;
+        assert_eq!(back, job, "{yaml}");
+    }
+}
+
+#[test]
+fn to_yaml_renders_canonical_forms() {
+    let yaml = to_yaml(&parse_job("web.yaml", FULL).unwrap());
+    for line in ["name: web\n", "replicas: 3\n", "  cpu: 500m\n", "  memory: 512Mi\n", "  backoff: 2s\n"] {
+        assert!(yaml.contains(line), "{line:?} not in\n{yaml}");
+    }
+    assert!(yaml.contains("PORT: '8080'") || yaml.contains("PORT: \"8080\""), "{yaml}");
+    assert!(!yaml.contains("tasks:") && !yaml.contains("gang") && !yaml.contains("submitted"), "{yaml}");
+    let yaml = to_yaml(&parse_job("train.yaml", MINIMAL).unwrap());
+    assert!(yaml.contains("tasks: 8\n") && yaml.contains("  cpu: 4\n") && yaml.contains("memory: 16Gi"), "{yaml}");
+    assert!(yaml.contains("policy: never") && !yaml.contains("priority"), "{yaml}");
+
+    assert!(matches!(render_cpu(1500), Quantity::Text(s) if s == "1500m"));
+    assert!(matches!(render_cpu(2000), Quantity::Number(2)));
+    assert!(matches!(render_memory(1536 << 20), Quantity::Text(s) if s == "1536Mi"));
+    assert!(matches!(render_memory(3 << 40), Quantity::Text(s) if s == "3Ti"));
+    assert!(matches!(render_memory(1000), Quantity::Number(1000)));
+    assert_eq!(
+        [0, 1500, 2000, 90_000, 3_600_000].map(render_duration),
+        ["0s", "1500ms", "2s", "90s", "1h"].map(String::from)
+    );
+}
+
+#[test]
+fn unknown_fields_are_errors_with_the_expected_list() {
+    let text = MINIMAL.replace("tasks: 8", "tasks: 8\nreplica: 3");
+    let e = assert_err(&text, Some(4), Some("replica"), &["did you mean `replicas`?", "`name`, `kind`"]);
+    assert_eq!(e.column, Some(1));
+    assert!(e.to_string().starts_with("job.yaml:4:1: replica: unknown field (did you mean"), "{e}");
+
+    let text = "name: a\nkind: batch\ntasks: 1\nimage: x\nresources:\n  cpu: 1\n  gpu: 1\n  memory: 1Gi\n";
+    let e = assert_err(text, Some(7), Some("resources.gpu"), &["expected `cpu` or `memory`"]);
+    assert_eq!(e.column, Some(3));
+
+    let text = format!("{MINIMAL}constraints:\n  - {{label: zone, equals: a}}\n  - {{label: zone, value: a}}\n");
+    let e = assert_err(&text, Some(8), Some("constraints[1].value"), &["`label`, `equals`, `in`, `not_in`"]);
+    assert_eq!(e.column, Some(19));
+
+    let text = format!("{MINIMAL}restart:\n  policy: always\n  max_retries: 2\n");
+    assert_err(&text, Some(8), Some("restart.max_retries"), &["`max_restarts`"]);
+    assert_err(&format!("{MINIMAL}<<: {{priority: 1}}\n"), Some(6), Some("<<"), &["merge keys"]);
+}
+
+#[test]
+fn bad_values_point_at_the_value() {
+    let cpu = MINIMAL.replace("cpu: 4", "cpu: 5x");
+    let e = assert_err(&cpu, Some(4), Some("resources.cpu"), &["`5x`", "`500m`", "`0.5`"]);
+    assert_eq!(e.column, Some(18));
+    let text = "name: a\nkind: batch\ntasks: 1\nimage: x\nresources:\n  cpu: 0\n  memory: 1Gi\n";
+    assert_err(text, Some(6), Some("resources.cpu"), &["more than 0"]);
+    let text = "name: a\nkind: batch\ntasks: 1\nimage: x\nresources:\n  cpu: 1\n  memory: 512MB\n";
+    assert_err(text, Some(7), Some("resources.memory"), &["`512M`", "`512Mi`"]);
+    let text = "name: a\nkind: batch\ntasks: 1\nimage: x\nresources:\n  cpu: 1\n  memory: [1]\n";
+    assert_err(text, Some(7), Some("resources.memory"), &["invalid type: sequence", "`512Mi`"]);
+
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks: 0"), Some(3), Some("tasks"), &["1 to 100000"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks: 100001"), Some(3), Some("tasks"), &["out of range"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks: many"), Some(3), Some("tasks"), &["`many`"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks:"), Some(3), Some("tasks"), &["no value given; expected"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks: -1"), Some(3), Some("tasks"), &["-1 is out of range"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "tasks: 2.5"), Some(3), Some("tasks"), &["whole number"]);
+    assert_eq!(parse_job("t", &MINIMAL.replace("tasks: 8", "tasks: \"8\"")).unwrap().tasks, 8);
+    assert_err(&MINIMAL.replace("name: train", "name: a/b"), Some(1), Some("name"), &["job name \"a/b\""]);
+    assert_err(&MINIMAL.replace("kind: batch", "kind: cron"), Some(2), Some("kind"), &["`batch`", "`service`"]);
+    assert_err(&MINIMAL.replace("image: trainer", "image:"), Some(5), Some("image"), &["must not be empty"]);
+    assert_err(&format!("{MINIMAL}gang: yes\n"), Some(6), Some("gang"), &["`true` or `false`"]);
+    assert_err(&format!("{MINIMAL}spread: ''\n"), Some(6), Some("spread"), &["must not be empty"]);
+    assert_err(&format!("{MINIMAL}command: echo hi\n"), Some(6), Some("command"), &["a list of strings"]);
+    assert_err(
+        &format!("{MINIMAL}restart: {{policy: sometimes}}\n"),
+        Some(6),
+        Some("restart.policy"),
+        &["`on_failure`"],
+    );
+    assert_err(&format!("{MINIMAL}duration: 5 minutes\n"), Some(6), Some("duration"), &["`1m30s`"]);
+    assert_err(
+        &format!("{MINIMAL}constraints:\n- {{label: zone, in: []}}\n"),
+        Some(7),
+        Some("constraints[0].in"),
+        &["at least one value"],
+    );
+    assert_err(
+        &format!("{MINIMAL}constraints: {{label: zone}}\n"),
+        Some(6),
+        Some("constraints"),
+        &["a list of constraints"],
+    );
+}
+
+#[test]
+fn env_values_are_taken_as_written_and_names_checked() {
+    let job = parse_job("t", &format!("{MINIMAL}env: {{A: 1, B: false, C: 0x10, D: '', E: 1e3}}\n")).unwrap();
+    let values: Vec<&str> = job.env.values().map(String::as_str).collect();
+    assert_eq!(values, ["1", "false", "0x10", "", "1e3"]);
+    assert_err(&format!("{MINIMAL}env:\n  A=B: 1\n"), Some(7), Some("env"), &["`A=B`", "`=`"]);
+    assert_err(&format!("{MINIMAL}env:\n  A: 1\n  A: 2\n"), Some(8), Some("env"), &["`A` is set twice"]);
+    assert_err(&format!("{MINIMAL}env:\n  A: [1]\n"), Some(7), Some("env.A"), &["invalid type: sequence"]);
+}
+
+#[test]
+fn missing_fields_are_named() {
+    let e = assert_err(&MINIMAL.replace("image: trainer\n", ""), None, Some("image"), &["`image: busybox`"]);
+    assert_eq!(e.to_string(), format!("job.yaml: image: {}", e.message));
+    assert_err(&MINIMAL.replace("name: train\n", ""), None, Some("name"), &["missing"]);
+    assert_err(&MINIMAL.replace("kind: batch\n", ""), None, Some("kind"), &["`batch`"]);
+    assert_err(&MINIMAL.replace("tasks: 8\n", ""), None, Some("tasks"), &["`tasks: 3`"]);
+    assert_err(&MINIMAL.replace("resources: {cpu: 4, memory: 16Gi}\n", ""), None, Some("resources"), &["cpu"]);
+    let text = "name: a\nkind: batch\ntasks: 1\nresources:\n  memory: 1Gi\nimage: x\n";
+    assert_err(text, Some(4), Some("resources.cpu"), &["millicores"]);
+    let text = "name: a\nkind: batch\ntasks: 1\nresources: {cpu: 1}\nimage: x\n";
+    assert_err(text, Some(4), Some("resources.memory"), &["512Mi"]);
+}
+
+#[test]
+fn cross_field_rules_point_at_the_offending_key() {
+    let text = "name: web\nkind: service\nreplicas: 2\nresources: {cpu: 1, memory: 1Gi}\n\
+                    image: x\ngang: true\n";
+    let e = assert_err(text, Some(6), Some("gang"), &["only for batch"]);
+    assert_eq!(e.column, Some(1));
+    // The gang comes before the kind: still found.
+    let text = "gang: true\nname: web\nkind: service\nreplicas: 2\nresources: {cpu: 1, memory: 1Gi}\nimage: x\n";
+    assert_err(text, Some(1), Some("gang"), &["only for batch"]);
+
+    let text = "name: web\nkind: service\nreplicas: 2\nresources: {cpu: 1, memory: 1Gi}\nimage: x\ntasks: 2\n";
+    assert_err(text, Some(6), Some("tasks"), &["give only one"]);
+    assert_err(&format!("{MINIMAL}replicas: 8\n"), Some(6), Some("replicas"), &["give only one"]);
+    assert_err(&MINIMAL.replace("tasks: 8", "replicas: 8"), Some(3), Some("replicas"), &["batch job counts"]);
+}
+
+#[test]
+fn constraint_rules() {
+    let two_ops = format!("{MINIMAL}constraints:\n  - label: zone\n    equals: a\n    in: [a, b]\n");
+    let e = assert_err(&two_ops, Some(9), Some("constraints[0].in"), &["exactly one", "`equals` and `in`"]);
+    assert_eq!(e.column, Some(5));
+    let flow =
+        format!("{MINIMAL}constraints:\n  - {{label: zone, equals: a}}\n  - {{not_in: [c], label: z, equals: b}}\n");
+    let e = assert_err(&flow, Some(8), Some("constraints[1].equals"), &["`equals` and `not_in`"]);
+    assert_eq!(e.column, Some(29));
+    assert_err(
+        &format!("{MINIMAL}constraints:\n  - {{label: zone}}\n"),
+        Some(7),
+        Some("constraints[0]"),
+        &["needs one of"],
+    );
+    assert_err(
+        &format!("{MINIMAL}constraints:\n  - {{equals: a}}\n"),
+        Some(7),
+        Some("constraints[0].label"),
+        &["missing `label`"],
+    );
+    assert_err(
+        &format!("{MINIMAL}constraints:\n  - {{label: '', equals: a}}\n"),
+        Some(7),
+        Some("constraints[0].label"),
+        &["must not be empty"],
+    );
+}
+
+#[test]
+fn duplicate_fields_point_at_the_repetition() {
+    assert_err(&format!("{MINIMAL}name: again\n"), Some(6), Some("name"), &["given twice"]);
+    let text = "name: a\nkind: batch\ntasks: 1\nimage: x\nresources:\n  cpu: 1\n  memory: 1Gi\n  cpu: 2\n";
+    assert_err(text, Some(8), Some("resources.cpu"), &["given twice"]);
+}
+
+#[test]
+fn file_level_errors() {
+    let e = assert_err("name: a\nkind: batch\n  tasks: 1\n", Some(3), None, &["invalid YAML"]);
+    assert!(e.column.is_some());
+    assert!(e.to_string().starts_with("job.yaml:3:"), "{e}");
+    let e = assert_err("name: a\nkind:\tbatch\n\ttasks: 1\n", Some(3), None, &["invalid YAML", "tab"]);
+    assert!(!e.message.contains("line 3"), "{e}");
+    assert_err("name: [a\n", Some(2), None, &["invalid YAML"]);
+    assert_err("", None, None, &["no job"]);
+    assert_err("# just a comment\n---\n", None, None, &["no job"]);
+    assert_err(&format!("{MINIMAL}---\n{MINIMAL}"), Some(7), None, &["second YAML document"]);
+    assert_err("- name: a\n", Some(1), None, &["invalid type: sequence", "a job: a mapping"]);
+}
+
+#[test]
+fn display_omits_what_is_unknown() {
+    let mut e = JobSpecError {
+        source_name: "jobs.yaml".into(),
+        line: Some(7),
+        column: Some(3),
+        field: Some("resources.cpu".into()),
+        message: "bad".into(),
+    };
+    assert_eq!(e.to_string(), "jobs.yaml:7:3: resources.cpu: bad");
+    e.column = None;
+    assert_eq!(e.to_string(), "jobs.yaml:7: resources.cpu: bad");
+    e.field = None;
+    assert_eq!(e.to_string(), "jobs.yaml:7: bad");
+    e.line = None;
+    assert_eq!(e.to_string(), "jobs.yaml: bad");
+    e.source_name.clear();
+    assert_eq!(e.to_string(), "bad");
+}
+
+#[test]
+fn cpu_quantities() {
+    for (s, millis) in [("500m", 500), ("1500m", 1500), ("0.5", 500), ("1.5", 1500), ("2", 2000), (".25", 250)] {
+        assert_eq!(parse_quantity_cpu(s), Ok(millis), "{s}");
+    }
+    assert_eq!(parse_quantity_cpu("0.5000"), Ok(500));
+    assert_eq!(parse_quantity_cpu(" 3 "), Ok(3000));
+    assert_eq!(parse_quantity_cpu("0"), Ok(0));
+    assert_eq!(parse_quantity_cpu("18446744073709551615m"), Ok(u64::MAX));
+    for (s, why) in [
+        ("", "empty"),
+        ("-1", "negative"),
+        ("1e3", "exponent"),
+        ("0.0005", "finer than a millicore"),
+        ("1.5m", "finer than a millicore"),
+        ("18446744073709551616", "too large"),
+        ("18446744073709551616m", "too large"),
+        ("500M", "unknown suffix"),
+        ("abc", "not a CPU quantity"),
+        ("1.2.3", "not a CPU quantity"),
+        ("+1", "not a CPU quantity"),
+        (".", "not a CPU quantity"),
+        ("1 m", "unknown suffix"),
+    ] {
+        let e = parse_quantity_cpu(s).expect_err(s);
+        assert!(e.contains(why), "{s:?}: {e}");
+    }
+}
+
+#[test]
+fn memory_quantities() {
+    for (s, bytes) in [
+        ("1073741824", 1u64 << 30),
+        ("512Mi", 512 << 20),
+        ("1.5Gi", 3 << 29),
+        ("1Ki", 1024),
+        ("2Ti", 2 << 40),
+        ("100M", 100_000_000),
+        ("1k", 1000),
+        ("1K", 1000),
+        ("1.5G", 1_500_000_000),
+        ("3T", 3_000_000_000_000),
+        ("18446744073709551615", u64::MAX),
+    ] {
+        assert_eq!(parse_quantity_memory(s), Ok(bytes), "{s}");
+    }
+    for (s, why) in [
+        ("", "empty"),
+        ("-1Gi", "negative"),
+        ("1e9", "exponent"),
+        ("1.5", "whole number of bytes"),
+        ("0.1Ki", "whole number of bytes"),
+        ("18446744073709551616", "too large"),
+        ("16777216Ti", "too large"),
+        ("512MB", "`512Mi`"),
+        ("1GiB", "`1Gi`"),
+        ("1gi", "`1Gi`"),
+        ("500m", "`500Mi`"),
+        ("5x", "unknown suffix `x`"),
+        ("Gi", "not a memory quantity"),
+    ] {
+        let e = parse_quantity_memory(s).expect_err(s);
+        assert!(e.contains(why), "{s:?}: {e}");
+    }
+}
+
+#[test]
+fn durations() {
+    for (s, ms) in [
+        ("500ms", 500),
+        ("2s", 2000),
+        ("1m", 60_000),
+        ("1h", 3_600_000),
+        ("1500", 1500),
+        ("0", 0),
+        ("1.5s", 1500),
+        ("1m30s", 90_000),
+        ("1h0m1ms", 3_600_001),
+    ] {
+        assert_eq!(parse_duration_ms(s), Ok(ms), "{s}");
+    }
+    for (s, why) in [
+        ("", "empty"),
+        ("-1s", "negative"),
+        ("1.5", "no unit"),
+        ("1m30", "no unit after `30`"),
+        ("2d", "unknown unit `d`"),
+        ("1e3", "unknown unit `e`"),
+        ("0.5ms", "finer than a millisecond"),
+        ("s", "not a duration"),
+        ("18446744073709551616", "too large"),
+        ("5124095576030432h", "too large"),
+        ("18446744073709551615ms1ms", "too large"),
+    ] {
+        let e = parse_duration_ms(s).expect_err(s);
+        assert!(e.contains(why), "{s:?}: {e}");
+    }
+}
+
+#[test]
+fn control_characters_are_refused_where_they_make_no_sense() {
+    let e = assert_err(
+        &format!("{MINIMAL}env:\n  A: \"x\\0y\"\n"),
+        Some(7),
+        Some("env.A"),
+        &["NUL (U+0000)", "character 2"],
+    );
+    assert_eq!(e.column, Some(6));
+    assert_err(&format!("{MINIMAL}env:\n  \"A\\x01\": x\n"), Some(7), Some("env"), &["U+0001", "no control character"]);
+    assert_err(&format!("{MINIMAL}env:\n  \"A B\": x\n"), Some(7), Some("env"), &["whitespace"]);
+    assert_err(&format!("{MINIMAL}env:\n  A: \"\\e[1m\"\n"), Some(7), Some("env.A"), &["U+001B", "tab, newline"]);
+    assert_err(&format!("{MINIMAL}args: [\"a\\0\"]\n"), Some(6), Some("args[0]"), &["NUL"]);
+    assert_err(
+        &format!("{MINIMAL}constraints: [{{label: zone, equals: \"a\\tb\"}}]\n"),
+        Some(6),
+        Some("constraints[0].equals"),
+        &["U+0009"],
+    );
+    assert_err(&format!("{MINIMAL}spread: \"zo\\0ne\"\n"), Some(6), Some("spread"), &["NUL"]);
+    assert_err(&MINIMAL.replace("image: trainer", "image: \"trainer\\0\""), Some(5), Some("image"), &["NUL"]);
+    // Line breaks and tabs are text in values and arguments.
+    let job = parse_job("t", &format!("{MINIMAL}env: {{A: \"a\\tb\\nc\"}}\nargs: [\"x\\ny\"]\n")).unwrap();
+    assert_eq!((job.env["A"].as_str(), job.args[0].as_str()), ("a\tb\nc", "x\ny"));
+}
+
+#[test]
+fn deep_or_huge_files_are_refused_before_parsing() {
+    let text = format!("{MINIMAL}args: {}\n", "[".repeat(100_000));
+    let e = assert_err(&text, Some(6), None, &["deeper than 32 levels"]);
+    assert_eq!(e.column, Some(7 + MAX_DEPTH - 1));
+    let text = format!("{MINIMAL}args:\n{}x\n", "- ".repeat(100_000));
+    assert_err(&text, Some(7), None, &["deeper than 32 levels"]);
+    let e = err(&format!("{MINIMAL}# {}\n", "x".repeat(MAX_FILE_BYTES)));
+    assert!(e.line.is_none() && e.message.contains("at most 4194304 bytes"), "{e}");
+}
+
+#[test]
+fn a_job_too_large_for_one_etcd_request_is_refused_at_its_largest_field() {
+    let blob = "x".repeat(1_600_000);
+    let e = assert_err(
+        &format!("{MINIMAL}env:\n  SMALL: a\n  BLOB: {blob}\n"),
+        Some(8),
+        Some("env.BLOB"),
+        &["more than fits one etcd request", "1.44 MiB", "--max-request-bytes"],
+    );
+    assert_eq!(e.column, Some(3));
+    let args: Vec<String> = (0..25_000).map(|i| format!("arg-{i:060}")).collect();
+    assert_err(&format!("{MINIMAL}args: [{}]\n", args.join(", ")), Some(6), Some("args"), &["this field alone"]);
+    // Just under the limit is fine.
+    assert!(parse_job("t", &format!("{MINIMAL}env:\n  BLOB: {}\n", "x".repeat(1_400_000))).is_ok());
+}
