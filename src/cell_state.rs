@@ -97,7 +97,7 @@ impl CellSnapshot {
             }
             Some(Key::Owner(job)) => put(&mut self.owners, job, key, value, mod_revision),
             Some(Key::Scheduler(name)) => put(&mut self.schedulers, name, key, value, mod_revision),
-            Some(Key::Assignment { .. }) | Some(Key::Status(_)) | None => true,
+            Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => true,
         };
         if !ok {
             self.undecodable += 1;
@@ -118,7 +118,7 @@ impl CellSnapshot {
             }
             Some(Key::Owner(job)) => drop(self.owners.remove(job)),
             Some(Key::Scheduler(name)) => drop(self.schedulers.remove(name)),
-            Some(Key::Assignment { .. }) | Some(Key::Status(_)) | None => {}
+            Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => {}
         }
     }
 
@@ -251,7 +251,7 @@ impl CellObject {
             Key::Node(n) | Key::Live(n) | Key::Alloc(n) => Some(CellObject::Node(n.to_string())),
             Key::Job(j) | Key::Owner(j) => Some(CellObject::Job(j.to_string())),
             Key::Task(t) => Some(CellObject::Task(t.to_string())),
-            Key::Scheduler(_) | Key::Assignment { .. } | Key::Status(_) => None,
+            Key::Scheduler(_) | Key::Assignment { .. } | Key::Status(_) | Key::Submission(_) => None,
         }
     }
 }

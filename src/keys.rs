@@ -15,6 +15,8 @@
 //! | `<prefix>cell/schedulers/<name>/<id>` | [`crate::model::SchedulerInstance`], lease-bound |
 //! | `<prefix>status/<job>`                | [`crate::model::JobStatus`]            |
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
+//! | `<prefix>submissions/<job>`           | [`crate::store::SubmissionMarker`], while a large job is written |
+//! | `<prefix>controller/<lease>`          | the controller's election key (etcd's election API) |
 
 use crate::error::{Error, Result};
 
@@ -46,6 +48,8 @@ pub enum Key<'a> {
     Scheduler(&'a str),
     /// A job's placement status (pending reasons), outside the cached range.
     Status(&'a str),
+    /// A submission in progress (a job written in several transactions), outside the cached range.
+    Submission(&'a str),
 }
 
 impl Default for Keys {
@@ -130,6 +134,17 @@ impl Keys {
     pub fn assignment(&self, node: &str, task_id: &str) -> String {
         format!("{}assign/{node}/{task_id}", self.prefix)
     }
+    pub fn submissions_prefix(&self) -> String {
+        format!("{}submissions/", self.prefix)
+    }
+    /// The marker of a job being submitted in several transactions (its tasks first, its record last).
+    pub fn submission(&self, job: &str) -> String {
+        format!("{}submissions/{job}", self.prefix)
+    }
+    /// The controller replicas' election (etcd's election API keys `<this>/<lease>` under it).
+    pub fn controller_election(&self) -> String {
+        format!("{}controller", self.prefix)
+    }
 
     /// Parses a key of this layout; `None` for anything else under (or outside) the prefix.
     pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
@@ -152,6 +167,9 @@ impl Keys {
         }
         if let Some(job) = rest.strip_prefix("status/") {
             return (!job.is_empty()).then_some(Key::Status(job));
+        }
+        if let Some(job) = rest.strip_prefix("submissions/") {
+            return (!job.is_empty() && !job.contains('/')).then_some(Key::Submission(job));
         }
         let assign = rest.strip_prefix("assign/")?;
         let (node, task) = assign.split_once('/')?;
@@ -212,6 +230,8 @@ mod tests {
         assert_eq!(k.parse(&k.owner("j")), Some(Key::Owner("j")));
         assert_eq!(k.parse(&k.scheduler("batch", "b-1")), Some(Key::Scheduler("batch/b-1")));
         assert_eq!(k.parse(&k.status("j")), Some(Key::Status("j")));
+        assert_eq!(k.parse(&k.submission("j")), Some(Key::Submission("j")));
+        assert!(!k.submission("j").starts_with(&k.cell_prefix()));
         assert!(!k.status("j").starts_with(&k.cell_prefix()));
         assert_eq!(k.parse("/omega/cell/tasks/j"), None);
         assert_eq!(k.parse("/omega/cell/bogus/x"), None);

@@ -220,9 +220,8 @@ async fn releasing_thousands_of_tasks_takes_few_round_trips() {
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
     // 500 of them placed, 50 on each node.
-    let claims: Vec<Claim> = (0..500)
-        .map(|i| Claim::new(snap.tasks.get(&format!("big/{i}")).unwrap().clone(), node_name(i % 10)))
-        .collect();
+    let claims: Vec<Claim> =
+        (0..500).map(|i| Claim::new(snap.tasks.get(&format!("big/{i}")).unwrap().clone(), node_name(i % 10))).collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await

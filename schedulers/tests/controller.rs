@@ -327,3 +327,31 @@ async fn nodes_down_and_empty_are_forgotten() {
     let report = audit::audit(&store).await.unwrap();
     assert!(report.is_ok(), "{:#?}", report.violations);
 }
+
+/// Tasks a submission wrote before it died (no job record) are deleted once nothing of them has been written
+/// for `--orphan-grace`; a complete job beside them is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_a_submission_that_died_are_collected() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let whole = Job::new("whole", JobKind::Batch, 2, Resources::new(100, 1 << 20));
+    store.create_job(&whole, 128).await.unwrap();
+    // What a submission that died after its first transaction leaves: tasks, no record.
+    let dead = Job::new("dead", JobKind::Batch, 3, Resources::new(100, 1 << 20));
+    let mut kv = store.client().kv_client();
+    for i in 0..3 {
+        let task = Task::pending(&dead, i);
+        kv.put(store.keys().task(&task.id), serde_json::to_vec(&task).unwrap(), None).await.unwrap();
+    }
+    let _ctl = Proc::start(
+        "omega-controller",
+        &["--etcd", &ep, "--instance", "ctl-orphans", "--orphan-grace", "1s"],
+        "ctl-orphans",
+    );
+    wait_for("the dead submission's tasks collected", 30, async || {
+        tasks(&store, "dead").await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(tasks(&store, "whole").await.len(), 2);
+    assert!(store.get_json::<Job>(&store.keys().job("whole")).await.unwrap().is_some());
+}

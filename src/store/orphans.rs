@@ -31,7 +31,7 @@ impl Store {
         let page = super::DEFAULT_PAGE_SIZE;
         let (jobs, rev) = self.list(&self.keys.jobs_prefix(), page, None).await?;
         let (tasks, _) = self.list(&self.keys.tasks_prefix(), page, Some(rev)).await?;
-        let (markers, _) = self.list(&marker_key(&self.keys, ""), page, Some(rev)).await?;
+        let (markers, _) = self.list(&self.keys.submissions_prefix(), page, Some(rev)).await?;
         let jobs: BTreeSet<Vec<u8>> = jobs.iter().map(|kv| kv.key().to_vec()).collect();
         let mut out: BTreeMap<String, OrphanTasks> = BTreeMap::new();
         let tasks_prefix = self.keys.tasks_prefix();

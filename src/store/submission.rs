@@ -46,9 +46,9 @@ pub struct SubmissionMarker {
     pub started_ms: u64,
 }
 
-/// Where a submission's marker lives.
+/// Where a submission's marker lives (one place for the layout: [`Keys::submission`]).
 pub fn marker_key(keys: &Keys, job: &str) -> String {
-    format!("{}submissions/{job}", keys.prefix())
+    keys.submission(job)
 }
 
 /// What a failed submission left behind.

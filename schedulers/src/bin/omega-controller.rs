@@ -34,6 +34,9 @@ struct Args {
     /// Forget nodes down this long that hold no tasks (their record and ledger); `0` keeps them.
     #[arg(long, default_value = "1h", value_parser = duration)]
     node_gc_after: Duration,
+    /// Delete tasks without a job record (a submission that died half way) once untouched this long.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    orphan_grace: Duration,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(30),
         gc_after: (!args.gc_after.is_zero()).then_some(args.gc_after),
         node_gc_after: (!args.node_gc_after.is_zero()).then_some(args.node_gc_after),
+        orphan_grace: args.orphan_grace,
     };
     tracing::info!(%config, "controller started");
     run(store, config, omega::shutdown::signal()).await

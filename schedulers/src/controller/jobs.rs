@@ -5,7 +5,9 @@
 //! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded, else
 //!   `failed`;
 //! - **garbage collection**: a job that finished (succeeded, failed, cancelled) longer than `gc_after` ago is
-//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound.
+//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound;
+//!   tasks without a job record (a submission that died half way, written for longer than `orphan_grace`)
+//!   are deleted too.
 
 use super::{queue::WorkQueue, ControllerConfig, Object, Reconciled};
 use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
@@ -29,8 +31,14 @@ pub async fn reconcile(
     let mut replace: Vec<Release> = Vec::new();
     let mut finished: Vec<(Versioned<omega::model::Job>, JobState)> = Vec::new();
     let mut collect: Vec<Versioned<omega::model::Job>> = Vec::new();
+    let mut orphans: Vec<&String> = Vec::new();
     for id in jobs {
-        let Some(job) = snapshot.jobs.get(id) else { continue };
+        let Some(job) = snapshot.jobs.get(id) else {
+            if has_tasks(snapshot, id) {
+                orphans.push(id);
+            }
+            continue;
+        };
         let j = &job.value;
         let active = matches!(j.state, JobState::Pending | JobState::Running);
         match (j.kind, active) {
@@ -83,7 +91,22 @@ pub async fn reconcile(
     if !collect.is_empty() {
         done.collected_jobs = collect_jobs(store, &collect, fence).await?;
     }
+    for id in orphans {
+        match store.delete_orphan_tasks(id, config.orphan_grace, Some(fence.compare())).await? {
+            Some(n) => {
+                done.collected_orphans += n as usize;
+                tracing::info!(job = id, tasks = n, "collected the tasks of a submission that never completed");
+            }
+            // Too young (or its submission moved on): look again once the grace could have run out.
+            None => queue.add_after(Object::Job(id.clone()), config.orphan_grace),
+        }
+    }
     Ok(done)
+}
+
+/// Whether `job`'s tasks are in the snapshot (a submission writes them from index 0 up).
+pub fn has_tasks(snapshot: &CellSnapshot, job: &str) -> bool {
+    snapshot.tasks.contains_key(&omega::keys::task_id(job, 0))
 }
 
 fn replacement(t: &Versioned<Task>) -> Release {

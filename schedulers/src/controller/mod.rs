@@ -51,6 +51,9 @@ pub struct ControllerConfig {
     /// Forget nodes (their record and ledger) that have been down this long and hold nothing; `None` keeps
     /// them. A node that comes back registers again.
     pub node_gc_after: Option<Duration>,
+    /// Delete tasks without a job record (a submission that died half way) once nothing of them was written
+    /// for this long.
+    pub orphan_grace: Duration,
 }
 
 /// Counters, for logs and tests.
@@ -61,6 +64,7 @@ pub struct Reconciled {
     pub finished_jobs: usize,
     pub collected_jobs: usize,
     pub collected_nodes: usize,
+    pub collected_orphans: usize,
 }
 
 impl Reconciled {
@@ -70,10 +74,17 @@ impl Reconciled {
         self.finished_jobs += other.finished_jobs;
         self.collected_jobs += other.collected_jobs;
         self.collected_nodes += other.collected_nodes;
+        self.collected_orphans += other.collected_orphans;
     }
 
     fn any(&self) -> bool {
-        self.lost_tasks + self.replaced_replicas + self.finished_jobs + self.collected_jobs + self.collected_nodes > 0
+        self.lost_tasks
+            + self.replaced_replicas
+            + self.finished_jobs
+            + self.collected_jobs
+            + self.collected_nodes
+            + self.collected_orphans
+            > 0
     }
 }
 
@@ -95,7 +106,7 @@ impl Object {
 }
 
 fn election(store: &Store) -> String {
-    format!("{}controller", store.keys().prefix())
+    store.keys().controller_election()
 }
 
 /// Runs one controller replica until `shutdown`: campaigns, leads while it holds the leadership, campaigns
@@ -217,13 +228,18 @@ async fn lead(
     }
 }
 
-/// Queues every node and every job of the cell.
+/// Queues every node and every job of the cell, and every job id that has tasks but no record.
 fn enqueue_all(snapshot: &CellSnapshot, queue: &mut WorkQueue<Object>) {
     for node in snapshot.allocations.keys().chain(snapshot.nodes.keys()) {
         queue.add(Object::Node(node.clone()));
     }
     for job in snapshot.jobs.keys() {
         queue.add(Object::Job(job.clone()));
+    }
+    for task in snapshot.tasks.values() {
+        if !snapshot.jobs.contains_key(&task.value.job) {
+            queue.add(Object::Job(task.value.job.clone()));
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::units;
 use omega::keys::{Key, Keys};
 use omega::model::{Allocation, Assignment, Job, JobOwner, JobStatus, Liveness, Node, SchedulerInstance, Task};
-use omega::store::submission::{marker_key, SubmissionMarker};
+use omega::store::submission::SubmissionMarker;
 use serde::de::DeserializeOwned;
 
 /// What a change was about: a kind (`task`, `job`, `node`, ...), the thing's name, and the sentence.
@@ -45,10 +45,8 @@ pub fn describe(keys: &Keys, key: &str, prev: Option<&[u8]>, new: Option<&[u8]>)
         Some(Key::Scheduler(s)) => ("scheduler", s, scheduler(s, decoded(new), new.is_some())),
         Some(Key::Status(j)) => ("status", j, status(j, decoded(new), new.is_some())),
         Some(Key::Assignment { node, task }) => ("assign", task, assignment(node, task, decoded(new), new.is_some())),
-        None => match key.strip_prefix(marker_key(keys, "").as_str()) {
-            Some(job) => ("submission", job, submission(job, decoded(new), new.is_some())),
-            None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
-        },
+        Some(Key::Submission(job)) => ("submission", job, submission(job, decoded(new), new.is_some())),
+        None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
     };
     let text = if undecodable { format!("{key}: value is not JSON") } else { text };
     Summary { kind, name: name.to_string(), text }
