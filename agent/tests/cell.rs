@@ -108,6 +108,17 @@ async fn a_local_cell_runs_an_example_and_stops_cleanly() {
         String::from_utf8_lossy(&jobs.stdout)
     );
     assert_eq!(run(&["audit"]).status.code(), Some(0));
+    // `omctl schedulers` shows the work the batch scheduler did (from its record's counters).
+    let schedulers = run(&["schedulers", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&schedulers.stdout).unwrap();
+    let batch = listed["schedulers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scheduler"] == "batch")
+        .unwrap_or_else(|| panic!("the batch scheduler is listed: {listed}"));
+    assert!(batch["attempts"].as_u64().unwrap_or(0) >= 1, "{batch}");
+    assert!(batch["placed"].as_u64().unwrap_or(0) >= 2, "{batch}");
     assert_eq!(run(&["logs", "nosuch/0"]).status.code(), Some(1));
 
     // SIGTERM: everything it started stops.
