@@ -24,6 +24,7 @@ pub mod resources;
 pub mod shutdown;
 pub mod store;
 pub mod txn;
+pub mod units;
 pub mod watcher;
 
 pub use error::{Error, Result};

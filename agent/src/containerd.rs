@@ -719,7 +719,7 @@ impl Containerd {
         let expires = SystemTime::now()
             .checked_add(LEASE_EXPIRY)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| rfc3339(d.as_secs()))
+            .map(|d| omega::units::rfc3339(d.as_secs()))
             .unwrap_or_default();
         let request = CreateLeaseRequest {
             id: lease_id.to_string(),
@@ -1348,23 +1348,6 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (containerd's `gc.expire` label wants RFC 3339).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -1513,13 +1496,6 @@ mod tests {
         assert_eq!(ids[0], a);
         let expected = format!("sha256:{}", hex(&Sha256::digest(b"sha256:aaaa sha256:bbbb")));
         assert_eq!(ids[1], expected);
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 use anyhow::Context;
 use clap::Parser;
-use omega::job_spec::{parse_duration_ms, parse_quantity_cpu, parse_quantity_memory};
 use omega::keys::Keys;
 use omega::resources::Resources;
 use omega::store::Store;
+use omega::units::{parse_cpu, parse_duration as duration, parse_memory};
 use omega_agent::agent::{Agent, AgentConfig};
 use omega_agent::containerd::{Containerd, ContainerdOptions};
 use omega_agent::logs::LogService;
@@ -26,10 +26,10 @@ struct Args {
     #[arg(long)]
     node: Option<String>,
     /// CPU to offer, e.g. `4` or `3500m` (default: all cores).
-    #[arg(long, value_parser = parse_quantity_cpu)]
+    #[arg(long, value_parser = parse_cpu)]
     cpu: Option<u64>,
     /// Memory to offer, e.g. `16Gi` (default: all of it).
-    #[arg(long, value_parser = parse_quantity_memory)]
+    #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
     /// A node label `key=value` (repeatable), for job constraints and spread.
     #[arg(long = "label", value_parser = parse_label)]
@@ -66,14 +66,10 @@ struct Args {
     sim_prefix: String,
     #[arg(long, default_value_t = 3)]
     sim_zones: usize,
-    #[arg(long, default_value = "16", value_parser = parse_quantity_cpu)]
+    #[arg(long, default_value = "16", value_parser = parse_cpu)]
     sim_cpu: u64,
-    #[arg(long, default_value = "64Gi", value_parser = parse_quantity_memory)]
+    #[arg(long, default_value = "64Gi", value_parser = parse_memory)]
     sim_memory: u64,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration_ms(s).map(Duration::from_millis)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

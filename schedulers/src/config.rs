@@ -3,6 +3,7 @@
 use clap::{Parser, ValueEnum};
 use omega::commit::Detection;
 use omega::model::JobKind;
+pub use omega::units::parse_duration;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -116,11 +117,6 @@ impl Config {
     pub fn preemption(&self) -> bool {
         self.preemption.unwrap_or(self.kind == Kind::Service)
     }
-}
-
-/// A duration flag: `250ms`, `2s`, `1m30s`, `1h`, or a plain number of milliseconds (the job-file syntax).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    omega::job_spec::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 #[cfg(test)]

@@ -87,7 +87,6 @@
 mod build;
 mod prescan;
 mod probe;
-mod quantity;
 mod raw;
 mod render;
 mod size;
@@ -102,7 +101,6 @@ use serde::Deserialize;
 use std::fmt;
 
 pub use prescan::{MAX_DEPTH, MAX_FILE_BYTES};
-pub use quantity::{parse_duration_ms, parse_quantity_cpu, parse_quantity_memory};
 pub use render::to_yaml;
 
 /// The most tasks one job may ask for. A job is written as one key per task, so a typo such as `tasks: 30000000`

@@ -1,9 +1,9 @@
 //! The file as read: every field optional, so that a missing one is reported in our words, not serde's.
 
-use super::quantity::{parse_duration_ms, parse_quantity_cpu, parse_quantity_memory};
 use super::MAX_TASKS;
 use crate::keys::validate_name;
 use crate::model::{JobKind, RestartMode};
+use crate::units::{parse_cpu, parse_duration_ms, parse_memory};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -183,14 +183,14 @@ fn policy(s: &str) -> Result<RestartMode, String> {
 }
 
 fn cpu_request(s: &str) -> Result<u64, String> {
-    match parse_quantity_cpu(s)? {
+    match parse_cpu(s)? {
         0 => Err("CPU must be more than 0; write millicores (`100m`) or cores (`0.5`, `2`)".to_string()),
         millis => Ok(millis),
     }
 }
 
 fn memory_request(s: &str) -> Result<u64, String> {
-    match parse_quantity_memory(s)? {
+    match parse_memory(s)? {
         0 => Err("memory must be more than 0; write e.g. `512Mi` or `1Gi`".to_string()),
         bytes => Ok(bytes),
     }

@@ -1,6 +1,7 @@
 //! Rendering a job back into the job-file format.
 
 use crate::model::{Constraint, Job, JobKind, RestartMode};
+use crate::units;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -106,6 +107,16 @@ pub(super) enum Quantity {
     Text(String),
 }
 
+impl Quantity {
+    /// A rendered quantity as YAML writes it best: a plain number where it is one (`2`, `1000`), else text.
+    fn of(text: String) -> Quantity {
+        match text.parse::<u64>() {
+            Ok(n) => Quantity::Number(n),
+            Err(_) => Quantity::Text(text),
+        }
+    }
+}
+
 #[derive(Default, Serialize)]
 struct OutConstraint<'a> {
     label: &'a str,
@@ -147,34 +158,17 @@ fn policy_name(mode: RestartMode) -> &'static str {
     }
 }
 
-/// `1500` -> `1500m`, `2000` -> `2` (whole cores).
+/// CPU as a job file writes it ([`units::cpu`]): whole cores as a number, else `1500m`.
 pub(super) fn render_cpu(millis: u64) -> Quantity {
-    if millis % 1000 == 0 {
-        Quantity::Number(millis / 1000)
-    } else {
-        Quantity::Text(format!("{millis}m"))
-    }
+    Quantity::of(units::cpu(millis))
 }
 
-/// The largest binary suffix that is exact (`512Mi`, `1536Mi`), else bytes.
+/// Memory exactly ([`units::memory_exact`]): `1536Mi`, or a number of bytes.
 pub(super) fn render_memory(bytes: u64) -> Quantity {
-    for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
-            return Quantity::Text(format!("{}{suffix}", bytes >> shift));
-        }
-    }
-    Quantity::Number(bytes)
+    Quantity::of(units::memory_exact(bytes))
 }
 
-/// The largest unit that is exact (`1h`, `90s`, `1500ms`).
+/// A duration exactly, in its largest unit ([`units::duration`]).
 pub(super) fn render_duration(ms: u64) -> String {
-    if ms == 0 {
-        return "0s".to_string();
-    }
-    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms % size == 0 {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
+    units::duration(ms)
 }

@@ -1,9 +1,9 @@
 //! `omega-controller`: one replica of the cell controller (run several; one leads).
 
 use clap::Parser;
-use omega::job_spec::parse_duration_ms;
 use omega::keys::Keys;
 use omega::store::Store;
+use omega::units::parse_duration as duration;
 use omega_schedulers::controller::{run, ControllerConfig};
 use std::time::Duration;
 
@@ -37,10 +37,6 @@ struct Args {
     /// Delete tasks without a job record (a submission that died half way) once untouched this long.
     #[arg(long, default_value = "10m", value_parser = duration)]
     orphan_grace: Duration,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration_ms(s).map(Duration::from_millis)
 }
 
 #[tokio::main]

@@ -3,6 +3,7 @@
 use crate::output::Format;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use omega::model::TaskState;
+use omega::units::parse_duration;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -248,11 +249,6 @@ fn parse_max_txn_ops(s: &str) -> Result<usize, String> {
         Ok(n) if n >= min => Ok(n),
         _ => Err(format!("`{s}` is not a whole number of at least {min} (etcd's default is 128)")),
     }
-}
-
-/// A duration flag: `250ms`, `2s`, `1m30s`, `1h`, or whole milliseconds (the job-file syntax).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    omega::job_spec::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 #[cfg(test)]

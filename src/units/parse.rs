@@ -1,11 +1,14 @@
-//! Quantities and durations: exact decimal arithmetic, with messages that say which forms are accepted.
+//! Reading quantities and durations as people write them (job files, flags): exact decimal arithmetic, with
+//! messages that say which forms are accepted.
+
+use std::time::Duration;
 
 /// Parses a CPU quantity into millicores: `500m`, or cores as `2`, `0.5`, `1.5` (= 1500).
 ///
 /// Zero is accepted here (it is a quantity); whoever needs a positive amount checks for it. Refused, each with
 /// a message that says what is accepted: empty, negative, exponent notation (`1e3`), other suffixes, less than
 /// a millicore (`0.0005`), and more than `u64::MAX` millicores.
-pub fn parse_quantity_cpu(s: &str) -> Result<u64, String> {
+pub fn parse_cpu(s: &str) -> Result<u64, String> {
     const FORMS: &str = "CPU is millicores (`500m`) or cores (`2`, `0.5`, `1.5`)";
     let t = s.trim();
     let (number, suffix) = split_number(t);
@@ -31,7 +34,7 @@ pub fn parse_quantity_cpu(s: &str) -> Result<u64, String> {
 ///
 /// The result must be a whole number of bytes (`1.5Gi` is, `1.5` is not). Zero is accepted here. `MB`, `GiB`,
 /// `mi` and a lower-case `m` are refused with a hint, since each is a likely slip for one of the above.
-pub fn parse_quantity_memory(s: &str) -> Result<u64, String> {
+pub fn parse_memory(s: &str) -> Result<u64, String> {
     const FORMS: &str = "memory is bytes (`1073741824`) or a number with a suffix Ki, Mi, Gi, Ti (powers of \
                          1024) or k, M, G, T (powers of 1000), e.g. `512Mi`, `1.5Gi`, `100M`";
     let t = s.trim();
@@ -110,12 +113,17 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     Ok(total)
 }
 
+/// [`parse_duration_ms`] as a [`Duration`]: the value parser of every duration flag (`--lease-ttl 10s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_ms(s).map(Duration::from_millis)
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Numbers: exact decimal arithmetic shared by the quantity and duration parsers.
 
 /// Why a number could not be read; each parser turns it into words with its own list of accepted forms.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Problem {
+enum Problem {
     Empty,
     Negative,
     Exponent,
@@ -125,7 +133,7 @@ pub(super) enum Problem {
 }
 
 impl Problem {
-    pub(super) fn describe(&self, text: &str, what: &str, forms: &str) -> String {
+    fn describe(&self, text: &str, what: &str, forms: &str) -> String {
         match self {
             Problem::Empty => format!("an empty value is not {what}; {forms}"),
             Problem::Negative => format!("`{text}` is negative; {forms}"),
@@ -139,7 +147,7 @@ impl Problem {
 }
 
 /// Splits `12.5Gi` into `12.5` and `Gi`.
-pub(super) fn split_number(t: &str) -> (&str, &str) {
+fn split_number(t: &str) -> (&str, &str) {
     let end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     t.split_at(end)
 }
@@ -188,7 +196,7 @@ fn memory_suffix_hint(t: &str, number: &str, suffix: &str) -> Option<String> {
 }
 
 /// Reads an unsigned decimal (`12`, `1.5`, `.5`) as `mantissa / 10^scale`, exactly.
-pub(super) fn decimal(number: &str) -> Result<(u128, u32), Problem> {
+fn decimal(number: &str) -> Result<(u128, u32), Problem> {
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
         return Err(Problem::Syntax);
@@ -206,7 +214,7 @@ pub(super) fn decimal(number: &str) -> Result<(u128, u32), Problem> {
 }
 
 /// `number * multiplier` as a whole `u64`, or why not. `text` is the whole value, for the empty and sign checks.
-pub(super) fn scaled(text: &str, number: &str, multiplier: u128) -> Result<u64, Problem> {
+fn scaled(text: &str, number: &str, multiplier: u128) -> Result<u64, Problem> {
     if text.is_empty() {
         return Err(Problem::Empty);
     }
@@ -222,4 +230,108 @@ pub(super) fn scaled(text: &str, number: &str, multiplier: u128) -> Result<u64, 
         _ => return Err(Problem::NotWhole),
     };
     u64::try_from(value).map_err(|_| Problem::TooLarge)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_quantities() {
+        for (s, millis) in [("500m", 500), ("1500m", 1500), ("0.5", 500), ("1.5", 1500), ("2", 2000), (".25", 250)] {
+            assert_eq!(parse_cpu(s), Ok(millis), "{s}");
+        }
+        assert_eq!(parse_cpu("0.5000"), Ok(500));
+        assert_eq!(parse_cpu(" 3 "), Ok(3000));
+        assert_eq!(parse_cpu("0"), Ok(0));
+        assert_eq!(parse_cpu("18446744073709551615m"), Ok(u64::MAX));
+        for (s, why) in [
+            ("", "empty"),
+            ("-1", "negative"),
+            ("1e3", "exponent"),
+            ("0.0005", "finer than a millicore"),
+            ("1.5m", "finer than a millicore"),
+            ("18446744073709551616", "too large"),
+            ("18446744073709551616m", "too large"),
+            ("500M", "unknown suffix"),
+            ("abc", "not a CPU quantity"),
+            ("1.2.3", "not a CPU quantity"),
+            ("+1", "not a CPU quantity"),
+            (".", "not a CPU quantity"),
+            ("1 m", "unknown suffix"),
+        ] {
+            let e = parse_cpu(s).expect_err(s);
+            assert!(e.contains(why), "{s:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn memory_quantities() {
+        for (s, bytes) in [
+            ("1073741824", 1u64 << 30),
+            ("512Mi", 512 << 20),
+            ("1.5Gi", 3 << 29),
+            ("1Ki", 1024),
+            ("2Ti", 2 << 40),
+            ("100M", 100_000_000),
+            ("1k", 1000),
+            ("1K", 1000),
+            ("1.5G", 1_500_000_000),
+            ("3T", 3_000_000_000_000),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(parse_memory(s), Ok(bytes), "{s}");
+        }
+        for (s, why) in [
+            ("", "empty"),
+            ("-1Gi", "negative"),
+            ("1e9", "exponent"),
+            ("1.5", "whole number of bytes"),
+            ("0.1Ki", "whole number of bytes"),
+            ("18446744073709551616", "too large"),
+            ("16777216Ti", "too large"),
+            ("512MB", "`512Mi`"),
+            ("1GiB", "`1Gi`"),
+            ("1gi", "`1Gi`"),
+            ("500m", "`500Mi`"),
+            ("5x", "unknown suffix `x`"),
+            ("Gi", "not a memory quantity"),
+        ] {
+            let e = parse_memory(s).expect_err(s);
+            assert!(e.contains(why), "{s:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [
+            ("500ms", 500),
+            ("2s", 2000),
+            ("1m", 60_000),
+            ("1h", 3_600_000),
+            ("1500", 1500),
+            ("0", 0),
+            ("1.5s", 1500),
+            ("1m30s", 90_000),
+            ("1h0m1ms", 3_600_001),
+        ] {
+            assert_eq!(parse_duration_ms(s), Ok(ms), "{s}");
+        }
+        for (s, why) in [
+            ("", "empty"),
+            ("-1s", "negative"),
+            ("1.5", "no unit"),
+            ("1m30", "no unit after `30`"),
+            ("2d", "unknown unit `d`"),
+            ("1e3", "unknown unit `e`"),
+            ("0.5ms", "finer than a millisecond"),
+            ("s", "not a duration"),
+            ("18446744073709551616", "too large"),
+            ("5124095576030432h", "too large"),
+            ("18446744073709551615ms1ms", "too large"),
+        ] {
+            let e = parse_duration_ms(s).expect_err(s);
+            assert!(e.contains(why), "{s:?}: {e}");
+        }
+    }
 }
