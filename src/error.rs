@@ -33,6 +33,14 @@ pub enum Error {
     #[error("{0} already exists")]
     AlreadyExists(String),
 
+    /// Something asked for does not exist (a job to cancel, a node to drain).
+    #[error("{0} not found")]
+    NotFound(String),
+
+    /// A compare-and-swap lost every race it was allowed (someone kept writing the same record); try again.
+    #[error("{0} kept changing under every attempt; try again")]
+    KeptChanging(String),
+
     /// A gang is larger than one etcd transaction can carry; the message gives the counts.
     #[error(
         "gang of {claims} claims on {nodes} nodes needs {compares} compares and {writes} writes in one \

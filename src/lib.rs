@@ -17,6 +17,7 @@ pub mod job_spec;
 pub mod keys;
 pub mod lease;
 pub mod model;
+pub mod ops;
 pub mod placement;
 pub mod proto;
 pub mod release;
