@@ -306,7 +306,9 @@ impl CellState {
                     WatchEvent::Changes { changes, revision } => {
                         snapshot.apply_changes(&keys, &changes, revision);
                         stats.change_batches += 1;
-                        let objects = changed_objects(&keys, &changes);
+                        // Worked out only for someone who listens (the controller; schedulers do not).
+                        let objects =
+                            if notices.receiver_count() > 0 { changed_objects(&keys, &changes) } else { Vec::new() };
                         (!objects.is_empty()).then_some(CellChanges::Objects { revision, objects })
                     }
                     WatchEvent::Progress { revision } => {

@@ -114,20 +114,28 @@ pub async fn release_guarded(store: &Store, releases: &[Release], guard: Guard<'
             _ => plain.push(i),
         }
     }
-    if !plain.is_empty() {
+    // A round trip refused as too large lowers the limit and sends its groups again (a few times at most:
+    // the limit halves each time down to its floor).
+    while !plain.is_empty() {
         let mut groups = Vec::with_capacity(plain.len());
         for &i in &plain {
             groups.push(task_group(store, &releases[i].task, &updated(&releases[i]))?);
         }
-        let sent = sender.nested(&groups, fence.as_ref()).await;
+        let sent = sender.nested(groups, fence.as_ref()).await;
+        let mut again = Vec::new();
         for (&i, outcome) in plain.iter().zip(sent.outcomes) {
             outcomes[i] = match outcome {
                 Outcome::Applied { revision } => ReleaseOutcome::Done { revision },
                 Outcome::Refused { .. } => ReleaseOutcome::TaskChanged,
                 Outcome::Fenced => return Err(fenced(guard)),
+                Outcome::Resend => {
+                    again.push(i);
+                    ReleaseOutcome::Unknown
+                }
                 Outcome::TooLarge { .. } | Outcome::Unknown(_) => ReleaseOutcome::Unknown,
             };
         }
+        plain = again;
     }
 
     // Per node: one group (ledger compare + task compares), chunked to the op budget; a node's chunks go in
@@ -153,7 +161,7 @@ pub async fn release_guarded(store: &Store, releases: &[Release], guard: Guard<'
             groups.push(node_group(store, node, ledger, &idx, releases, guard.nodes_down)?);
             batch.push((node.clone(), idx));
         }
-        let sent = sender.nested(&groups, fence.as_ref()).await;
+        let sent = sender.nested(groups, fence.as_ref()).await;
         let mut lost_races = 0;
         for ((node, idx), outcome) in batch.into_iter().zip(sent.outcomes) {
             match outcome {
@@ -206,6 +214,13 @@ pub async fn release_guarded(store: &Store, releases: &[Release], guard: Guard<'
                     }
                 }
                 Outcome::Fenced => return Err(fenced(guard)),
+                // Not sent: the limit is lower now; the node's queue cuts smaller groups next round.
+                Outcome::Resend => {
+                    let queue = queues.entry(node).or_default();
+                    for part in idx.chunks(sender.items_per_group(2, 2)).rev() {
+                        queue.push_front(part.to_vec());
+                    }
+                }
                 Outcome::TooLarge { .. } | Outcome::Unknown(_) => {
                     for &i in &idx {
                         outcomes[i] = ReleaseOutcome::Unknown;
@@ -329,7 +344,6 @@ pub async fn update_task(store: &Store, seen: &Versioned<Task>, new: &Task) -> R
 /// order, the new revision or `None` where the task had changed. A request that failed in transport is an
 /// error: whether it landed is unknown, so the caller reads the tasks again.
 pub async fn update_tasks(store: &Store, updates: &[(Versioned<Task>, Task)]) -> Result<Vec<Option<i64>>> {
-    let mut groups = Vec::with_capacity(updates.len());
     for (seen, new) in updates {
         if seen.value.state.holds_resources() != new.state.holds_resources() {
             return Err(Error::InvalidArgument(format!(
@@ -337,16 +351,25 @@ pub async fn update_tasks(store: &Store, updates: &[(Versioned<Task>, Task)]) ->
                 new.id, seen.value.state, new.state
             )));
         }
-        groups.push(task_group(store, seen, new)?);
     }
-    let sent = Sender::new(store.clone(), IN_FLIGHT).nested(&groups, None).await;
-    sent.outcomes
-        .into_iter()
-        .map(|o| match o {
-            Outcome::Applied { revision } => Ok(Some(revision)),
-            Outcome::Refused { .. } => Ok(None),
-            Outcome::Fenced | Outcome::TooLarge { .. } => Ok(None),
-            Outcome::Unknown(e) => Err(Error::OutcomeUnknown("a task update".into(), e)),
-        })
-        .collect()
+    let sender = Sender::new(store.clone(), IN_FLIGHT);
+    let mut out = vec![None; updates.len()];
+    let mut todo: Vec<usize> = (0..updates.len()).collect();
+    while !todo.is_empty() {
+        let mut groups = Vec::with_capacity(todo.len());
+        for &i in &todo {
+            groups.push(task_group(store, &updates[i].0, &updates[i].1)?);
+        }
+        let mut again = Vec::new();
+        for (&i, outcome) in todo.iter().zip(sender.nested(groups, None).await.outcomes) {
+            match outcome {
+                Outcome::Applied { revision } => out[i] = Some(revision),
+                Outcome::Refused { .. } | Outcome::Fenced | Outcome::TooLarge { .. } => {}
+                Outcome::Resend => again.push(i),
+                Outcome::Unknown(e) => return Err(Error::OutcomeUnknown("a task update".into(), e)),
+            }
+        }
+        todo = again;
+    }
+    Ok(out)
 }

@@ -26,7 +26,10 @@ const COMPARE_OVERHEAD: usize = 24;
 const OP_OVERHEAD: usize = 16;
 
 /// Compares, the writes they guard, and the reads that tell why they failed.
-#[derive(Clone, Default)]
+///
+/// Sending consumes a group (its keys and values move into the request, never copied): a caller that may
+/// have to send again builds the group again, which it can do better anyway, from what it has learned.
+#[derive(Default)]
 pub struct Group {
     compares: Vec<Compare>,
     writes: Vec<TxnOp>,
@@ -97,8 +100,8 @@ impl Group {
         self.writes.len()
     }
 
-    fn txn(&self) -> Txn {
-        Txn::new().when(self.compares.clone()).and_then(self.writes.clone()).or_else(self.reads.clone())
+    fn into_txn(self) -> Txn {
+        Txn::new().when(self.compares).and_then(self.writes).or_else(self.reads)
     }
 }
 
@@ -114,6 +117,9 @@ pub enum Outcome {
     /// The group needs more ops or bytes than the server takes in one transaction. Nothing was written;
     /// split it (or, for a gang, give up: it can never commit on this server).
     TooLarge { ops: usize, max_ops: usize, bytes: usize, max_bytes: usize },
+    /// Not sent: the server refused a batch holding it as too large, the shared limit is now lower, and the
+    /// group must be built again (smaller, if the caller can split it) and sent again.
+    Resend,
     /// The request failed in transport or timed out: it may or may not have been applied. Re-read.
     Unknown(String),
 }
@@ -163,91 +169,89 @@ impl Sender {
 
     /// Sends `groups` as nested sub-transactions, as many per round trip as the limits allow, the round trips
     /// concurrently. With a `fence`, every outer transaction also requires it (else [`Outcome::Fenced`]).
-    /// Groups must not write the same key twice among them (etcd refuses the whole transaction).
-    pub async fn nested(&self, groups: &[Group], fence: Option<&Compare>) -> Sent {
-        let mut sent = Sent { outcomes: vec![Outcome::Unknown("not sent".into()); groups.len()], ..Default::default() };
-        let mut todo: Vec<usize> = (0..groups.len()).collect();
-        while !todo.is_empty() {
-            let max_ops = self.max_ops();
-            let max_bytes = self.store.limits().max_request_bytes();
-            let mut batches: Vec<Vec<usize>> = Vec::new();
-            let (mut batch, mut widest, mut bytes) = (Vec::new(), 0usize, 0usize);
-            for i in todo.drain(..) {
-                let g = &groups[i];
-                // One op of the outer transaction per sub-transaction (and one compare for the fence).
-                if 1 + g.ops() > max_ops || g.bytes() > max_bytes {
-                    sent.outcomes[i] = Outcome::TooLarge { ops: g.ops(), max_ops, bytes: g.bytes(), max_bytes };
-                    continue;
-                }
-                let fits = (batch.len() + 1).max(usize::from(fence.is_some())) + widest.max(g.ops()) <= max_ops
-                    && bytes + g.bytes() <= max_bytes;
-                if !batch.is_empty() && !fits {
-                    batches.push(std::mem::take(&mut batch));
-                    widest = 0;
-                    bytes = 0;
-                }
-                widest = widest.max(g.ops());
-                bytes += g.bytes();
-                batch.push(i);
+    /// Groups must not write the same key twice among them (etcd refuses the whole transaction). Groups of a
+    /// round trip the server refused as too large come back as [`Outcome::Resend`] (the limit is lowered).
+    pub async fn nested(&self, groups: Vec<Group>, fence: Option<&Compare>) -> Sent {
+        let n = groups.len();
+        let mut sent = Sent { outcomes: vec![Outcome::Unknown("not sent".into()); n], ..Default::default() };
+        let max_ops = self.max_ops();
+        let max_bytes = self.store.limits().max_request_bytes();
+        let mut batches: Vec<Vec<(usize, Group)>> = Vec::new();
+        let (mut batch, mut widest, mut bytes) = (Vec::new(), 0usize, 0usize);
+        for (i, g) in groups.into_iter().enumerate() {
+            // One op of the outer transaction per sub-transaction (and one compare for the fence).
+            if 1 + g.ops() > max_ops || g.bytes() > max_bytes {
+                sent.outcomes[i] = Outcome::TooLarge { ops: g.ops(), max_ops, bytes: g.bytes(), max_bytes };
+                continue;
             }
-            if !batch.is_empty() {
-                batches.push(batch);
+            let fits = (batch.len() + 1).max(usize::from(fence.is_some())) + widest.max(g.ops()) <= max_ops
+                && bytes + g.bytes() <= max_bytes;
+            if !batch.is_empty() && !fits {
+                batches.push(std::mem::take(&mut batch));
+                widest = 0;
+                bytes = 0;
             }
-            let sends = batches.into_iter().map(|batch| async move {
-                let mut outer = Txn::new();
-                if let Some(f) = fence {
-                    outer = outer.when([f.clone()]);
-                }
-                let outer = outer.and_then(batch.iter().map(|&i| TxnOp::txn(groups[i].txn())).collect::<Vec<_>>());
-                (batch, self.send(outer).await)
-            });
-            for (batch, result) in join_all(sends).await {
-                sent.transactions += 1;
-                let (resp, latency) = match result {
-                    Ok(ok) => ok,
-                    Err(e) if e.is_too_many_ops() || e.is_request_too_large() => {
-                        if self.store.limits().shrink(&e) {
-                            todo.extend(batch);
+            widest = widest.max(g.ops());
+            bytes += g.bytes();
+            batch.push((i, g));
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        let sends = batches.into_iter().map(|batch| async move {
+            let mut outer = Txn::new();
+            if let Some(f) = fence {
+                outer = outer.when([f.clone()]);
+            }
+            let (indices, subs): (Vec<usize>, Vec<TxnOp>) =
+                batch.into_iter().map(|(i, g)| (i, TxnOp::txn(g.into_txn()))).unzip();
+            (indices, self.send(outer.and_then(subs)).await)
+        });
+        for (batch, result) in join_all(sends).await {
+            sent.transactions += 1;
+            let (resp, latency) = match result {
+                Ok(ok) => ok,
+                Err(e) if e.is_too_many_ops() || e.is_request_too_large() => {
+                    let again = self.store.limits().shrink(&e);
+                    for i in batch {
+                        sent.outcomes[i] = if again {
+                            Outcome::Resend
                         } else {
-                            for i in batch {
-                                let g = &groups[i];
-                                sent.outcomes[i] =
-                                    Outcome::TooLarge { ops: g.ops(), max_ops, bytes: g.bytes(), max_bytes };
-                            }
-                        }
-                        continue;
+                            Outcome::TooLarge { ops: max_ops, max_ops, bytes: max_bytes, max_bytes }
+                        };
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, groups = batch.len(), "transaction failed; its outcome is unknown");
-                        for i in batch {
-                            sent.outcomes[i] = Outcome::Unknown(e.to_string());
-                        }
-                        continue;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, groups = batch.len(), "transaction failed; its outcome is unknown");
+                    for i in batch {
+                        sent.outcomes[i] = Outcome::Unknown(e.to_string());
                     }
+                    continue;
+                }
+            };
+            sent.latencies.push(latency);
+            if !resp.succeeded() {
+                for i in batch {
+                    sent.outcomes[i] = Outcome::Fenced;
+                }
+                continue;
+            }
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let subs = resp.op_responses();
+            if subs.len() != batch.len() {
+                for i in batch {
+                    sent.outcomes[i] =
+                        Outcome::Unknown("etcd answered with a different number of sub-transactions".into());
+                }
+                continue;
+            }
+            for (i, sub) in batch.into_iter().zip(subs) {
+                sent.outcomes[i] = match sub {
+                    TxnOpResponse::Txn(t) if t.succeeded() => Outcome::Applied { revision },
+                    TxnOpResponse::Txn(t) => Outcome::Refused { fresh: gets(&t) },
+                    _ => Outcome::Unknown("etcd answered a sub-transaction with something else".into()),
                 };
-                sent.latencies.push(latency);
-                if !resp.succeeded() {
-                    for i in batch {
-                        sent.outcomes[i] = Outcome::Fenced;
-                    }
-                    continue;
-                }
-                let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-                let subs = resp.op_responses();
-                if subs.len() != batch.len() {
-                    for i in batch {
-                        sent.outcomes[i] =
-                            Outcome::Unknown("etcd answered with a different number of sub-transactions".into());
-                    }
-                    continue;
-                }
-                for (i, sub) in batch.into_iter().zip(subs) {
-                    sent.outcomes[i] = match sub {
-                        TxnOpResponse::Txn(t) if t.succeeded() => Outcome::Applied { revision },
-                        TxnOpResponse::Txn(t) => Outcome::Refused { fresh: gets(&t) },
-                        _ => Outcome::Unknown("etcd answered a sub-transaction with something else".into()),
-                    };
-                }
             }
         }
         sent
@@ -256,29 +260,27 @@ impl Sender {
     /// Sends one group as a single flat transaction: every compare in the outer transaction, so all its writes
     /// land or none does. Writes that do not fit beside the compares go into nested write-only
     /// sub-transactions (they run only if the outer compares hold).
-    pub async fn flat(&self, group: &Group) -> (Outcome, Option<Duration>) {
-        loop {
-            let max_ops = self.max_ops();
-            let max_bytes = self.store.limits().max_request_bytes();
-            let too_large = Outcome::TooLarge { ops: group.ops(), max_ops, bytes: group.bytes(), max_bytes };
-            let Some(txn) = flat_txn(group, max_ops).filter(|_| group.bytes() <= max_bytes) else {
-                return (too_large, None);
-            };
-            match self.send(txn).await {
-                Ok((resp, latency)) if resp.succeeded() => {
-                    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-                    return (Outcome::Applied { revision }, Some(latency));
-                }
-                Ok((resp, latency)) => return (Outcome::Refused { fresh: gets(&resp) }, Some(latency)),
-                Err(e) if e.is_too_many_ops() || e.is_request_too_large() => {
-                    if !self.store.limits().shrink(&e) {
-                        return (too_large, None);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "flat transaction failed; its outcome is unknown");
-                    return (Outcome::Unknown(e.to_string()), None);
-                }
+    pub async fn flat(&self, group: Group) -> (Outcome, Option<Duration>) {
+        let max_ops = self.max_ops();
+        let max_bytes = self.store.limits().max_request_bytes();
+        let too_large = Outcome::TooLarge { ops: group.ops(), max_ops, bytes: group.bytes(), max_bytes };
+        if group.bytes() > max_bytes {
+            return (too_large, None);
+        }
+        let Some(txn) = flat_txn(group, max_ops) else { return (too_large, None) };
+        match self.send(txn).await {
+            Ok((resp, latency)) if resp.succeeded() => {
+                let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                (Outcome::Applied { revision }, Some(latency))
+            }
+            Ok((resp, latency)) => (Outcome::Refused { fresh: gets(&resp) }, Some(latency)),
+            Err(e) if e.is_too_many_ops() || e.is_request_too_large() => {
+                let outcome = if self.store.limits().shrink(&e) { Outcome::Resend } else { too_large };
+                (outcome, None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "flat transaction failed; its outcome is unknown");
+                (Outcome::Unknown(e.to_string()), None)
             }
         }
     }
@@ -292,14 +294,14 @@ impl Sender {
 }
 
 /// One flat transaction for `group` under `max_ops`, or `None` if its compares (or reads) alone exceed it.
-fn flat_txn(group: &Group, max_ops: usize) -> Option<Txn> {
-    let (compares, writes, reads) = (&group.compares, &group.writes, &group.reads);
-    if compares.len() > max_ops || reads.len() > max_ops {
+fn flat_txn(group: Group, max_ops: usize) -> Option<Txn> {
+    if group.compares.len() > max_ops || group.reads.len() > max_ops {
         return None;
     }
-    if writes.len() <= max_ops {
-        return Some(group.txn());
+    if group.writes.len() <= max_ops {
+        return Some(group.into_txn());
     }
+    let Group { compares, writes, reads, .. } = group;
     // opc = max(compares, reads, sub-txns); each sub-txn may hold `max_ops - opc` ops.
     let opc_base = compares.len().max(reads.len());
     let mut n_subs = 1;
@@ -310,9 +312,12 @@ fn flat_txn(group: &Group, max_ops: usize) -> Option<Txn> {
             return None;
         }
         if n_subs * budget >= writes.len() {
-            let nested: Vec<TxnOp> =
-                writes.chunks(budget).map(|part| TxnOp::txn(Txn::new().and_then(part.to_vec()))).collect();
-            return Some(Txn::new().when(compares.clone()).and_then(nested).or_else(reads.clone()));
+            let mut rest = writes.into_iter().peekable();
+            let mut nested = Vec::with_capacity(n_subs);
+            while rest.peek().is_some() {
+                nested.push(TxnOp::txn(Txn::new().and_then(rest.by_ref().take(budget).collect::<Vec<_>>())));
+            }
+            return Some(Txn::new().when(compares).and_then(nested).or_else(reads));
         }
         n_subs += 1;
     }
@@ -355,12 +360,12 @@ mod tests {
 
     #[test]
     fn flat_transactions_split_their_writes() {
-        assert!(flat_txn(&group(3, 10), 16).is_some(), "fits as is");
+        assert!(flat_txn(group(3, 10), 16).is_some(), "fits as is");
         // 3 compares: 5 sub-transactions of 11 writes each carry 50 (the outer opc is then 5).
-        assert!(flat_txn(&group(3, 50), 16).is_some(), "writes nested");
-        assert!(flat_txn(&group(3, 100), 16).is_none(), "at most 8 x 8 = 64 writes fit under 16 ops");
-        assert!(flat_txn(&group(17, 1), 16).is_none(), "too many compares");
+        assert!(flat_txn(group(3, 50), 16).is_some(), "writes nested");
+        assert!(flat_txn(group(3, 100), 16).is_none(), "at most 8 x 8 = 64 writes fit under 16 ops");
+        assert!(flat_txn(group(17, 1), 16).is_none(), "too many compares");
         // 10 compares leave 6 per sub-txn; 200 writes would need 34 sub-txns, more than the limit.
-        assert!(flat_txn(&group(10, 200), 16).is_none());
+        assert!(flat_txn(group(10, 200), 16).is_none());
     }
 }

@@ -68,7 +68,8 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
             return Ok(abort(culprits, report));
         }
         let group = unit.group(c, claims, &tasks)?;
-        let (outcome, latency) = c.sender.flat(&group).await;
+        let size = (group.compares(), group.writes());
+        let (outcome, latency) = c.sender.flat(group).await;
         report.transactions += u32::from(latency.is_some());
         report.latencies.extend(latency);
         match outcome {
@@ -80,7 +81,9 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                 }
                 return Ok(report);
             }
-            Outcome::TooLarge { .. } => return Err(too_large(c, &unit, &group)),
+            Outcome::TooLarge { .. } => return Err(too_large(c, &unit, size)),
+            // The server's limit turned out lower; the gang is checked against it at the top of the loop.
+            Outcome::Resend => continue,
             Outcome::Fenced | Outcome::Unknown(_) => {
                 report.outcomes = vec![ClaimOutcome::Conflicted(Conflict::Unknown); n];
                 return Ok(report);
@@ -135,12 +138,12 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
     }
 }
 
-fn too_large(c: &Committer, unit: &Unit, group: &crate::txn::Group) -> Error {
+fn too_large(c: &Committer, unit: &Unit, (compares, writes): (usize, usize)) -> Error {
     Error::GangTooLarge {
         claims: unit.claims.len(),
         nodes: unit.ledgers.len(),
-        compares: group.compares(),
-        writes: group.writes(),
+        compares,
+        writes,
         max_txn_ops: c.sender.max_ops(),
     }
 }

@@ -75,7 +75,7 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
         }
     }
     // A victim that is also being placed in this commit cannot be evicted by it.
-    let placing: HashSet<String> = seen_ids.iter().map(|s| s.to_string()).collect();
+    let placing = seen_ids;
     let mut retries: HashMap<String, u32> = HashMap::new();
     // Nodes whose unit the server refused as too large although it fit the op limit (too many bytes): their
     // units are cut to half, then half again, down to one claim.
@@ -129,7 +129,7 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                 }
             }
         }
-        let sent = c.sender.nested(&groups, None).await;
+        let sent = c.sender.nested(groups, None).await;
         st.report.transactions += sent.transactions;
         st.report.latencies.extend(sent.latencies);
         for ((node, unit), outcome) in built.into_iter().zip(sent.outcomes) {
@@ -170,6 +170,13 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                     release_victims(&mut st, &unit);
                     st.conflict(unit.claims[0], Conflict::TooLarge);
                 }
+                Outcome::Resend => {
+                    // The server's limit is lower than we knew: the next round cuts units to the new one.
+                    release_victims(&mut st, &unit);
+                    for &i in unit.claims.iter().rev() {
+                        queue.push_front(i);
+                    }
+                }
                 Outcome::Fenced | Outcome::Unknown(_) => {
                     for &i in &unit.claims {
                         st.conflict(i, Conflict::Unknown);
@@ -186,7 +193,7 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
 }
 
 /// Adds claim `i` to `node`'s unit if it still fits what we believe; else says why not.
-fn take(st: &mut State<'_>, unit: &mut Unit, node: &str, i: usize, placing: &HashSet<String>) -> Option<Conflict> {
+fn take(st: &mut State<'_>, unit: &mut Unit, node: &str, i: usize, placing: &HashSet<&str>) -> Option<Conflict> {
     let claim = &st.claims[i];
     let t = &st.tasks[i].value;
     if st.lost_jobs.contains(&t.job) {
@@ -200,7 +207,7 @@ fn take(st: &mut State<'_>, unit: &mut Unit, node: &str, i: usize, placing: &Has
     if !claim.preempts.iter().all(victim_ok) {
         return Some(Conflict::VictimChanged);
     }
-    if claim.preempts.iter().any(|v| st.evicted.contains(&v.value.id) || placing.contains(&v.value.id)) {
+    if claim.preempts.iter().any(|v| st.evicted.contains(&v.value.id) || placing.contains(v.value.id.as_str())) {
         return Some(Conflict::Duplicate);
     }
     let ledger = &mut unit.ledgers.get_mut(node).expect("the unit's own node").1;
@@ -309,13 +316,7 @@ fn refused(
 
 /// Commits one claim whose victims run on other nodes (a victim gang), as one flat transaction over every
 /// node involved: the claim lands and the whole gang leaves, or nothing happens.
-async fn spanning_claim(
-    c: &Committer,
-    snapshot: &CellSnapshot,
-    st: &mut State<'_>,
-    i: usize,
-    placing: &HashSet<String>,
-) {
+async fn spanning_claim(c: &Committer, snapshot: &CellSnapshot, st: &mut State<'_>, i: usize, placing: &HashSet<&str>) {
     let claim = &st.claims[i];
     let victims = claim.preempts.clone();
     for attempt in 0..=c.config.max_fine_retries {
@@ -330,7 +331,7 @@ async fn spanning_claim(
         if victims.iter().any(|v| !v.value.state.holds_resources() || v.value.node.is_none()) {
             return st.conflict(i, Conflict::VictimChanged);
         }
-        if victims.iter().any(|v| st.evicted.contains(&v.value.id) || placing.contains(&v.value.id)) {
+        if victims.iter().any(|v| st.evicted.contains(&v.value.id) || placing.contains(v.value.id.as_str())) {
             return st.conflict(i, Conflict::Duplicate);
         }
         // Every node involved, from what we believe of it.
@@ -368,7 +369,7 @@ async fn spanning_claim(
                 return st.conflict(i, Conflict::Unknown);
             }
         };
-        let (outcome, latency) = c.sender.flat(&group).await;
+        let (outcome, latency) = c.sender.flat(group).await;
         st.report.transactions += u32::from(latency.is_some());
         st.report.latencies.extend(latency);
         match outcome {
@@ -415,6 +416,7 @@ async fn spanning_claim(
                 }
             }
             Outcome::TooLarge { .. } => return st.conflict(i, Conflict::TooLarge),
+            Outcome::Resend => {}
             Outcome::Fenced | Outcome::Unknown(_) => return st.conflict(i, Conflict::Unknown),
         }
     }

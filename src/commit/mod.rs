@@ -350,7 +350,11 @@ impl Committer {
 
     /// Notes ledgers this committer wrote.
     fn wrote(&self, node: &str, revision: i64) {
-        self.own_writes.lock().insert(node.to_string(), revision);
+        let mut own = self.own_writes.lock();
+        match own.get_mut(node) {
+            Some(r) => *r = (*r).max(revision),
+            None => drop(own.insert(node.to_string(), revision)),
+        }
     }
 
     /// Whether a claim compared against `base_revision` of a node's ledger although this committer had

@@ -78,13 +78,11 @@ impl Unit {
         let keys = committer.store.keys();
         let placed_by = &committer.config.placed_by;
         let mut g = Group::new();
-        let claim_nodes: std::collections::BTreeSet<&str> =
-            self.claims.iter().map(|&i| claims[i].node.as_str()).collect();
         for (node, (base_rev, ledger)) in &self.ledgers {
             let alloc_key = keys.alloc(node);
             let live_key = keys.live(node);
             g.compare(&alloc_key, Compare::mod_revision(alloc_key.as_str(), CompareOp::Equal, *base_rev));
-            if claim_nodes.contains(node.as_str()) {
+            if self.claims.iter().any(|&i| claims[i].node == *node) {
                 g.compare(&live_key, Compare::create_revision(live_key.as_str(), CompareOp::Greater, 0));
             }
             g.put(&alloc_key, encode(&alloc_key, ledger)?);

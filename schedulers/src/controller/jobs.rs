@@ -135,7 +135,7 @@ async fn collect_jobs(store: &Store, jobs: &[Versioned<omega::model::Job>], fenc
         g.delete(&keys.status(id)).delete(&keys.owner(id));
         groups.push(g);
     }
-    let sent = Sender::new(store.clone(), 2).nested(&groups, Some(&fence.compare())).await;
+    let sent = Sender::new(store.clone(), 2).nested(groups, Some(&fence.compare())).await;
     let mut collected = 0;
     for (job, outcome) in jobs.iter().zip(sent.outcomes) {
         match outcome {

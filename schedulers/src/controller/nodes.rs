@@ -133,7 +133,7 @@ async fn collect(store: &Store, snapshot: &CellSnapshot, nodes: &[String], fence
         groups.push(g);
         names.push(node);
     }
-    let sent = Sender::new(store.clone(), 2).nested(&groups, Some(&fence.compare())).await;
+    let sent = Sender::new(store.clone(), 2).nested(groups, Some(&fence.compare())).await;
     let mut collected = 0;
     for (node, outcome) in names.into_iter().zip(sent.outcomes) {
         match outcome {
