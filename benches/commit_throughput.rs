@@ -932,7 +932,8 @@ fn main() -> Result<()> {
     if !smoke {
         let dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+            // The workspace's target directory (this package is `benches/` in the workspace).
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
             .join("omega-bench");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("commit_throughput.md");

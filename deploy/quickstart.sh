@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # From a fresh Debian machine (with a Rust toolchain) to a running Omega cell with an example job:
-# installs what is missing, builds, starts etcd, a private containerd, a batch and a service scheduler and a
-# node agent (omega-cell), and submits deploy/examples/hello.yaml. Ctrl-C stops everything.
+# installs what is missing, builds, starts etcd, a private containerd, a batch and a service scheduler, the
+# cell controller and a node agent (omega-cell), and submits deploy/examples/hello.yaml. Ctrl-C stops
+# everything.
 # Containers need root; without it the cell runs simulated nodes instead and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./deploy/install-deps.sh
-cargo build --release --workspace
+cargo build --release
 bin="$PWD/target/release"
 cat <<MSG
 

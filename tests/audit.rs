@@ -1,14 +1,12 @@
 //! The audit passes on a cell the commit protocol wrote, and names each kind of corruption written by hand.
 
-mod common;
-
-use common::*;
 use omega::audit::{self, Violation};
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
 use omega::model::{Allocation, Assignment, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
+use omega_testkit::*;
 
 async fn put_json<T: serde::Serialize>(store: &Store, key: String, value: &T) {
     store.client().kv_client().put(key, serde_json::to_vec(value).unwrap(), None).await.unwrap();

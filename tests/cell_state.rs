@@ -1,14 +1,12 @@
 //! The cell-state cache converges to exactly what etcd holds: across paginated listing, etcd restarts,
 //! broken watches, and compaction past the cache's revision.
 
-mod common;
-
-use common::*;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::keys::Keys;
 use omega::model::{Node, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
+use omega_testkit::*;
 use std::time::Duration;
 
 const CAP: Resources = Resources::new(4000, 16 << 30);

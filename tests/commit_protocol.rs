@@ -1,8 +1,5 @@
 //! The commit protocol's rules, one at a time, against a real etcd.
 
-mod common;
-
-use common::*;
 use omega::audit;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions};
 use omega::commit::{Claim, ClaimOutcome, CommitConfig, CommitKind, Committer, Conflict, Detection};
@@ -11,6 +8,7 @@ use omega::model::{Assignment, Task, TaskState};
 use omega::resources::{Dimension, Resources};
 use omega::store::Store;
 use omega::Error;
+use omega_testkit::*;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -7,14 +7,12 @@
 //! - every claim was reported committed or conflicted, and each committed claim is in etcd exactly once;
 //! - the committers' conflict counts add up to what they attempted.
 
-mod common;
-
-use common::*;
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, ClaimOutcome, CommitConfig, CommitKind, Committer, Conflict, Detection};
 use omega::model::{Task, TaskState};
 use omega::resources::Resources;
+use omega_testkit::*;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -1,11 +1,9 @@
 //! A hung etcd member (alive, connected, answering nothing) costs a request its deadline, not the whole
 //! HTTP/2 keep-alive timeout: every unary call fails with a timeout the caller can retry or report.
 
-mod common;
-
-use common::*;
 use omega::keys::Keys;
 use omega::store::{Store, StoreOptions};
+use omega_testkit::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 const MI: u64 = 1 << 20;
 const GI: u64 = 1 << 30;
 
+/// The repository's root (this test belongs to the crate in `tests/`).
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 // ---------------------------------------------------------------------------------------------------------

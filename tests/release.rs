@@ -1,14 +1,12 @@
 //! Releasing tasks: ledger, task and assignment change together; never twice; safe beside racing claims.
 
-mod common;
-
-use common::*;
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
 use omega::model::{Allocation, RunInfo, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use omega::resources::Resources;
+use omega_testkit::*;
 use std::time::Duration;
 
 const TASK: Resources = Resources::new(1000, 1 << 30);

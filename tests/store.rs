@@ -1,14 +1,12 @@
 //! Reaching etcd: a clear error when it is not there, and a client that waits for it when asked to.
 
-mod common;
-
-use common::*;
 use omega::etcd_process::{free_port, EtcdOptions, EtcdProcess};
 use omega::keys::Keys;
 use omega::model::{Allocation, Node};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega::Error;
+use omega_testkit::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,6 @@
 //! Submitting a job: no reader ever sees a job without all its tasks, a retry completes what a failed attempt
 //! left, an out-of-space etcd leaves nothing half-written, and leftovers of dead submissions can be collected.
 
-mod common;
-
-use common::*;
 use etcd_client::{Compare, CompareOp};
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::etcd_process::EtcdOptions;
@@ -12,6 +9,7 @@ use omega::resources::Resources;
 use omega::store::submission::{marker_key, Cleanup, SubmissionMarker};
 use omega::store::{encode, Store};
 use omega::Error;
+use omega_testkit::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

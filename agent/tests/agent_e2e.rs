@@ -3,12 +3,9 @@
 //! Each test starts etcd and containerd of its own, runs the agent in-process with its log service, places
 //! tasks with the commit protocol (as a scheduler would) and watches what the agent makes of them.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
 #[path = "support/containerd_daemon.rs"]
 mod daemon;
 
-use common::*;
 use daemon::{TestDaemon, IMAGE};
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
@@ -22,6 +19,7 @@ use omega::store::Store;
 use omega_agent::agent::{Agent, AgentConfig};
 use omega_agent::logs::{serve, LogService};
 use omega_agent::runners::Runners;
+use omega_testkit::*;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 

@@ -9,14 +9,11 @@
 mod agent_proc;
 #[path = "support/cell.rs"]
 mod cell;
-#[path = "../../tests/common/mod.rs"]
-mod common;
 #[path = "support/containerd_daemon.rs"]
 mod daemon;
 
 use agent_proc::{failpoint_dir, AgentOptions, AgentProc};
 use cell::*;
-use common::*;
 use daemon::TestDaemon;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::etcd_process::{EtcdCluster, EtcdOptions};
@@ -25,6 +22,7 @@ use omega::model::{RestartMode, RestartPolicy, TaskState};
 use omega::store::Store;
 use omega_agent::containerd::TaskPhase;
 use omega_agent::runner::failpoints;
+use omega_testkit::*;
 use std::time::Duration;
 
 const NODE: &str = "node-crash";

@@ -1,9 +1,5 @@
 //! Simulated nodes against a real etcd: they register, stay alive, run tasks to completion, stop on removal.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
-use common::*;
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
@@ -12,6 +8,7 @@ use omega::release::{release, Release};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega_agent::simulated::{SimOptions, SimulatedNodes};
+use omega_testkit::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 

@@ -1,15 +1,12 @@
 //! Simulated node hosts at scale, against a real etcd: they come back after losing their leases, and keep up
 //! with tens of thousands of assignments.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
-use common::*;
 use etcd_client::{Txn, TxnOp};
 use omega::model::{Allocation, Assignment, Job, JobKind, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::{encode, Store};
 use omega_agent::simulated::{SimOptions, SimulatedNodes};
+use omega_testkit::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -25,19 +22,6 @@ async fn live_nodes(store: &Store) -> usize {
         .await
         .unwrap();
     resp.count() as usize
-}
-
-/// Polls `cond` every 200 ms until it holds, or panics after `limit` saying what it waited for.
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Every shared lease revoked at once (what etcd does to leases it could not renew while overloaded): all
@@ -58,10 +42,7 @@ async fn ten_thousand_simulated_nodes_come_back_after_their_leases_are_revoked()
     for lease in &leases {
         store.client().lease_client().revoke(*lease).await.unwrap();
     }
-    wait_until(Duration::from_secs(90), "all 10,000 nodes alive again", || async {
-        live_nodes(&store).await == 10_000
-    })
-    .await;
+    wait_for("all 10,000 nodes alive again", 90, async || (live_nodes(&store).await == 10_000).then_some(())).await;
     // They stay up: the new leases are being renewed.
     let (live, _) = store.list(&format!("{}cell/live/", store.keys().prefix()), 5000, None).await.unwrap();
     let new_leases: std::collections::HashSet<String> =
@@ -128,10 +109,8 @@ async fn a_host_with_sixty_thousand_assignments_keeps_up() {
         let _ = stop_rx.await;
     }));
     let started = Instant::now();
-    wait_until(Duration::from_secs(300), "every task running", || async {
-        stats.started.load(Ordering::Relaxed) >= TASKS as u64
-    })
-    .await;
+    wait_for("every task running", 300, async || (stats.started.load(Ordering::Relaxed) >= TASKS as u64).then_some(()))
+        .await;
     eprintln!("60,000 assignments: every task running after {:?}", started.elapsed());
     assert_eq!(stats.listings.load(Ordering::Relaxed), 1, "one listing; the watch was never dropped");
     let (kvs, _) = store.list(&keys.tasks_of_job("big"), 5000, None).await.unwrap();

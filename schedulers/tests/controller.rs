@@ -1,16 +1,11 @@
 //! Failure and recovery with real processes: node hosts, schedulers and controller replicas on one etcd.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "support/procs.rs"]
-mod procs;
-
-use common::*;
 use omega::audit;
 use omega::model::{Job, JobKind, JobState, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
-use procs::Proc;
+use omega_testkit::procs::Proc;
+use omega_testkit::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -52,17 +47,6 @@ fn host(etcd: &str, prefix: &str, nodes: usize) -> Proc {
 async fn tasks(store: &Store, job: &str) -> Vec<Task> {
     let (kvs, _) = store.list(&store.keys().tasks_of_job(job), 1000, None).await.unwrap();
     kvs.iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect()
-}
-
-async fn wait_for<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn leader(store: &Store) -> Option<String> {

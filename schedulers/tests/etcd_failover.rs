@@ -1,11 +1,6 @@
 //! A three-member etcd on loopback loses its leader during a stream of submissions; every component rides it
 //! out: every job submitted is run to completion and the cell's invariants hold.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "support/procs.rs"]
-mod procs;
-
 use omega::audit;
 use omega::etcd_process::{EtcdCluster, EtcdOptions};
 use omega::keys::Keys;
@@ -13,7 +8,7 @@ use omega::model::{Job, JobKind, JobState};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega::Error;
-use procs::Proc;
+use omega_testkit::procs::Proc;
 use std::time::{Duration, Instant};
 
 /// Submits a job, retrying through the election: a retry that finds the job already there means an earlier
@@ -33,7 +28,7 @@ async fn submit(store: &Store, job: &Job) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cell_rides_out_the_loss_of_its_etcd_leader() {
-    common::init_tracing();
+    omega_testkit::init_tracing();
     let mut cluster = EtcdCluster::start(3, EtcdOptions::default()).await.expect("three etcd members");
     let endpoints = cluster.endpoints().join(",");
     let store =

@@ -1,22 +1,15 @@
 //! Schedulers at the edges, as real processes on a real etcd: racing rounds that learn from their own
 //! commits, a gang too large for any transaction, a scheduler frozen past its lease, etcd paused past it.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "support/metrics.rs"]
-mod metrics;
-#[path = "support/procs.rs"]
-mod procs;
-
-use common::*;
-use metrics::{metric, metric_where, scrape};
 use omega::audit;
 use omega::etcd_process::free_port;
 use omega::model::{Job, JobKind, JobStatus, SchedulerInstance, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
-use procs::Proc;
-use std::time::{Duration, Instant};
+use omega_testkit::metrics::{metric, metric_where, scrape};
+use omega_testkit::procs::Proc;
+use omega_testkit::*;
+use std::time::Duration;
 
 const TASK: Resources = Resources::new(100, 64 << 20);
 
@@ -45,17 +38,6 @@ fn metrics_addr() -> String {
 async fn tasks(store: &Store, job: &str) -> Vec<Task> {
     let (kvs, _) = store.list(&store.keys().tasks_of_job(job), 1000, None).await.unwrap();
     kvs.iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect()
-}
-
-async fn wait_for<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn all_placed(store: &Store, job: &str, n: usize) -> Option<Vec<Task>> {

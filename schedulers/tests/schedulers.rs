@@ -1,16 +1,11 @@
 //! The schedulers as separate processes sharing one real etcd.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "support/metrics.rs"]
-mod metrics;
-
-use common::*;
-use metrics::{metric, scrape};
 use omega::audit;
 use omega::model::{Constraint, Job, JobKind, JobStatus, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
+use omega_testkit::metrics::{metric, scrape};
+use omega_testkit::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

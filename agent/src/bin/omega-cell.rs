@@ -79,7 +79,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = me.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name));
     anyhow::ensure!(
         path.exists(),
-        "{} not found next to omega-cell: build the whole workspace first (`cargo build --release --workspace`)",
+        "{} not found next to omega-cell: build every binary first (`cargo build --release`)",
         path.display()
     );
     Ok(path)

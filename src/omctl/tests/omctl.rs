@@ -1,15 +1,14 @@
 //! `omctl`, the real binary, against a real etcd: every command, its JSON, and its error paths and exit codes.
 
-mod common;
 mod omctl_support;
 
-use common::*;
 use etcd_client::PutOptions;
 use omctl_support::*;
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
 use omega::model::{Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, SchedulerStats, TaskState};
 use omega::resources::Resources;
 use omega::store::encode;
+use omega_testkit::*;
 use serde_json::Value;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

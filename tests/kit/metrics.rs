@@ -1,5 +1,4 @@
 //! Reading a process's Prometheus metrics in tests: one scrape over plain HTTP/1.0 on loopback.
-#![allow(dead_code)]
 
 /// GET /metrics.
 pub async fn scrape(addr: &str) -> String {

@@ -3,10 +3,8 @@
 //! commands that recover it; a submission that fails or dies midway leaves nothing half-written, and the next
 //! one completes it.
 
-mod common;
 mod omctl_support;
 
-use common::*;
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions, DeleteOptions};
 use omctl_support::*;
 use omega::etcd_process::{free_port, EtcdOptions};
@@ -14,6 +12,7 @@ use omega::failpoint;
 use omega::model::{Job, TaskState};
 use omega::store::submission::{marker_key, FAILPOINT_AFTER_TASKS};
 use omega::store::Store;
+use omega_testkit::*;
 use serde_json::Value;
 use std::path::Path;
 

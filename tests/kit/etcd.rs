@@ -1,6 +1,5 @@
-//! The integration-test harness: a real etcd per test (free loopback port, temp data dir, killed on drop),
-//! helpers to seed a cell, a TCP proxy that can cut a client off from etcd, and a convergence check.
-#![allow(dead_code)]
+//! A real etcd per test (free loopback port, temp data dir, killed on drop), helpers to seed a cell, a TCP
+//! proxy that can cut a client off from etcd, and a convergence check.
 
 use etcd_client::{PutOptions, Txn, TxnOp};
 use omega::cell_state::{CellSnapshot, CellState};

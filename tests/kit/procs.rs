@@ -1,6 +1,5 @@
-//! The project's binaries as child processes in tests: found beside the test's own binary (built by
-//! `cargo test --workspace`), logging to a temp file, SIGKILLed when dropped or on `kill()`.
-#![allow(dead_code)]
+//! The project's binaries as child processes in tests: found in the target directory the test itself runs
+//! from (built by `cargo test --workspace`), logging to a temp file, SIGKILLed when dropped or on `kill()`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -57,9 +56,12 @@ impl Drop for Proc {
     }
 }
 
-/// A binary built beside `omega-scheduler` (fails loudly if the workspace was not built).
+/// A workspace binary of the build the running test belongs to (a test runs from `<target>/<profile>/deps/`;
+/// the binaries are in `<target>/<profile>/`). Fails loudly if it was not built.
 pub fn bin(name: &str) -> PathBuf {
-    let p = std::path::Path::new(env!("CARGO_BIN_EXE_omega-scheduler")).with_file_name(name);
+    let me = std::env::current_exe().expect("the test's own path");
+    let profile_dir = me.parent().and_then(|deps| deps.parent()).expect("a test runs from <target>/<profile>/deps");
+    let p = profile_dir.join(name);
     assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
     p
 }

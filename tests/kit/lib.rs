@@ -1,0 +1,17 @@
+//! Omega's test kit: what every integration test needs to run against real parts, and nothing that ships.
+//!
+//! - [`etcd`]: a real etcd per test, a seeded cell, a TCP proxy that cuts a client off, a convergence check;
+//! - [`procs`]: the workspace's binaries as child processes (signals, logs, SIGKILL on drop);
+//! - [`metrics`]: scraping a process's Prometheus metrics;
+//! - [`wait`]: polling a condition with a bound, instead of sleeping and hoping.
+//!
+//! The core library's own integration tests live beside this kit (`tests/*.rs`); the other crates use it as
+//! a dev-dependency.
+
+pub mod etcd;
+pub mod metrics;
+pub mod procs;
+pub mod wait;
+
+pub use etcd::*;
+pub use wait::wait_for;
