@@ -242,8 +242,8 @@ impl Scheduler {
         format!("{}/{}", self.name, self.instance)
     }
 
-    /// One decision over `jobs`, its commit, and the re-placement of what conflicted, each round on the view
-    /// the previous rounds learned.
+    /// One attempt over `jobs`: its rounds (decide, commit, learn) on a snapshot that has seen this scheduler's
+    /// own commits, then what it counts, then why anything is left pending.
     async fn attempt(&mut self, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
         // Decide only on a cache that has seen this scheduler's own commits: an older one would have it place
@@ -255,30 +255,34 @@ impl Scheduler {
                 return;
             }
         };
-        let mut pending: BTreeMap<String, Vec<Versioned<Task>>> = BTreeMap::new();
-        for job in &jobs {
+        let outcome = self.rounds(&jobs, &snapshot).await;
+        self.account(&jobs, &outcome);
+        self.explain(&jobs, &outcome).await;
+        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
+    }
+
+    /// Decides, commits and learns, round after round on the view the earlier rounds learned, until nothing
+    /// placeable is left or the rounds allowed are spent.
+    async fn rounds(&mut self, jobs: &[Arc<Job>], snapshot: &CellSnapshot) -> Outcome {
+        let mut out = Outcome::default();
+        for job in jobs {
             let tasks: Vec<Versioned<Task>> =
                 snapshot.tasks_of(job).filter(|t| t.value.state == TaskState::Pending).cloned().collect();
-            pending.insert(job.id.clone(), tasks);
+            out.pending.insert(job.id.clone(), tasks);
         }
-        let unplaced: usize = pending.values().map(Vec::len).sum();
+        let unplaced: usize = out.pending.values().map(Vec::len).sum();
         // The decision-time knob: think while the snapshot ages, as a slow scheduler would.
         let think = self.config.t_job * jobs.len() as u32 + self.config.t_task * unplaced as u32;
         if !think.is_zero() {
             tokio::time::sleep(think).await;
         }
-
-        let mut view = (*snapshot).clone();
-        let mut explanations = HashMap::new();
-        let mut conflicted: HashSet<String> = HashSet::new();
-        let mut permanent: HashMap<String, String> = HashMap::new();
+        out.busy = think;
+        let mut view = snapshot.clone();
         let mut round = 0;
-        let mut busy = think;
-        let mut committing = Duration::ZERO;
-        let mut counts = (0u64, 0u64, 0u64);
         loop {
-            let decision = attempt::decide(&view, &jobs, &pending, &self.options, &mut self.rng, &mut explanations);
-            busy += decision.took;
+            let decision =
+                attempt::decide(&view, jobs, &out.pending, &self.options, &mut self.rng, &mut out.explanations);
+            out.busy += decision.took;
             metrics::histogram!("omega_scheduler_decision_seconds")
                 .record((decision.took + if round == 0 { think } else { Duration::ZERO }).as_secs_f64());
             if decision.incremental.is_empty() && decision.gangs.is_empty() {
@@ -287,14 +291,14 @@ impl Scheduler {
             omega::failpoint::hit("scheduler.before_commit").await;
             let commit_started = Instant::now();
             let committed = attempt::commit(&self.committer, &view, decision).await;
-            committing += commit_started.elapsed();
-            let learned = attempt::learn(&mut view, &mut pending, &committed);
+            out.committing += commit_started.elapsed();
+            let learned = attempt::learn(&mut view, &mut out.pending, &committed);
             self.last_commit = self.last_commit.max(view_max_revision(&committed));
-            counts.0 += learned.claims;
-            counts.1 += learned.claims_conflicted;
-            counts.2 += learned.placed;
-            conflicted.extend(learned.conflicted_jobs);
-            permanent.extend(learned.permanent);
+            out.claims += learned.claims;
+            out.claims_conflicted += learned.claims_conflicted;
+            out.placed += learned.placed;
+            out.conflicted.extend(learned.conflicted_jobs);
+            out.permanent.extend(learned.permanent);
             if !learned.lost_jobs.is_empty() {
                 tracing::warn!(jobs = ?learned.lost_jobs, "no longer the owner of these jobs; their claims were refused");
             }
@@ -307,33 +311,43 @@ impl Scheduler {
             let pause = Duration::from_millis(self.rng.random_range(1..=5) << round.min(6));
             tokio::time::sleep(pause).await;
         }
-        metrics::counter!("omega_scheduler_busy_microseconds_total").increment(busy.as_micros() as u64);
-        metrics::counter!("omega_scheduler_commit_microseconds_total").increment(committing.as_micros() as u64);
+        out
+    }
 
-        // Account and explain.
-        let conflicted_attempts = jobs.iter().filter(|j| conflicted.contains(&j.id)).count() as u64;
+    /// Counts the attempt: the instance's published counters and its metrics.
+    fn account(&self, jobs: &[Arc<Job>], out: &Outcome) {
+        let conflicted = jobs.iter().filter(|j| out.conflicted.contains(&j.id)).count() as u64;
         {
             let mut s = self.stats.lock();
             s.attempts += jobs.len() as u64;
-            s.attempts_conflicted += conflicted_attempts;
-            s.claims += counts.0;
-            s.claims_conflicted += counts.1;
-            s.placed += counts.2;
-            s.busy_ms += busy.as_millis() as u64;
-            s.commit_ms += committing.as_millis() as u64;
+            s.attempts_conflicted += conflicted;
+            s.claims += out.claims;
+            s.claims_conflicted += out.claims_conflicted;
+            s.placed += out.placed;
+            s.busy_ms += out.busy.as_millis() as u64;
+            s.commit_ms += out.committing.as_millis() as u64;
         }
         metrics::counter!("omega_scheduler_attempts_total").increment(jobs.len() as u64);
-        metrics::counter!("omega_scheduler_attempts_conflicted_total").increment(conflicted_attempts);
-        let free_now = cell_free(&self.cache.snapshot());
+        metrics::counter!("omega_scheduler_attempts_conflicted_total").increment(conflicted);
+        metrics::counter!("omega_scheduler_busy_microseconds_total").increment(out.busy.as_micros() as u64);
+        metrics::counter!("omega_scheduler_commit_microseconds_total").increment(out.committing.as_micros() as u64);
+    }
+
+    /// For each job with tasks left pending: why, in its status (written only when the reason changes), and
+    /// how long it waits before the next attempt (sooner if the cell gains room; never, while nothing about
+    /// a job that can never be placed changes).
+    async fn explain(&mut self, jobs: &[Arc<Job>], out: &Outcome) {
+        let snapshot = self.cache.snapshot();
+        let free_now = cell_free(&snapshot);
         let placed_by = self.placed_by();
-        for job in &jobs {
+        for job in jobs {
             let state = self.jobs.entry(job.id.clone()).or_default();
             state.attempts += 1;
-            if conflicted.contains(&job.id) {
+            if out.conflicted.contains(&job.id) {
                 state.conflicts += 1;
             }
-            let left = pending.get(&job.id).map(Vec::len).unwrap_or(0);
-            let leftover = match (permanent.get(&job.id), explanations.get(&job.id)) {
+            let left = out.pending.get(&job.id).map(Vec::len).unwrap_or(0);
+            let leftover = match (out.permanent.get(&job.id), out.explanations.get(&job.id)) {
                 (Some(why), _) => Leftover::Permanent(why.clone()),
                 (None, _) if left == 0 => {
                     state.backoff = None;
@@ -345,25 +359,20 @@ impl Scheduler {
             let failures = state.backoff.as_ref().map(|b| b.failures + 1).unwrap_or(1);
             let wait = Duration::from_millis(500u64 << failures.min(5)).min(MAX_BACKOFF);
             state.backoff = Some(Backoff { until: Instant::now() + wait, failures, free_then: free_now });
-            let (reason, reasons) = match &leftover {
-                Leftover::Unplaceable(e) => (e.to_string(), e.codes()),
-                Leftover::LostRaces => ("lost placement races; retrying".to_string(), BTreeMap::new()),
+            let (reason, reasons, pending) = match &leftover {
+                Leftover::Unplaceable(e) => (e.to_string(), e.codes(), left),
+                Leftover::LostRaces => ("lost placement races; retrying".to_string(), BTreeMap::new(), left),
                 Leftover::Permanent(why) => {
-                    let revision = self.cache.snapshot().jobs.get(&job.id).map(|j| j.mod_revision).unwrap_or(0);
+                    let revision = snapshot.jobs.get(&job.id).map(|j| j.mod_revision).unwrap_or(0);
                     state.permanent = Some((revision, why.clone()));
                     tracing::warn!(job = job.id, reason = why, "job cannot be placed as it is; not retrying");
-                    (format!("cannot be placed: {why}"), [("too_large".to_string(), 1)].into())
+                    let pending = snapshot.tasks_of(job).filter(|t| t.value.state == TaskState::Pending).count();
+                    (format!("cannot be placed: {why}"), [("too_large".to_string(), 1)].into(), pending)
                 }
-            };
-            let pending_count = match &leftover {
-                Leftover::Permanent(_) => {
-                    self.cache.snapshot().tasks_of(job).filter(|t| t.value.state == TaskState::Pending).count()
-                }
-                _ => left,
             };
             let status = JobStatus {
                 job: job.id.clone(),
-                pending: pending_count as u32,
+                pending: pending as u32,
                 reason,
                 reasons,
                 attempts: state.attempts,
@@ -375,8 +384,24 @@ impl Scheduler {
                 tracing::warn!(job = job.id, error = %e, "writing job status failed");
             }
         }
-        tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
     }
+}
+
+/// What one attempt's rounds did, for counting and explaining.
+#[derive(Default)]
+struct Outcome {
+    /// Each job's tasks still pending.
+    pending: BTreeMap<String, Vec<Versioned<Task>>>,
+    explanations: HashMap<String, omega::placement::explain::Explanation>,
+    /// Jobs any of whose claims conflicted (the paper's conflicted transactions).
+    conflicted: HashSet<String>,
+    /// Jobs that can never be committed as they are, and why.
+    permanent: HashMap<String, String>,
+    busy: Duration,
+    committing: Duration,
+    claims: u64,
+    claims_conflicted: u64,
+    placed: u64,
 }
 
 /// The highest revision any commit of an attempt wrote.
