@@ -15,7 +15,7 @@ use omega::cell_state::{CellSnapshot, Versioned};
 use omega::model::{now_ms, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release};
 use omega::store::Store;
-use omega::txn::{Group, Outcome, Sender};
+use omega::txn::Group;
 use std::time::Duration;
 
 /// Looks at `jobs`; asks the queue to look again when a finished job becomes old enough to collect.
@@ -135,17 +135,10 @@ async fn collect_jobs(store: &Store, jobs: &[Versioned<omega::model::Job>], fenc
         g.delete(&keys.status(id)).delete(&keys.owner(id));
         groups.push(g);
     }
-    let sent = Sender::new(store.clone(), 2).nested(groups, Some(&fence.compare())).await;
-    let mut collected = 0;
-    for (job, outcome) in jobs.iter().zip(sent.outcomes) {
-        match outcome {
-            Outcome::Applied { .. } => {
-                collected += 1;
-                tracing::info!(job = job.value.id, "finished job collected");
-            }
-            Outcome::Fenced => return Err(omega::Error::NotLeader(String::from_utf8_lossy(&fence.key).into()).into()),
-            _ => {}
-        }
+    let ids: Vec<&str> = jobs.iter().map(|j| j.value.id.as_str()).collect();
+    let applied = super::apply_fenced(store, groups, fence).await?;
+    for (id, _) in ids.iter().zip(&applied).filter(|(_, done)| **done) {
+        tracing::info!(job = id, "finished job collected");
     }
-    Ok(collected)
+    Ok(applied.iter().filter(|d| **d).count())
 }

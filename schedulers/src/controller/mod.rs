@@ -228,6 +228,21 @@ async fn lead(
     }
 }
 
+/// Sends the leader's `groups`, each under the fence: which of them applied. [`omega::Error::NotLeader`] if
+/// the fence failed (this replica leads no more; nothing after that point was written).
+async fn apply_fenced(store: &Store, groups: Vec<omega::txn::Group>, fence: &Fence) -> anyhow::Result<Vec<bool>> {
+    use omega::txn::{Outcome, Sender};
+    let sent = Sender::new(store.clone(), 2).nested(groups, Some(&fence.compare())).await;
+    let mut applied = Vec::with_capacity(sent.outcomes.len());
+    for outcome in sent.outcomes {
+        match outcome {
+            Outcome::Fenced => return Err(omega::Error::NotLeader(String::from_utf8_lossy(&fence.key).into()).into()),
+            o => applied.push(o.is_applied()),
+        }
+    }
+    Ok(applied)
+}
+
 /// Queues every node and every job of the cell, and every job id that has tasks but no record.
 fn enqueue_all(snapshot: &CellSnapshot, queue: &mut WorkQueue<Object>) {
     for node in snapshot.allocations.keys().chain(snapshot.nodes.keys()) {

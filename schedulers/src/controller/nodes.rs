@@ -13,7 +13,7 @@ use omega::cell_state::CellSnapshot;
 use omega::model::{JobKind, RestartMode, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
-use omega::txn::{Group, Outcome, Sender};
+use omega::txn::Group;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -133,17 +133,9 @@ async fn collect(store: &Store, snapshot: &CellSnapshot, nodes: &[String], fence
         groups.push(g);
         names.push(node);
     }
-    let sent = Sender::new(store.clone(), 2).nested(groups, Some(&fence.compare())).await;
-    let mut collected = 0;
-    for (node, outcome) in names.into_iter().zip(sent.outcomes) {
-        match outcome {
-            Outcome::Applied { .. } => {
-                collected += 1;
-                tracing::info!(node, "node down and empty for long enough; forgotten");
-            }
-            Outcome::Fenced => return Err(omega::Error::NotLeader(String::from_utf8_lossy(&fence.key).into()).into()),
-            _ => {}
-        }
+    let applied = super::apply_fenced(store, groups, fence).await?;
+    for (node, _) in names.iter().zip(&applied).filter(|(_, done)| **done) {
+        tracing::info!(node, "node down and empty for long enough; forgotten");
     }
-    Ok(collected)
+    Ok(applied.iter().filter(|d| **d).count())
 }
