@@ -1,7 +1,7 @@
-//! What can go wrong talking to containerd. Every error names the call and the id it concerned, so a line in
-//! the agent's log says which container and which step failed; the predicates tell the callers what they
-//! must decide: whether the thing was simply absent (removal is idempotent) and whether trying again later
-//! can help (containerd restarting) or would fail the same way.
+//! What can go wrong talking to containerd. Each error says which call and which container, image or socket
+//! it concerns, so one line of the agent's log tells what failed; the predicates answer what callers must
+//! decide: whether the thing was simply absent (removal is idempotent), and whether trying again later can
+//! help (containerd restarting) or would fail the same way.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Containers and their tasks, from creation to removal. The agent may die between any two calls, so each
 //! step accepts what an interrupted earlier one left behind (a half-made container, a leftover snapshot or
-//! lease, a task nobody deleted) and cleans up what it made itself when it fails part way: a retry, or the
-//! next agent, always starts from a state it knows.
+//! lease, a task nobody deleted), and `run` cleans up what it made itself when it fails part way, so a retry
+//! or the next agent starts from a state it knows.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,6 +1,7 @@
-//! Waiting for a container's exit. One `tasks.wait` per container, started before the task is, is shared
-//! by every caller: an exit cannot slip by unseen, and containerd is not asked the same question many times.
-//! A wait broken by a containerd restart is taken up again, since the shim keeps the task running meanwhile.
+//! Waiting for a container's exit. One `tasks.wait` per container is shared by every caller, started before
+//! the task is (or by the first caller, for a task this client did not start): an exit cannot slip by
+//! unseen, and containerd is not asked the same question many times. A wait broken by a containerd restart
+//! is taken up again, since the shim keeps the task running meanwhile.
 
 use std::time::Duration;
 
