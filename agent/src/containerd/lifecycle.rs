@@ -24,7 +24,7 @@ use super::{check_id, hex, lock, ContainerInfo, ContainerSpec, Containerd, Error
 
 /// How long a SIGKILLed task gets to be reported gone before `stop`/`remove` give up.
 const KILL_TIMEOUT: Duration = Duration::from_secs(15);
-/// `tasks.delete` attempts in `remove`: a delete racing the shim's exit handling fails transiently, and a
+/// `tasks.delete` attempts in `delete_task` (which `remove` calls): a delete racing the shim's exit handling fails transiently, and a
 /// task that is never deleted leaks its shim process and its rootfs mount.
 const DELETE_ATTEMPTS: u32 = 6;
 const SIGTERM: u32 = 15;
