@@ -445,12 +445,21 @@ pub struct SchedulerInstance {
     pub stats: SchedulerStats,
 }
 
-/// A scheduler instance's counters since it started. Attempts are the Omega paper's transactions: one
-/// decision's commit for one job; an attempt conflicted if any of its claims did.
+/// A scheduler instance's counters since it started.
+///
+/// The Omega paper's **transactions** are the jobs of attempts that sent at least one claim: an attempt over a
+/// job whose decision placed nothing (it fits nowhere) is an attempt, not a transaction, so
+/// `attempts_conflicted <= transactions <= attempts`. A transaction conflicted if any of its claims did.
+/// Fields added after the first version default to 0, so a record of an older scheduler still decodes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchedulerStats {
+    /// Jobs attempted, one per job per attempt.
     pub attempts: u64,
+    /// Transactions with at least one conflicted claim.
     pub attempts_conflicted: u64,
+    /// Attempts that sent at least one claim (the paper's transactions).
+    #[serde(default)]
+    pub transactions: u64,
     /// Claims sent, and how many of them conflicted.
     pub claims: u64,
     pub claims_conflicted: u64,
@@ -459,8 +468,34 @@ pub struct SchedulerStats {
     /// Time spent deciding (the paper's busyness, useful and wasted), and committing.
     pub busy_ms: u64,
     pub commit_ms: u64,
+    /// The sum of the waits from submission to the first attempt at a job, and how many jobs it sums over
+    /// (their ratio is the paper's mean "job wait time till first attempt", for readers without Prometheus).
+    #[serde(default)]
+    pub first_attempt_wait_ms_sum: u64,
+    #[serde(default)]
+    pub first_attempts: u64,
     /// When these counters were taken.
     pub updated_ms: u64,
+}
+
+impl SchedulerStats {
+    /// The Omega paper's conflict fraction: conflicted transactions per successful one (`None` before any
+    /// successful transaction). It can exceed 1.
+    pub fn conflict_fraction(&self) -> Option<f64> {
+        conflict_fraction(self.attempts_conflicted, self.transactions)
+    }
+
+    /// The mean wait from submission to the first attempt, in milliseconds (`None` before any first attempt).
+    pub fn mean_first_attempt_wait_ms(&self) -> Option<f64> {
+        (self.first_attempts > 0).then(|| self.first_attempt_wait_ms_sum as f64 / self.first_attempts as f64)
+    }
+}
+
+/// `conflicted / (transactions - conflicted)`: the paper's conflict fraction from any pair of counts (an
+/// instance's, or sums over job statuses). `None` while no transaction has succeeded.
+pub fn conflict_fraction(conflicted: u64, transactions: u64) -> Option<f64> {
+    let successful = transactions.saturating_sub(conflicted);
+    (successful > 0).then(|| conflicted as f64 / successful as f64)
 }
 
 /// Why a job's tasks are not all placed: written by its scheduler only when the reason changes (or at most
@@ -563,5 +598,32 @@ mod tests {
         assert!(!Pending.can_become(Running));
         assert!(Assigned.holds_resources() && Running.holds_resources());
         assert!(!Pending.holds_resources() && !Succeeded.holds_resources());
+    }
+
+    #[test]
+    fn an_older_scheduler_record_still_decodes() {
+        // What a scheduler from before transactions and first-attempt waits wrote.
+        let old = r#"{"scheduler":"service","instance":"s-1","kind":"service","started_ms":5,
+            "stats":{"attempts":10,"attempts_conflicted":2,"claims":30,"claims_conflicted":4,"placed":26,
+                     "busy_ms":7,"commit_ms":3,"updated_ms":9}}"#;
+        let i: SchedulerInstance = serde_json::from_str(old).unwrap();
+        assert_eq!((i.stats.attempts, i.stats.transactions, i.stats.first_attempts), (10, 0, 0));
+    }
+
+    #[test]
+    fn the_conflict_fraction_is_conflicted_per_successful_transaction() {
+        let stats = |transactions, attempts_conflicted| SchedulerStats {
+            attempts: 100,
+            transactions,
+            attempts_conflicted,
+            ..Default::default()
+        };
+        assert_eq!(stats(40, 8).conflict_fraction(), Some(0.25), "8 conflicted per 32 successful");
+        assert_eq!(stats(30, 20).conflict_fraction(), Some(2.0), "it can exceed 1");
+        assert_eq!(stats(5, 5).conflict_fraction(), None, "no successful transaction yet");
+        assert_eq!(stats(0, 0).conflict_fraction(), None, "attempts that sent nothing are no transactions");
+        let waits = SchedulerStats { first_attempt_wait_ms_sum: 300, first_attempts: 4, ..Default::default() };
+        assert_eq!(waits.mean_first_attempt_wait_ms(), Some(75.0));
+        assert_eq!(SchedulerStats::default().mean_first_attempt_wait_ms(), None);
     }
 }

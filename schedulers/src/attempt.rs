@@ -43,6 +43,8 @@ pub enum Leftover {
 pub struct Learned {
     /// Jobs any of whose claims conflicted (the paper's conflicted transactions).
     pub conflicted_jobs: HashSet<String>,
+    /// Jobs at least one of whose claims was sent (the paper's transactions; the conflicted ones among them).
+    pub claimed_jobs: HashSet<String>,
     /// Jobs the instance turned out not to own any more (their ownership fence failed).
     pub lost_jobs: HashSet<String>,
     /// Jobs refused for good, with the reason.
@@ -137,6 +139,7 @@ pub fn learn(
         for (claim, outcome) in claims.iter().zip(&report.outcomes) {
             let job = &claim.task.value.job;
             learned.claims += 1;
+            learned.claimed_jobs.insert(job.clone());
             let list = pending.entry(job.clone()).or_default();
             match outcome {
                 ClaimOutcome::Committed { .. } => {

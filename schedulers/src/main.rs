@@ -1,10 +1,12 @@
 use anyhow::Context;
 use clap::Parser;
+use metrics_exporter_prometheus::Matcher;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::keys::Keys;
 use omega::store::Store;
 use omega_schedulers::config::Config;
-use omega_schedulers::{instance, scheduler::Scheduler};
+use omega_schedulers::instance;
+use omega_schedulers::scheduler::{Scheduler, FIRST_ATTEMPT_WAIT, FIRST_ATTEMPT_WAIT_BUCKETS};
 use std::time::Duration;
 
 #[tokio::main]
@@ -25,6 +27,8 @@ async fn main() -> anyhow::Result<()> {
             .add_global_label("instance", instance_id.clone())
             // Histograms (not the exporter's default summaries), so latencies aggregate across instances.
             .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])?
+            // Waits for a first attempt run to minutes, not milliseconds.
+            .set_buckets_for_metric(Matcher::Full(FIRST_ATTEMPT_WAIT.into()), FIRST_ATTEMPT_WAIT_BUCKETS)?
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
     }

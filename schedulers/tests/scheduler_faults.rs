@@ -1,8 +1,9 @@
 //! Schedulers at the edges, as real processes on a real etcd: racing rounds that learn from their own
 //! commits, a gang too large for any transaction, a scheduler frozen past its lease, etcd paused past it.
 
+mod support;
+
 use omega::audit;
-use omega::etcd_process::free_port;
 use omega::model::{Job, JobKind, JobStatus, SchedulerInstance, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
@@ -10,48 +11,12 @@ use omega_testkit::metrics::{metric, metric_where, scrape};
 use omega_testkit::procs::Proc;
 use omega_testkit::*;
 use std::time::Duration;
+use support::{all_placed, metrics_addr, scheduler_process, scrape_when_up, tasks};
 
 const TASK: Resources = Resources::new(100, 64 << 20);
 
 fn scheduler(etcd: &str, name: &str, instance: &str, metrics: &str, extra: &[&str]) -> Proc {
-    scheduler_with_env(etcd, name, instance, metrics, extra, &[])
-}
-
-fn scheduler_with_env(
-    etcd: &str,
-    name: &str,
-    instance: &str,
-    metrics: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
-    let mut args = vec!["--etcd", etcd, "--kind", "batch", "--name", name, "--instance", instance];
-    args.extend(["--lease-ttl", "2s", "--steal-after", "500ms", "--metrics-addr", metrics]);
-    args.extend(extra);
-    Proc::start_with_env("omega-scheduler", &args, instance, env)
-}
-
-fn metrics_addr() -> String {
-    format!("127.0.0.1:{}", free_port().unwrap())
-}
-
-async fn tasks(store: &Store, job: &str) -> Vec<Task> {
-    let (kvs, _) = store.list(&store.keys().tasks_of_job(job), 1000, None).await.unwrap();
-    kvs.iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect()
-}
-
-async fn all_placed(store: &Store, job: &str, n: usize) -> Option<Vec<Task>> {
-    let ts = tasks(store, job).await;
-    (ts.len() == n && ts.iter().all(|t| t.state == TaskState::Assigned)).then_some(ts)
-}
-
-async fn scrape_when_up(addr: &str) -> String {
-    wait_for("the metrics listener", 30, async || {
-        tokio::net::TcpStream::connect(addr).await.ok()?;
-        Some(())
-    })
-    .await;
-    scrape(addr).await
+    scheduler_process("batch", etcd, name, instance, metrics, extra, &[])
 }
 
 fn job_for(id: &str, scheduler: &str, tasks: u32) -> Job {
@@ -139,7 +104,7 @@ async fn a_frozen_scheduler_resumed_after_its_lease_commits_nothing() {
     let m = metrics_addr();
     let env =
         [("OMEGA_FAILPOINTS", "scheduler.before_commit=pause"), ("OMEGA_FAILPOINT_DIR", dir.path().to_str().unwrap())];
-    let s = scheduler_with_env(&ep, "batch", "frozen", &m, &[], &env);
+    let s = scheduler_process("batch", &ep, "batch", "frozen", &m, &[], &env);
     store.create_job(&job_for("j", "batch", 4), 128).await.unwrap();
     let marker = dir.path().join("scheduler.before_commit");
     wait_for("the scheduler to reach its commit", 60, async || marker.exists().then_some(())).await;

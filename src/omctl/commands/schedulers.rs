@@ -3,13 +3,17 @@
 //! The counters come from each instance's own record (`stats`, republished every few seconds while they move):
 //! its whole life since it started. An instance whose record carries no counters (an older scheduler) falls
 //! back to the sums of the job statuses it wrote last, which cover only those jobs; `counters_from` says which.
+//!
+//! The conflict fraction is the Omega paper's: conflicted transactions per successful one, where a transaction
+//! is an attempt that sent at least one claim. Job statuses count attempts only, so for an instance known only
+//! by them the fraction is taken over attempts (which also count attempts that sent nothing).
 
 use crate::cell;
 use crate::cli::Cli;
 use crate::exit::Code;
 use crate::output::{emit, Table};
 use crate::units;
-use omega::model::{JobKind, JobStatus, SchedulerInstance};
+use omega::model::{conflict_fraction, JobKind, JobStatus, SchedulerInstance};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -44,12 +48,15 @@ pub struct SchedulerRow {
     pub counters_from: CountersFrom,
     /// Job statuses it wrote last.
     pub statuses: u32,
-    /// Attempts (the Omega paper's transactions: one decision's commit for one job).
+    /// Attempts: one per job per decision, whether or not it sent a claim.
     pub attempts: u64,
-    /// Attempts that hit at least one conflict.
+    /// The Omega paper's transactions: attempts that sent at least one claim (`null` when only job statuses
+    /// are known).
+    pub transactions: Option<u64>,
+    /// Transactions that hit at least one conflict.
     pub conflicts: u64,
-    /// The Omega paper's conflict fraction: conflicted attempts per successful one (`null` before any
-    /// successful attempt). It can exceed 1.
+    /// The Omega paper's conflict fraction: conflicted transactions per successful one (`null` before any
+    /// successful one). It can exceed 1.
     pub conflict_fraction: Option<f64>,
     /// Tasks placed (claims committed); `null` when only job statuses are known.
     pub placed: Option<u64>,
@@ -61,6 +68,8 @@ pub struct SchedulerRow {
     pub commit_ms: Option<u64>,
     /// Busy time over the time since it started, up to its last report.
     pub busyness: Option<f64>,
+    /// The mean wait from a job's submission to its first attempt (`null` before any).
+    pub mean_first_attempt_wait_ms: Option<f64>,
     /// When the instance last published its counters.
     pub stats_updated_ms: Option<u64>,
 }
@@ -105,6 +114,7 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         counters_from: CountersFrom::JobStatuses,
         statuses: mine.len() as u32,
         attempts: mine.iter().map(|st| st.attempts).sum(),
+        transactions: None,
         conflicts: mine.iter().map(|st| st.conflicts).sum(),
         conflict_fraction: None,
         placed: None,
@@ -113,14 +123,18 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         busy_ms: None,
         commit_ms: None,
         busyness: None,
+        mean_first_attempt_wait_ms: None,
         stats_updated_ms: None,
     };
+    row.conflict_fraction = conflict_fraction(row.conflicts, row.attempts);
     // A record that never published counters has them all zero, `updated_ms` included.
     let stats = &i.stats;
     if stats.updated_ms > 0 {
         row.counters_from = CountersFrom::Instance;
         row.attempts = stats.attempts;
+        row.transactions = Some(stats.transactions);
         row.conflicts = stats.attempts_conflicted;
+        row.conflict_fraction = stats.conflict_fraction();
         row.placed = Some(stats.placed);
         row.claims = Some(stats.claims);
         row.claims_conflicted = Some(stats.claims_conflicted);
@@ -129,9 +143,8 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         row.stats_updated_ms = Some(stats.updated_ms);
         let lived = stats.updated_ms.saturating_sub(i.started_ms);
         row.busyness = (lived > 0 && i.started_ms > 0).then(|| stats.busy_ms as f64 / lived as f64);
+        row.mean_first_attempt_wait_ms = stats.mean_first_attempt_wait_ms();
     }
-    let successful = row.attempts.saturating_sub(row.conflicts);
-    row.conflict_fraction = (successful > 0).then(|| row.conflicts as f64 / successful as f64);
     row
 }
 
@@ -148,6 +161,7 @@ fn render(out: &SchedulersOutput) -> String {
         "METRICS",
         "JOBS OWNED",
         "ATTEMPTS",
+        "TRANSACTIONS",
         "CONFLICTED",
         "CONFLICT FRACTION",
         "PLACED",
@@ -173,6 +187,7 @@ fn render(out: &SchedulersOutput) -> String {
             r.metrics.clone().unwrap_or_else(|| "-".into()),
             owned,
             r.attempts.to_string(),
+            or_dash(r.transactions.map(|n| n.to_string())),
             r.conflicts.to_string(),
             or_dash(r.conflict_fraction.map(|f| format!("{f:.2}"))),
             or_dash(r.placed.map(|n| n.to_string())),
@@ -185,7 +200,7 @@ fn render(out: &SchedulersOutput) -> String {
     if out.schedulers.iter().any(|r| r.counters_from == CountersFrom::JobStatuses) {
         text.push_str(
             "Instances without PLACED publish no counters of their own; their attempts and conflicts are the sums of \
-             the job statuses they wrote last.\n",
+             the job statuses they wrote last, and their conflict fraction is taken over attempts.\n",
         );
     }
     text

@@ -370,14 +370,18 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         started_ms: started,
         metrics: Some("127.0.0.1:9101".into()),
         stats: SchedulerStats {
-            attempts: 40,
+            attempts: 50,
+            transactions: 40,
             attempts_conflicted: 8,
             claims: 500,
             claims_conflicted: 20,
             placed: 480,
             busy_ms: 12_300,
             commit_ms: 4_500,
+            first_attempt_wait_ms_sum: 900,
+            first_attempts: 3,
             updated_ms: started + 100_000,
+            ..Default::default()
         },
     };
     let uncounted = SchedulerInstance {
@@ -410,13 +414,14 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
 
     let table = omctl(&etcd, &["schedulers"]).await.ok();
     let header = table.stdout.lines().next().unwrap();
-    for column in ["ATTEMPTS", "CONFLICTED", "CONFLICT FRACTION", "PLACED", "CLAIMS (CONFLICTED)", "BUSY", "COMMITTING"]
-    {
+    let counters = ["ATTEMPTS", "TRANSACTIONS", "CONFLICTED", "CONFLICT FRACTION", "PLACED", "CLAIMS (CONFLICTED)"];
+    for column in counters.into_iter().chain(["BUSY", "COMMITTING"]) {
         assert!(header.contains(column), "{column} in {header}");
     }
     let row = table.stdout.lines().nth(1).expect("two instances");
-    // The paper's conflict fraction: 8 conflicted of 40 attempts is 8 per 32 successful ones.
-    for expected in ["b-1", "127.0.0.1:9101", " 40 ", " 8 ", "0.25", "480", "500 (20)", "12.3s (12.3%)", "4.5s"] {
+    // The paper's conflict fraction: 8 conflicted of 40 transactions (of 50 attempts) is 8 per 32 successful ones.
+    for expected in ["b-1", "127.0.0.1:9101", " 50 ", " 40 ", " 8 ", "0.25", "480", "500 (20)", "12.3s (12.3%)", "4.5s"]
+    {
         assert!(row.contains(expected), "missing {expected:?} in {row:?}");
     }
     let row = table.stdout.lines().nth(2).expect("two instances");
@@ -433,8 +438,12 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         (Some("batch"), Some("b-1"), Some("batch"))
     );
     assert_eq!(s["counters_from"], "instance");
-    assert_eq!((s["attempts"].as_u64(), s["conflicts"].as_u64()), (Some(40), Some(8)));
+    assert_eq!(
+        (s["attempts"].as_u64(), s["transactions"].as_u64(), s["conflicts"].as_u64()),
+        (Some(50), Some(40), Some(8))
+    );
     assert!((s["conflict_fraction"].as_f64().unwrap() - 0.25).abs() < 1e-9);
+    assert_eq!(s["mean_first_attempt_wait_ms"].as_f64(), Some(300.0));
     assert_eq!(
         (s["placed"].as_u64(), s["claims"].as_u64(), s["claims_conflicted"].as_u64()),
         (Some(480), Some(500), Some(20))
@@ -447,7 +456,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     assert_eq!(s["jobs_owned"][0], "huge");
     assert_eq!((s["attempts"].as_u64(), s["conflicts"].as_u64(), s["statuses"].as_u64()), (Some(10), Some(3), Some(1)));
     assert!((s["conflict_fraction"].as_f64().unwrap() - 3.0 / 7.0).abs() < 1e-9);
-    assert!(s["placed"].is_null() && s["busy_ms"].is_null());
+    assert!(s["placed"].is_null() && s["busy_ms"].is_null() && s["transactions"].is_null());
     let yaml = omctl(&etcd, &["schedulers", "-o", "yaml"]).await.ok();
     let from_yaml: Value = serde_norway::from_str(&yaml.stdout).expect("schedulers -o yaml parses");
     assert_eq!(from_yaml["schedulers"][0]["placed"], 480);
