@@ -433,7 +433,14 @@ pub struct JobOwner {
 pub struct SchedulerInstance {
     pub scheduler: String,
     pub instance: String,
+    /// The kind of jobs it takes, as readers older than the `scheduler_kind` field understand it. A
+    /// monolithic instance takes both kinds and writes `batch` here (this field cannot say `monolithic` without
+    /// making the record undecodable for those readers); read [`SchedulerInstance::kind_of_scheduler`].
     pub kind: JobKind,
+    /// What the instance is: batch, service or monolithic. Absent in records of schedulers older than the
+    /// monolithic one, whose `kind` then says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_kind: Option<SchedulerKind>,
     #[serde(default)]
     pub started_ms: u64,
     /// Where its Prometheus metrics are served, if anywhere.
@@ -443,6 +450,38 @@ pub struct SchedulerInstance {
     /// shows without scraping every instance's metrics).
     #[serde(default)]
     pub stats: SchedulerStats,
+}
+
+impl SchedulerInstance {
+    /// What the instance is, from `scheduler_kind` when the record has it, else from `kind` (an older record,
+    /// which only batch and service schedulers wrote).
+    pub fn kind_of_scheduler(&self) -> SchedulerKind {
+        self.scheduler_kind.unwrap_or(match self.kind {
+            JobKind::Batch => SchedulerKind::Batch,
+            JobKind::Service => SchedulerKind::Service,
+        })
+    }
+}
+
+/// Which scheduler an instance is: one of Omega's two (batch, service), or the paper's monolithic baseline, one
+/// scheduler that takes the jobs of both kinds in one queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    Batch,
+    Service,
+    Monolithic,
+}
+
+impl SchedulerKind {
+    /// The scheduler name an instance of this kind answers to when it is given none (what jobs address).
+    pub fn default_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Batch => JobKind::Batch.default_scheduler(),
+            SchedulerKind::Service => JobKind::Service.default_scheduler(),
+            SchedulerKind::Monolithic => "monolithic",
+        }
+    }
 }
 
 /// A scheduler instance's counters since it started.
@@ -602,12 +641,21 @@ mod tests {
 
     #[test]
     fn an_older_scheduler_record_still_decodes() {
-        // What a scheduler from before transactions and first-attempt waits wrote.
+        // What a scheduler from before transactions, first-attempt waits and the monolithic kind wrote.
         let old = r#"{"scheduler":"service","instance":"s-1","kind":"service","started_ms":5,
             "stats":{"attempts":10,"attempts_conflicted":2,"claims":30,"claims_conflicted":4,"placed":26,
                      "busy_ms":7,"commit_ms":3,"updated_ms":9}}"#;
         let i: SchedulerInstance = serde_json::from_str(old).unwrap();
-        assert_eq!((i.stats.attempts, i.stats.transactions, i.stats.first_attempts), (10, 0, 0));
+        assert_eq!(i.kind_of_scheduler(), SchedulerKind::Service);
+        assert_eq!((i.stats.transactions, i.stats.first_attempts), (0, 0));
+        // And a monolithic record reads as one, while older readers still find a job kind in `kind`.
+        let new = SchedulerInstance { scheduler_kind: Some(SchedulerKind::Monolithic), kind: JobKind::Batch, ..i };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!((json["kind"].as_str(), json["scheduler_kind"].as_str()), (Some("batch"), Some("monolithic")));
+        assert_eq!(
+            serde_json::from_value::<SchedulerInstance>(json).unwrap().kind_of_scheduler(),
+            SchedulerKind::Monolithic
+        );
     }
 
     #[test]

@@ -1,27 +1,61 @@
-//! Command-line configuration of a scheduler process.
+//! Command-line configuration of a scheduler process, and what it decides per attempt ([`Policy`]).
 
 use clap::{Parser, ValueEnum};
 use omega::commit::Detection;
-use omega::model::JobKind;
+use omega::model::{JobKind, SchedulerKind};
+use omega::placement::PlacementOptions;
 pub use omega::units::parse_duration;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Which of Omega's two schedulers this process is.
+/// Which scheduler this process is: one of Omega's two, or the paper's monolithic baseline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
     /// Throughput: best-fit bin packing, many jobs per decision, large incremental commits.
     Batch,
     /// Placement quality: every feasible node scored for spread, anti-affinity and balance; preemption.
     Service,
+    /// The paper's monolithic baseline: one scheduler for the jobs of both kinds in one queue, each job decided
+    /// as its kind's scheduler would (a service job alone, consecutive batch jobs together).
+    Monolithic,
 }
 
 impl Kind {
-    pub fn job_kind(self) -> JobKind {
+    /// What the instance record says it is.
+    pub fn scheduler_kind(self) -> SchedulerKind {
         match self {
-            Kind::Batch => JobKind::Batch,
-            Kind::Service => JobKind::Service,
+            Kind::Batch => SchedulerKind::Batch,
+            Kind::Service => SchedulerKind::Service,
+            Kind::Monolithic => SchedulerKind::Monolithic,
         }
+    }
+}
+
+/// A flag given where it means nothing: refused rather than silently ignored, so an experiment never runs with a
+/// setting its author believes is in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--{flag} is the decision time of service jobs in a monolithic scheduler (--kind monolithic); a {kind:?} \
+         scheduler's decision time is --t-job and --t-task"
+    )]
+    ServiceTimeOutsideMonolithic { flag: &'static str, kind: Kind },
+}
+
+/// How an attempt decides: where tasks go (placement options) and how long it thinks first (the Omega paper's
+/// decision time, `t_job + t_task * tasks still unplaced`, per job of the attempt).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub options: PlacementOptions,
+    pub t_job: Duration,
+    pub t_task: Duration,
+}
+
+impl Policy {
+    /// The decision time of an attempt over `jobs` jobs with `unplaced` pending tasks between them.
+    pub fn decision_time(&self, jobs: usize, unplaced: usize) -> Duration {
+        let times = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        self.t_job.saturating_mul(times(jobs)).saturating_add(self.t_task.saturating_mul(times(unplaced)))
     }
 }
 
@@ -69,16 +103,25 @@ pub struct Config {
     /// TTL of this instance's lease: its job ownership lapses this long after it dies.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
-    /// Extra decision time per attempt (the Omega paper's t_job).
+    /// Extra decision time per job of an attempt (the Omega paper's t_job); in a monolithic scheduler, of
+    /// batch jobs.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub t_job: Duration,
-    /// Extra decision time per task still unplaced (the Omega paper's t_task).
+    /// Extra decision time per task still unplaced (the Omega paper's t_task); in a monolithic scheduler, of
+    /// batch jobs.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub t_task: Duration,
+    /// Monolithic only: t_job of service jobs (default: --t-job). Refused with the other kinds.
+    #[arg(long, value_parser = parse_duration)]
+    pub service_t_job: Option<Duration>,
+    /// Monolithic only: t_task of service jobs (default: --t-task). Refused with the other kinds.
+    #[arg(long, value_parser = parse_duration)]
+    pub service_t_task: Option<Duration>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Allow evicting lower-priority tasks (default: on for service, off for batch).
+    /// Allow evicting lower-priority tasks (default: on for service jobs, off for batch jobs; given, it applies to
+    /// both kinds of a monolithic scheduler).
     #[arg(long)]
     pub preemption: Option<bool>,
     /// Batch: the most claims one decision (over several jobs) commits together.
@@ -97,7 +140,47 @@ pub struct Config {
 
 impl Config {
     pub fn scheduler_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.kind.job_kind().default_scheduler().to_string())
+        self.name.clone().unwrap_or_else(|| self.kind.scheduler_kind().default_name().to_string())
+    }
+
+    /// Refuses flags that mean nothing for this kind.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kind != Kind::Monolithic {
+            let kind = self.kind;
+            if self.service_t_job.is_some() {
+                return Err(ConfigError::ServiceTimeOutsideMonolithic { flag: "service-t-job", kind });
+            }
+            if self.service_t_task.is_some() {
+                return Err(ConfigError::ServiceTimeOutsideMonolithic { flag: "service-t-task", kind });
+            }
+        }
+        Ok(())
+    }
+
+    /// Which policy an attempt at a job of kind `job` uses: the scheduler's own kind's (a batch or service
+    /// scheduler decides every job it is sent alike), or in a monolithic scheduler the job's.
+    pub fn policy_kind(&self, job: JobKind) -> JobKind {
+        match self.kind {
+            Kind::Batch => JobKind::Batch,
+            Kind::Service => JobKind::Service,
+            Kind::Monolithic => job,
+        }
+    }
+
+    /// The placement options and decision time of attempts under policy `kind`.
+    pub fn policy(&self, kind: JobKind) -> Policy {
+        let mut options = match kind {
+            JobKind::Batch => PlacementOptions::batch(),
+            JobKind::Service => PlacementOptions::service(),
+        };
+        options.preemption = self.preemption.unwrap_or(kind == JobKind::Service);
+        let (t_job, t_task) = match (self.kind, kind) {
+            (Kind::Monolithic, JobKind::Service) => {
+                (self.service_t_job.unwrap_or(self.t_job), self.service_t_task.unwrap_or(self.t_task))
+            }
+            _ => (self.t_job, self.t_task),
+        };
+        Policy { options, t_job, t_task }
     }
 
     pub fn instance_id(&self) -> String {
@@ -112,10 +195,6 @@ impl Config {
             DetectionArg::Fine => Detection::Fine,
             DetectionArg::Coarse => Detection::Coarse,
         }
-    }
-
-    pub fn preemption(&self) -> bool {
-        self.preemption.unwrap_or(self.kind == Kind::Service)
     }
 }
 
@@ -132,6 +211,48 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3d").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(["omega-scheduler"].iter().chain(args)).expect("flags parse")
+    }
+
+    #[test]
+    fn a_monolithic_scheduler_decides_each_job_as_its_kind_would() {
+        let c = parse(&["--kind", "monolithic", "--t-job", "1s", "--t-task", "10ms", "--service-t-job", "5s"]);
+        c.validate().unwrap();
+        assert_eq!(c.scheduler_name(), "monolithic");
+        assert_eq!(
+            (c.policy_kind(JobKind::Batch), c.policy_kind(JobKind::Service)),
+            (JobKind::Batch, JobKind::Service)
+        );
+        let (batch, service) = (c.policy(JobKind::Batch), c.policy(JobKind::Service));
+        assert_eq!((batch.t_job, batch.t_task), (Duration::from_secs(1), Duration::from_millis(10)));
+        assert_eq!(
+            (service.t_job, service.t_task),
+            (Duration::from_secs(5), Duration::from_millis(10)),
+            "t_task defaults"
+        );
+        assert_eq!(batch.options.strategy, omega::placement::Strategy::BinPack);
+        assert_eq!(service.options.strategy, omega::placement::Strategy::Spread);
+        assert!(!batch.options.preemption && service.options.preemption);
+        assert_eq!(service.decision_time(1, 3), Duration::from_millis(5030));
+        // --preemption given applies to both kinds.
+        let c = parse(&["--kind", "monolithic", "--preemption", "false"]);
+        assert!(!c.policy(JobKind::Service).options.preemption);
+    }
+
+    #[test]
+    fn a_batch_or_service_scheduler_decides_every_job_alike_and_refuses_service_times() {
+        let c = parse(&["--kind", "service", "--t-job", "2s"]);
+        assert_eq!(c.policy_kind(JobKind::Batch), JobKind::Service, "a batch job sent to a service scheduler");
+        assert_eq!(c.policy(JobKind::Service).t_job, Duration::from_secs(2));
+        for kind in ["batch", "service"] {
+            let e = parse(&["--kind", kind, "--service-t-job", "1s"]).validate().unwrap_err();
+            assert!(e.to_string().contains("--kind monolithic"), "{e}");
+            assert!(parse(&["--kind", kind, "--service-t-task", "1s"]).validate().is_err());
+        }
+        assert_eq!(Kind::Monolithic.scheduler_kind().default_name(), "monolithic");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use futures_util::FutureExt;
 use omega::lease::{LeaseKeeper, Register};
-use omega::model::{now_ms, SchedulerInstance, SchedulerStats};
+use omega::model::{now_ms, JobKind, SchedulerInstance, SchedulerKind, SchedulerStats};
 use omega::store::{encode, Store};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -98,17 +98,17 @@ async fn publish(
     }
 }
 
-/// A fresh record for this process.
-pub fn record(
-    scheduler: &str,
-    instance: &str,
-    kind: omega::model::JobKind,
-    metrics: Option<String>,
-) -> SchedulerInstance {
+/// A fresh record for this process: which scheduler, which instance, what it is (`kind` also in the form
+/// readers older than the monolithic scheduler decode).
+pub fn record(scheduler: &str, instance: &str, kind: SchedulerKind, metrics: Option<String>) -> SchedulerInstance {
     SchedulerInstance {
         scheduler: scheduler.to_string(),
         instance: instance.to_string(),
-        kind,
+        kind: match kind {
+            SchedulerKind::Service => JobKind::Service,
+            SchedulerKind::Batch | SchedulerKind::Monolithic => JobKind::Batch,
+        },
+        scheduler_kind: Some(kind),
         started_ms: now_ms(),
         metrics,
         stats: Default::default(),

@@ -1,5 +1,6 @@
 //! Omega's scheduler processes. One binary, two schedulers (`--kind batch|service`), as many instances of
-//! each as wanted, side by side on one cell with no leader: only optimistic commits in etcd.
+//! each as wanted, side by side on one cell with no leader: only optimistic commits in etcd. For comparison it
+//! also runs the Omega paper's monolithic baseline (`--kind monolithic`).
 //!
 //! - [`attempt`] - one attempt: decide -> commit -> learn -> explain.
 //! - [`config`] - flags.

@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let config = Config::parse();
+    config.validate()?;
     let name = config.scheduler_name();
     let instance_id = config.instance_id();
     omega::keys::validate_name("scheduler", &name)?;
@@ -36,8 +37,8 @@ async fn main() -> anyhow::Result<()> {
     let keys = Keys::new(&config.prefix)?;
     // Wait for etcd rather than fail: a scheduler may start before its store.
     let store = Store::connect_with_retry(&config.etcd, keys, Duration::from_secs(600)).await?;
-    let record =
-        instance::record(&name, &instance_id, config.kind.job_kind(), config.metrics_addr.map(|a| a.to_string()));
+    let metrics = config.metrics_addr.map(|a| a.to_string());
+    let record = instance::record(&name, &instance_id, config.kind.scheduler_kind(), metrics);
     let presence = instance::register(&store, record, config.lease_ttl).await?;
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
     tracing::info!(scheduler = name, instance = instance_id, kind = ?config.kind, detection = ?config.detection(),

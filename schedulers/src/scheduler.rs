@@ -6,16 +6,18 @@
 //! last status written) lives only as long as the instance owns the job.
 //!
 //! The batch scheduler decides many jobs per attempt and commits their claims together (large incremental
-//! batches); the service scheduler decides one job per attempt and scores every feasible node.
+//! batches); the service scheduler decides one job per attempt and scores every feasible node. The monolithic
+//! scheduler (the paper's baseline) keeps both kinds in one queue and takes from its head what the kind of the
+//! job there calls for: a service job alone, or the run of batch jobs that starts there
+//! ([`next_attempt`]).
 
 use crate::attempt::{self, Leftover};
-use crate::config::{Config, Kind};
+use crate::config::{Config, Policy};
 use crate::ownership::{self, Ownership};
 use crate::status::StatusWriter;
 use omega::cell_state::{CellSnapshot, CellState, Versioned};
 use omega::commit::{CommitConfig, Committer};
-use omega::model::{now_ms, Job, JobState, JobStatus, SchedulerStats, Task, TaskState};
-use omega::placement::PlacementOptions;
+use omega::model::{now_ms, Job, JobKind, JobState, JobStatus, SchedulerStats, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
 use parking_lot::Mutex;
@@ -60,7 +62,9 @@ pub struct Scheduler {
     committer: Committer,
     ownership: Ownership,
     status: StatusWriter,
-    options: PlacementOptions,
+    /// How attempts under each kind's policy decide (see [`Config::policy_kind`]).
+    batch: Policy,
+    service: Policy,
     rng: StdRng,
     jobs: HashMap<String, Tracked>,
     lease: Box<dyn Fn() -> i64 + Send + Sync>,
@@ -91,11 +95,6 @@ impl Scheduler {
                 ..Default::default()
             },
         );
-        let mut options = match config.kind {
-            Kind::Batch => PlacementOptions::batch(),
-            Kind::Service => PlacementOptions::service(),
-        };
-        options.preemption = config.preemption();
         let rng = match config.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -103,13 +102,14 @@ impl Scheduler {
         Scheduler {
             ownership: Ownership::new(&name, &instance, config.steal_after),
             status: StatusWriter::new(Duration::from_secs(10)),
+            batch: config.policy(JobKind::Batch),
+            service: config.policy(JobKind::Service),
             config,
             name,
             instance,
             store,
             cache,
             committer,
-            options,
             rng,
             jobs: HashMap::new(),
             lease,
@@ -143,13 +143,10 @@ impl Scheduler {
                 }
                 continue;
             }
-            let batch = match self.config.kind {
-                Kind::Batch => work,
-                Kind::Service => work.into_iter().take(1).collect(),
-            };
+            let (kind, jobs) = next_attempt(work, |j| self.config.policy_kind(j.kind), self.config.batch_claims);
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = self.attempt(batch) => {}
+                _ = self.attempt(kind, jobs) => {}
             }
         }
     }
@@ -159,9 +156,9 @@ impl Scheduler {
         self.jobs.len()
     }
 
-    /// Owned jobs with pending tasks that are not backing off, highest priority first, oldest first. Jobs
-    /// owned with nothing pending are released; the batch scheduler takes jobs until `batch_claims` tasks.
-    async fn ready_jobs(&mut self, snapshot: &CellSnapshot) -> Vec<Arc<Job>> {
+    /// Owned jobs with pending tasks that are not backing off, highest priority first, oldest first, each with
+    /// its pending task count. Jobs owned with nothing pending are released.
+    async fn ready_jobs(&mut self, snapshot: &CellSnapshot) -> Vec<(Arc<Job>, usize)> {
         let free_now = cell_free(snapshot);
         let mut ready = Vec::new();
         let mut finished = Vec::new();
@@ -198,18 +195,14 @@ impl Scheduler {
         ready.sort_by(|a, b| {
             b.priority.cmp(&a.priority).then(a.submitted_at_ms.cmp(&b.submitted_at_ms)).then(a.id.cmp(&b.id))
         });
-        let mut budget = self.config.batch_claims.max(1);
-        let mut out = Vec::new();
-        for job in ready {
-            let n = snapshot.tasks_of(&job).filter(|t| t.value.state == TaskState::Pending).count();
-            if !out.is_empty() && n > budget {
-                break;
-            }
-            budget = budget.saturating_sub(n);
-            out.push(job);
-        }
         metrics::gauge!("omega_scheduler_owned_jobs").set(owned.len() as f64);
-        out
+        ready
+            .into_iter()
+            .map(|job| {
+                let pending = snapshot.tasks_of(&job).filter(|t| t.value.state == TaskState::Pending).count();
+                (job, pending)
+            })
+            .collect()
     }
 
     /// A job with nothing pending: mark it running, clear its status, give it up.
@@ -244,9 +237,9 @@ impl Scheduler {
         format!("{}/{}", self.name, self.instance)
     }
 
-    /// One attempt over `jobs`: its rounds (decide, commit, learn) on a snapshot that has seen this scheduler's
-    /// own commits, then what it counts, then why anything is left pending.
-    async fn attempt(&mut self, jobs: Vec<Arc<Job>>) {
+    /// One attempt over `jobs` under the policy of `kind`: its rounds (decide, commit, learn) on a snapshot that
+    /// has seen this scheduler's own commits, then what it counts, then why anything is left pending.
+    async fn attempt(&mut self, kind: JobKind, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
         // Decide only on a cache that has seen this scheduler's own commits: an older one would have it place
         // again, or claim against ledgers older than its own writes. The next pass tries again.
@@ -258,7 +251,11 @@ impl Scheduler {
             }
         };
         self.count_first_attempts(&jobs, &snapshot);
-        let outcome = self.rounds(&jobs, &snapshot).await;
+        let policy = match kind {
+            JobKind::Batch => self.batch.clone(),
+            JobKind::Service => self.service.clone(),
+        };
+        let outcome = self.rounds(&jobs, &snapshot, &policy).await;
         self.account(&jobs, &outcome);
         self.explain(&jobs, &outcome).await;
         tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
@@ -287,7 +284,7 @@ impl Scheduler {
 
     /// Decides, commits and learns, round after round on the view the earlier rounds learned, until nothing
     /// placeable is left or the rounds allowed are spent.
-    async fn rounds(&mut self, jobs: &[Arc<Job>], snapshot: &CellSnapshot) -> Outcome {
+    async fn rounds(&mut self, jobs: &[Arc<Job>], snapshot: &CellSnapshot, policy: &Policy) -> Outcome {
         let mut out = Outcome::default();
         for job in jobs {
             let tasks: Vec<Versioned<Task>> =
@@ -296,7 +293,7 @@ impl Scheduler {
         }
         let unplaced: usize = out.pending.values().map(Vec::len).sum();
         // The decision-time knob: think while the snapshot ages, as a slow scheduler would.
-        let think = self.config.t_job * jobs.len() as u32 + self.config.t_task * unplaced as u32;
+        let think = policy.decision_time(jobs.len(), unplaced);
         if !think.is_zero() {
             tokio::time::sleep(think).await;
         }
@@ -305,7 +302,7 @@ impl Scheduler {
         let mut round = 0;
         loop {
             let decision =
-                attempt::decide(&view, jobs, &out.pending, &self.options, &mut self.rng, &mut out.explanations);
+                attempt::decide(&view, jobs, &out.pending, &policy.options, &mut self.rng, &mut out.explanations);
             out.busy += decision.took;
             metrics::histogram!("omega_scheduler_decision_seconds")
                 .record((decision.took + if round == 0 { think } else { Duration::ZERO }).as_secs_f64());
@@ -444,6 +441,32 @@ pub const FIRST_ATTEMPT_WAIT: &str = "omega_scheduler_job_wait_first_attempt_sec
 pub const FIRST_ATTEMPT_WAIT_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
+/// The jobs of the next attempt, from the ready queue (in its order, each with its pending task count), and
+/// the kind of policy that decides them (`policy_kind` of each job). A job under the service policy goes alone;
+/// under the batch policy, the run of jobs that starts at the head goes together, up to `batch_claims` pending
+/// tasks (the head always goes, whatever its size), and ends at the first job under the service policy.
+pub fn next_attempt(
+    queue: Vec<(Arc<Job>, usize)>,
+    policy_kind: impl Fn(&Job) -> JobKind,
+    batch_claims: usize,
+) -> (JobKind, Vec<Arc<Job>>) {
+    let Some(kind) = queue.first().map(|(j, _)| policy_kind(j)) else { return (JobKind::Batch, Vec::new()) };
+    let mut budget = batch_claims.max(1);
+    let mut out = Vec::new();
+    for (job, pending) in queue {
+        let joins = match kind {
+            JobKind::Service => out.is_empty(),
+            JobKind::Batch => policy_kind(&job) == JobKind::Batch && (out.is_empty() || pending <= budget),
+        };
+        if !joins {
+            break;
+        }
+        budget = budget.saturating_sub(pending);
+        out.push(job);
+    }
+    (kind, out)
+}
+
 /// The highest revision any commit of an attempt wrote.
 fn view_max_revision(committed: &attempt::Committed) -> i64 {
     committed.iter().filter_map(|(_, r)| r.as_ref().ok()?.max_revision()).max().unwrap_or(0)
@@ -462,4 +485,45 @@ fn queue_depth(snapshot: &CellSnapshot, scheduler: &str) -> usize {
         .filter(|j| j.value.scheduler == scheduler)
         .map(|j| snapshot.tasks_of(&j.value).filter(|t| t.value.state == TaskState::Pending).count())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use omega::resources::Resources;
+
+    fn queue(jobs: &[(&str, JobKind, usize)]) -> Vec<(Arc<Job>, usize)> {
+        jobs.iter().map(|&(id, kind, n)| (Arc::new(Job::new(id, kind, n as u32, Resources::new(1, 1))), n)).collect()
+    }
+
+    fn ids(jobs: &[Arc<Job>]) -> Vec<&str> {
+        jobs.iter().map(|j| j.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_monolithic_queue_attempts_a_service_job_alone_and_a_run_of_batch_jobs_together() {
+        use JobKind::{Batch, Service};
+        let own_kind = |j: &Job| j.kind;
+        let q = queue(&[("b1", Batch, 3), ("b2", Batch, 3), ("s1", Service, 2), ("b3", Batch, 1)]);
+        let (kind, jobs) = next_attempt(q, own_kind, 100);
+        assert_eq!((kind, ids(&jobs)), (Batch, vec!["b1", "b2"]), "the run ends at the service job");
+        let q = queue(&[("s1", Service, 2), ("s2", Service, 2), ("b1", Batch, 1)]);
+        let (kind, jobs) = next_attempt(q, own_kind, 100);
+        assert_eq!((kind, ids(&jobs)), (Service, vec!["s1"]));
+        let q = queue(&[("b1", Batch, 8), ("b2", Batch, 3), ("b3", Batch, 2)]);
+        assert_eq!(ids(&next_attempt(q, own_kind, 4).1), ["b1"], "the head goes whatever its size; then the budget");
+        let q = queue(&[("b1", Batch, 2), ("b2", Batch, 3), ("b3", Batch, 2)]);
+        assert_eq!(ids(&next_attempt(q, own_kind, 4).1), ["b1"], "the run stops at the first job over the budget");
+        assert!(next_attempt(Vec::new(), own_kind, 4).1.is_empty());
+    }
+
+    #[test]
+    fn a_batch_or_service_scheduler_attempts_every_job_as_its_own_kind() {
+        use JobKind::{Batch, Service};
+        let q = || queue(&[("s1", Service, 2), ("b1", Batch, 1), ("s2", Service, 1)]);
+        let (kind, jobs) = next_attempt(q(), |_| Batch, 100);
+        assert_eq!((kind, ids(&jobs)), (Batch, vec!["s1", "b1", "s2"]), "the batch scheduler takes them all");
+        let (kind, jobs) = next_attempt(q(), |_| Service, 100);
+        assert_eq!((kind, ids(&jobs)), (Service, vec!["s1"]), "the service scheduler one at a time");
+    }
 }

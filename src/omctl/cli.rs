@@ -79,7 +79,7 @@ kind, name, and what changed (e.g. `task web/2 pending -> assigned on node-3`). 
 change is one JSON object per line (NDJSON). The watch resumes by itself after connection losses and re-lists \
 after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.")]
     Watch(WatchArgs),
-    /// List live scheduler instances, the jobs they own, their attempts, transactions and conflicts.
+    /// List live scheduler instances, what each is, the jobs they own, their attempts, transactions and conflicts.
     Schedulers,
     /// Drain a node: no new placements there, and its service tasks move to other nodes.
     #[command(long_about = "Drain a node: mark its ledger unschedulable (so no scheduler can commit a claim there) \

@@ -171,7 +171,7 @@ fn scheduler(name: &str, new: Option<SchedulerInstance>, present: bool) -> Strin
     match (new, present) {
         (Some(i), _) => format!(
             "scheduler {name} started ({}{})",
-            units::name(&i.kind),
+            units::name(&i.kind_of_scheduler()),
             i.metrics.map(|m| format!(", metrics on {m}")).unwrap_or_default()
         ),
         (None, true) => format!("scheduler {name} written (undecodable)"),

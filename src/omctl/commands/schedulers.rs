@@ -13,7 +13,7 @@ use crate::cli::Cli;
 use crate::exit::Code;
 use crate::output::{emit, Table};
 use crate::units;
-use omega::model::{conflict_fraction, JobKind, JobStatus, SchedulerInstance};
+use omega::model::{conflict_fraction, JobStatus, SchedulerInstance, SchedulerKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -39,7 +39,8 @@ pub struct SchedulerRow {
     /// The scheduler's name (what jobs address in `scheduler:`).
     pub scheduler: String,
     pub instance: String,
-    pub kind: JobKind,
+    /// What the instance is: `batch`, `service` or `monolithic`.
+    pub kind: SchedulerKind,
     pub started_ms: u64,
     /// Where its Prometheus metrics are served.
     pub metrics: Option<String>,
@@ -107,7 +108,7 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
     let mut row = SchedulerRow {
         scheduler: i.scheduler.clone(),
         instance: i.instance.clone(),
-        kind: i.kind,
+        kind: i.kind_of_scheduler(),
         started_ms: i.started_ms,
         metrics: i.metrics.clone(),
         jobs_owned,
@@ -150,7 +151,8 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
 
 fn render(out: &SchedulersOutput) -> String {
     if out.schedulers.is_empty() {
-        return "No scheduler instances are running. Start one with `omega-scheduler --kind batch` (or service).\n"
+        return "No scheduler instances are running. Start one with `omega-scheduler --kind batch` (or service, or \
+                monolithic).\n"
             .into();
     }
     let mut t = Table::new(&[

@@ -5,7 +5,9 @@ mod omctl_support;
 use etcd_client::PutOptions;
 use omctl_support::*;
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
-use omega::model::{Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, SchedulerStats, TaskState};
+use omega::model::{
+    Allocation, JobKind, JobOwner, JobStatus, SchedulerInstance, SchedulerKind, SchedulerStats, TaskState,
+};
 use omega::resources::Resources;
 use omega::store::encode;
 use omega_testkit::*;
@@ -367,6 +369,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         scheduler: "batch".into(),
         instance: "b-1".into(),
         kind: JobKind::Batch,
+        scheduler_kind: Some(SchedulerKind::Batch),
         started_ms: started,
         metrics: Some("127.0.0.1:9101".into()),
         stats: SchedulerStats {
@@ -391,6 +394,14 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         started_ms: omega::model::now_ms(),
         ..counted.clone()
     };
+    // A monolithic scheduler, whose record `kind` says `batch` for older readers.
+    let monolithic = SchedulerInstance {
+        scheduler: "monolithic".into(),
+        instance: "m-1".into(),
+        scheduler_kind: Some(SchedulerKind::Monolithic),
+        stats: SchedulerStats { updated_ms: omega::model::now_ms(), ..Default::default() },
+        ..uncounted.clone()
+    };
     let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-2".into(), since_ms: 1 };
     let status = JobStatus {
         job: "huge".into(),
@@ -403,7 +414,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         scheduler_instance: "batch/b-2".into(),
     };
     let with_lease = || Some(PutOptions::new().with_lease(lease));
-    for instance in [&counted, &uncounted] {
+    for instance in [&counted, &uncounted, &monolithic] {
         let k = keys.scheduler(&instance.scheduler, &instance.instance);
         kv.put(k.as_str(), encode(&k, instance).unwrap(), with_lease()).await.unwrap();
     }
@@ -430,6 +441,8 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         assert!(row.contains(expected), "missing {expected:?} in {row:?}");
     }
     assert!(table.stdout.contains("publish no counters of their own"), "{}", table.stdout);
+    let row = table.stdout.lines().nth(3).expect("three instances");
+    assert!(row.contains("m-1") && row.contains("monolithic"), "{row:?}");
 
     let json = omctl(&etcd, &["schedulers", "-o", "json"]).await.ok().json();
     let s = &json["schedulers"][0];
@@ -457,6 +470,8 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     assert_eq!((s["attempts"].as_u64(), s["conflicts"].as_u64(), s["statuses"].as_u64()), (Some(10), Some(3), Some(1)));
     assert!((s["conflict_fraction"].as_f64().unwrap() - 3.0 / 7.0).abs() < 1e-9);
     assert!(s["placed"].is_null() && s["busy_ms"].is_null() && s["transactions"].is_null());
+    let s = &json["schedulers"][2];
+    assert_eq!(s["kind"], "monolithic");
     let yaml = omctl(&etcd, &["schedulers", "-o", "yaml"]).await.ok();
     let from_yaml: Value = serde_norway::from_str(&yaml.stdout).expect("schedulers -o yaml parses");
     assert_eq!(from_yaml["schedulers"][0]["placed"], 480);
