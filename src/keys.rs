@@ -17,6 +17,7 @@
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
 //! | `<prefix>submissions/<job>`           | [`crate::store::SubmissionMarker`], while a large job is written |
 //! | `<prefix>controller/<lease>`          | the controller's election key (etcd's election API) |
+//! | `<prefix>locks/<name>/<lease>`        | a `--lock` scheduler's place in the cell lock (etcd's lock API), lease-bound |
 
 use crate::error::{Error, Result};
 
@@ -146,6 +147,13 @@ impl Keys {
         format!("{}controller", self.prefix)
     }
 
+    /// The lock `--lock` schedulers (the pessimistic baseline) hold around each attempt: etcd's lock API keys
+    /// each holder or waiter `<this>/<lease>` under it. Outside `cell/`, so waiting for the lock costs the
+    /// schedulers' caches nothing.
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}locks/{name}", self.prefix)
+    }
+
     /// Parses a key of this layout; `None` for anything else under (or outside) the prefix.
     pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
         let rest = key.strip_prefix(self.prefix.as_str())?;
@@ -239,6 +247,8 @@ mod tests {
         assert!(k.task("j/1").starts_with(&k.tasks_of_job("j")));
         assert!(!k.task("jj/1").starts_with(&k.tasks_of_job("j")));
         assert!(!k.assignment("n", "j/1").starts_with(&k.cell_prefix()));
+        assert_eq!(k.lock("cell"), "/omega/locks/cell");
+        assert!(!k.lock("cell").starts_with(&k.cell_prefix()), "waiting for the lock wakes no cache");
     }
 
     #[test]

@@ -441,6 +441,10 @@ pub struct SchedulerInstance {
     /// monolithic one, whose `kind` then says it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler_kind: Option<SchedulerKind>,
+    /// The etcd lock every attempt of this instance holds (`--lock`, the pessimistic baseline), by name; absent
+    /// for the optimistic schedulers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
     #[serde(default)]
     pub started_ms: u64,
     /// Where its Prometheus metrics are served, if anywhere.
@@ -507,6 +511,9 @@ pub struct SchedulerStats {
     /// Time spent deciding (the paper's busyness, useful and wasted), and committing.
     pub busy_ms: u64,
     pub commit_ms: u64,
+    /// Time spent waiting for the cell lock (`--lock`, the pessimistic baseline): queueing, not busyness.
+    #[serde(default)]
+    pub lock_wait_ms: u64,
     /// The sum of the waits from submission to the first attempt at a job, and how many jobs it sums over
     /// (their ratio is the paper's mean "job wait time till first attempt", for readers without Prometheus).
     #[serde(default)]
@@ -641,13 +648,14 @@ mod tests {
 
     #[test]
     fn an_older_scheduler_record_still_decodes() {
-        // What a scheduler from before transactions, first-attempt waits and the monolithic kind wrote.
+        // What a scheduler from before transactions, first-attempt waits, the lock and the monolithic kind wrote.
         let old = r#"{"scheduler":"service","instance":"s-1","kind":"service","started_ms":5,
             "stats":{"attempts":10,"attempts_conflicted":2,"claims":30,"claims_conflicted":4,"placed":26,
                      "busy_ms":7,"commit_ms":3,"updated_ms":9}}"#;
         let i: SchedulerInstance = serde_json::from_str(old).unwrap();
         assert_eq!(i.kind_of_scheduler(), SchedulerKind::Service);
-        assert_eq!((i.stats.transactions, i.stats.first_attempts), (0, 0));
+        assert_eq!((i.stats.transactions, i.stats.first_attempts, i.stats.lock_wait_ms), (0, 0, 0));
+        assert_eq!(i.lock, None);
         // And a monolithic record reads as one, while older readers still find a job kind in `kind`.
         let new = SchedulerInstance { scheduler_kind: Some(SchedulerKind::Monolithic), kind: JobKind::Batch, ..i };
         let json = serde_json::to_value(&new).unwrap();

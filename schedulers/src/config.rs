@@ -40,6 +40,8 @@ pub enum ConfigError {
          scheduler's decision time is --t-job and --t-task"
     )]
     ServiceTimeOutsideMonolithic { flag: &'static str, kind: Kind },
+    #[error("--lock-name: {0}")]
+    LockName(omega::Error),
 }
 
 /// How an attempt decides: where tasks go (placement options) and how long it thinks first (the Omega paper's
@@ -117,6 +119,13 @@ pub struct Config {
     /// Monolithic only: t_task of service jobs (default: --t-task). Refused with the other kinds.
     #[arg(long, value_parser = parse_duration)]
     pub service_t_task: Option<Duration>,
+    /// Pessimistic concurrency, the paper's other baseline: hold an etcd lock (shared with every `--lock`
+    /// scheduler of the cell) around each attempt, so attempts never overlap and cannot conflict.
+    #[arg(long)]
+    pub lock: bool,
+    /// The lock `--lock` takes (`<prefix>locks/<name>`): schedulers sharing a name exclude each other.
+    #[arg(long, default_value = "cell")]
+    pub lock_name: String,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -143,7 +152,7 @@ impl Config {
         self.name.clone().unwrap_or_else(|| self.kind.scheduler_kind().default_name().to_string())
     }
 
-    /// Refuses flags that mean nothing for this kind.
+    /// Refuses flags that mean nothing for this kind, and a lock name that cannot be a key segment.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kind != Kind::Monolithic {
             let kind = self.kind;
@@ -154,7 +163,7 @@ impl Config {
                 return Err(ConfigError::ServiceTimeOutsideMonolithic { flag: "service-t-task", kind });
             }
         }
-        Ok(())
+        omega::keys::validate_name("lock", &self.lock_name).map_err(ConfigError::LockName)
     }
 
     /// Which policy an attempt at a job of kind `job` uses: the scheduler's own kind's (a batch or service
@@ -252,6 +261,7 @@ mod tests {
             assert!(e.to_string().contains("--kind monolithic"), "{e}");
             assert!(parse(&["--kind", kind, "--service-t-task", "1s"]).validate().is_err());
         }
+        assert!(parse(&["--kind", "batch", "--lock", "--lock-name", "a/b"]).validate().is_err());
         assert_eq!(Kind::Monolithic.scheduler_kind().default_name(), "monolithic");
     }
 

@@ -99,8 +99,14 @@ async fn publish(
 }
 
 /// A fresh record for this process: which scheduler, which instance, what it is (`kind` also in the form
-/// readers older than the monolithic scheduler decode).
-pub fn record(scheduler: &str, instance: &str, kind: SchedulerKind, metrics: Option<String>) -> SchedulerInstance {
+/// readers older than the monolithic scheduler decode), the lock it holds around attempts, if any.
+pub fn record(
+    scheduler: &str,
+    instance: &str,
+    kind: SchedulerKind,
+    lock: Option<String>,
+    metrics: Option<String>,
+) -> SchedulerInstance {
     SchedulerInstance {
         scheduler: scheduler.to_string(),
         instance: instance.to_string(),
@@ -109,6 +115,7 @@ pub fn record(scheduler: &str, instance: &str, kind: SchedulerKind, metrics: Opt
             SchedulerKind::Batch | SchedulerKind::Monolithic => JobKind::Batch,
         },
         scheduler_kind: Some(kind),
+        lock,
         started_ms: now_ms(),
         metrics,
         stats: Default::default(),

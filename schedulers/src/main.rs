@@ -37,12 +37,13 @@ async fn main() -> anyhow::Result<()> {
     let keys = Keys::new(&config.prefix)?;
     // Wait for etcd rather than fail: a scheduler may start before its store.
     let store = Store::connect_with_retry(&config.etcd, keys, Duration::from_secs(600)).await?;
+    let lock = config.lock.then(|| config.lock_name.clone());
     let metrics = config.metrics_addr.map(|a| a.to_string());
-    let record = instance::record(&name, &instance_id, config.kind.scheduler_kind(), metrics);
+    let record = instance::record(&name, &instance_id, config.kind.scheduler_kind(), lock, metrics);
     let presence = instance::register(&store, record, config.lease_ttl).await?;
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await?;
     tracing::info!(scheduler = name, instance = instance_id, kind = ?config.kind, detection = ?config.detection(),
-        etcd = ?config.etcd, "scheduler started");
+        lock = config.lock.then_some(config.lock_name.as_str()), etcd = ?config.etcd, "scheduler started");
 
     let lease = Box::new(presence.keeper().lease_fn());
     let scheduler = Scheduler::new(config, store.clone(), cache, lease, presence.stats());

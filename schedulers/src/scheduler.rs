@@ -9,10 +9,11 @@
 //! batches); the service scheduler decides one job per attempt and scores every feasible node. The monolithic
 //! scheduler (the paper's baseline) keeps both kinds in one queue and takes from its head what the kind of the
 //! job there calls for: a service job alone, or the run of batch jobs that starts there
-//! ([`next_attempt`]).
+//! ([`next_attempt`]). With `--lock` each attempt holds the cell lock ([`crate::lock`]) throughout.
 
 use crate::attempt::{self, Leftover};
 use crate::config::{Config, Policy};
+use crate::lock::{CellLock, LeaseFn};
 use crate::ownership::{self, Ownership};
 use crate::status::StatusWriter;
 use omega::cell_state::{CellSnapshot, CellState, Versioned};
@@ -65,9 +66,11 @@ pub struct Scheduler {
     /// How attempts under each kind's policy decide (see [`Config::policy_kind`]).
     batch: Policy,
     service: Policy,
+    /// The cell lock every attempt holds (`--lock`, the pessimistic baseline).
+    lock: Option<CellLock>,
     rng: StdRng,
     jobs: HashMap<String, Tracked>,
-    lease: Box<dyn Fn() -> i64 + Send + Sync>,
+    lease: LeaseFn,
     stats: Arc<Mutex<SchedulerStats>>,
     queue_measured: Option<Instant>,
     /// The highest revision this scheduler committed: an attempt decides on a cache that has seen it, so it
@@ -95,6 +98,8 @@ impl Scheduler {
                 ..Default::default()
             },
         );
+        let lease: LeaseFn = Arc::from(lease);
+        let lock = config.lock.then(|| CellLock::new(store.clone(), &config.lock_name, lease.clone()));
         let rng = match config.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -104,6 +109,7 @@ impl Scheduler {
             status: StatusWriter::new(Duration::from_secs(10)),
             batch: config.policy(JobKind::Batch),
             service: config.policy(JobKind::Service),
+            lock,
             config,
             name,
             instance,
@@ -237,16 +243,30 @@ impl Scheduler {
         format!("{}/{}", self.name, self.instance)
     }
 
-    /// One attempt over `jobs` under the policy of `kind`: its rounds (decide, commit, learn) on a snapshot that
-    /// has seen this scheduler's own commits, then what it counts, then why anything is left pending.
+    /// One attempt over `jobs` under the policy of `kind`: (with `--lock`, the cell lock taken) its rounds
+    /// (decide, commit, learn) on a snapshot that has seen this scheduler's own commits (and under the lock,
+    /// every commit made before it was granted), then what it counts, then why anything is left pending.
     async fn attempt(&mut self, kind: JobKind, jobs: Vec<Arc<Job>>) {
         let started = Instant::now();
+        let lock = match &self.lock {
+            Some(lock) => {
+                let cache = &self.cache;
+                let guard = lock.acquire(|| cache.snapshot().revision).await;
+                self.count_lock_wait(started.elapsed());
+                Some(guard)
+            }
+            None => None,
+        };
+        let settled = self.last_commit.max(lock.as_ref().map(|g| g.settled()).unwrap_or(0));
         // Decide only on a cache that has seen this scheduler's own commits: an older one would have it place
         // again, or claim against ledgers older than its own writes. The next pass tries again.
-        let snapshot = match self.cache.wait_for_revision(self.last_commit, Duration::from_secs(2)).await {
+        let snapshot = match self.cache.wait_for_revision(settled, Duration::from_secs(2)).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "the cache has not caught up with our own commits yet; waiting");
+                tracing::warn!(error = %e, "the cache has not caught up with the commits this attempt must see; waiting");
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
                 return;
             }
         };
@@ -256,6 +276,9 @@ impl Scheduler {
             JobKind::Service => self.service.clone(),
         };
         let outcome = self.rounds(&jobs, &snapshot, &policy).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         self.account(&jobs, &outcome);
         self.explain(&jobs, &outcome).await;
         tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
@@ -263,7 +286,8 @@ impl Scheduler {
 
     /// Counts the submission -> first attempt wait of each job this instance attempts for the first time, if
     /// none of its tasks has been placed before (a job re-placed after a task ended is not waiting for its
-    /// first attempt). The attempt starts here, once its snapshot is ready.
+    /// first attempt). The attempt starts here: with `--lock`, once the lock is held, so the wait includes the
+    /// queueing for it, as a job of a pessimistic scheduler waits.
     fn count_first_attempts(&mut self, jobs: &[Arc<Job>], snapshot: &CellSnapshot) {
         let now = now_ms();
         for job in jobs {
@@ -280,6 +304,12 @@ impl Scheduler {
             s.first_attempt_wait_ms_sum += wait_ms;
             s.first_attempts += 1;
         }
+    }
+
+    /// Time spent waiting for the cell lock: queueing, apart from busyness.
+    fn count_lock_wait(&self, waited: Duration) {
+        self.stats.lock().lock_wait_ms += waited.as_millis() as u64;
+        metrics::counter!("omega_scheduler_lock_wait_microseconds_total").increment(waited.as_micros() as u64);
     }
 
     /// Decides, commits and learns, round after round on the view the earlier rounds learned, until nothing

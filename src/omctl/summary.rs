@@ -170,8 +170,9 @@ fn owner(job: &str, prev: Option<JobOwner>, new: Option<JobOwner>, present: bool
 fn scheduler(name: &str, new: Option<SchedulerInstance>, present: bool) -> String {
     match (new, present) {
         (Some(i), _) => format!(
-            "scheduler {name} started ({}{})",
+            "scheduler {name} started ({}{}{})",
             units::name(&i.kind_of_scheduler()),
+            i.lock.as_deref().map(|l| format!(", lock {l}")).unwrap_or_default(),
             i.metrics.map(|m| format!(", metrics on {m}")).unwrap_or_default()
         ),
         (None, true) => format!("scheduler {name} written (undecodable)"),

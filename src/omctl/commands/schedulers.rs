@@ -41,6 +41,8 @@ pub struct SchedulerRow {
     pub instance: String,
     /// What the instance is: `batch`, `service` or `monolithic`.
     pub kind: SchedulerKind,
+    /// The etcd lock it holds around each attempt (`--lock`, pessimistic), if any.
+    pub lock: Option<String>,
     pub started_ms: u64,
     /// Where its Prometheus metrics are served.
     pub metrics: Option<String>,
@@ -69,6 +71,8 @@ pub struct SchedulerRow {
     pub commit_ms: Option<u64>,
     /// Busy time over the time since it started, up to its last report.
     pub busyness: Option<f64>,
+    /// Time spent waiting for the cell lock (`--lock`), apart from busyness.
+    pub lock_wait_ms: Option<u64>,
     /// The mean wait from a job's submission to its first attempt (`null` before any).
     pub mean_first_attempt_wait_ms: Option<f64>,
     /// When the instance last published its counters.
@@ -109,6 +113,7 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         scheduler: i.scheduler.clone(),
         instance: i.instance.clone(),
         kind: i.kind_of_scheduler(),
+        lock: i.lock.clone(),
         started_ms: i.started_ms,
         metrics: i.metrics.clone(),
         jobs_owned,
@@ -124,6 +129,7 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         busy_ms: None,
         commit_ms: None,
         busyness: None,
+        lock_wait_ms: None,
         mean_first_attempt_wait_ms: None,
         stats_updated_ms: None,
     };
@@ -144,6 +150,7 @@ pub fn row(i: &SchedulerInstance, jobs_owned: Vec<String>, statuses: &BTreeMap<S
         row.stats_updated_ms = Some(stats.updated_ms);
         let lived = stats.updated_ms.saturating_sub(i.started_ms);
         row.busyness = (lived > 0 && i.started_ms > 0).then(|| stats.busy_ms as f64 / lived as f64);
+        row.lock_wait_ms = i.lock.is_some().then_some(stats.lock_wait_ms);
         row.mean_first_attempt_wait_ms = stats.mean_first_attempt_wait_ms();
     }
     row
@@ -184,7 +191,10 @@ fn render(out: &SchedulersOutput) -> String {
         t.row(vec![
             r.scheduler.clone(),
             r.instance.clone(),
-            units::name(&r.kind),
+            match &r.lock {
+                Some(lock) => format!("{} (lock {lock})", units::name(&r.kind)),
+                None => units::name(&r.kind),
+            },
             units::ago(r.started_ms),
             r.metrics.clone().unwrap_or_else(|| "-".into()),
             owned,

@@ -370,6 +370,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         instance: "b-1".into(),
         kind: JobKind::Batch,
         scheduler_kind: Some(SchedulerKind::Batch),
+        lock: None,
         started_ms: started,
         metrics: Some("127.0.0.1:9101".into()),
         stats: SchedulerStats {
@@ -394,12 +395,13 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         started_ms: omega::model::now_ms(),
         ..counted.clone()
     };
-    // A monolithic scheduler, whose record `kind` says `batch` for older readers.
-    let monolithic = SchedulerInstance {
+    // A monolithic scheduler holding the cell lock, whose record `kind` says `batch` for older readers.
+    let pessimistic = SchedulerInstance {
         scheduler: "monolithic".into(),
         instance: "m-1".into(),
         scheduler_kind: Some(SchedulerKind::Monolithic),
-        stats: SchedulerStats { updated_ms: omega::model::now_ms(), ..Default::default() },
+        lock: Some("cell".into()),
+        stats: SchedulerStats { lock_wait_ms: 700, updated_ms: omega::model::now_ms(), ..Default::default() },
         ..uncounted.clone()
     };
     let owner = JobOwner { job: "huge".into(), scheduler: "batch".into(), instance: "b-2".into(), since_ms: 1 };
@@ -414,7 +416,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
         scheduler_instance: "batch/b-2".into(),
     };
     let with_lease = || Some(PutOptions::new().with_lease(lease));
-    for instance in [&counted, &uncounted, &monolithic] {
+    for instance in [&counted, &uncounted, &pessimistic] {
         let k = keys.scheduler(&instance.scheduler, &instance.instance);
         kv.put(k.as_str(), encode(&k, instance).unwrap(), with_lease()).await.unwrap();
     }
@@ -442,7 +444,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     }
     assert!(table.stdout.contains("publish no counters of their own"), "{}", table.stdout);
     let row = table.stdout.lines().nth(3).expect("three instances");
-    assert!(row.contains("m-1") && row.contains("monolithic"), "{row:?}");
+    assert!(row.contains("m-1") && row.contains("monolithic (lock cell)"), "{row:?}");
 
     let json = omctl(&etcd, &["schedulers", "-o", "json"]).await.ok().json();
     let s = &json["schedulers"][0];
@@ -457,6 +459,7 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     );
     assert!((s["conflict_fraction"].as_f64().unwrap() - 0.25).abs() < 1e-9);
     assert_eq!(s["mean_first_attempt_wait_ms"].as_f64(), Some(300.0));
+    assert!(s["lock"].is_null() && s["lock_wait_ms"].is_null());
     assert_eq!(
         (s["placed"].as_u64(), s["claims"].as_u64(), s["claims_conflicted"].as_u64()),
         (Some(480), Some(500), Some(20))
@@ -471,7 +474,10 @@ async fn schedulers_show_instances_owned_jobs_and_conflicts() {
     assert!((s["conflict_fraction"].as_f64().unwrap() - 3.0 / 7.0).abs() < 1e-9);
     assert!(s["placed"].is_null() && s["busy_ms"].is_null() && s["transactions"].is_null());
     let s = &json["schedulers"][2];
-    assert_eq!(s["kind"], "monolithic");
+    assert_eq!(
+        (s["kind"].as_str(), s["lock"].as_str(), s["lock_wait_ms"].as_u64()),
+        (Some("monolithic"), Some("cell"), Some(700))
+    );
     let yaml = omctl(&etcd, &["schedulers", "-o", "yaml"]).await.ok();
     let from_yaml: Value = serde_norway::from_str(&yaml.stdout).expect("schedulers -o yaml parses");
     assert_eq!(from_yaml["schedulers"][0]["placed"], 480);
