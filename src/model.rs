@@ -393,6 +393,21 @@ impl Task {
             updated_at_ms: now_ms(),
         }
     }
+
+    /// The task as a committed claim leaves it: assigned to `node` by `placed_by` at `at_ms`, one placement
+    /// more, no reason, no preemptions (the commit names those it made).
+    pub fn assigned(&self, node: &str, placed_by: &str, at_ms: u64) -> Task {
+        Task {
+            state: TaskState::Assigned,
+            node: Some(node.to_string()),
+            placed_by: Some(placed_by.to_string()),
+            placements: self.placements + 1,
+            reason: None,
+            preempted: Vec::new(),
+            updated_at_ms: at_ms,
+            ..self.clone()
+        }
+    }
 }
 
 /// A task's process as its agent saw it.
@@ -585,6 +600,23 @@ pub struct Assignment {
     /// this task only once none of them runs on the node any more, so the node never holds both in fact.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+}
+
+impl Assignment {
+    /// What `node`'s agent runs for a task a claim just placed there ([`Task::assigned`]), once the tasks
+    /// `after` names have stopped.
+    pub fn of(task: &Task, node: &str, placed_by: &str, at_ms: u64, after: Vec<String>) -> Assignment {
+        Assignment {
+            task: task.id.clone(),
+            job: task.job.clone(),
+            node: node.to_string(),
+            resources: task.resources,
+            placement: task.placements,
+            placed_by: placed_by.to_string(),
+            assigned_at_ms: at_ms,
+            after,
+        }
+    }
 }
 
 #[cfg(test)]

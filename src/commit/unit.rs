@@ -94,13 +94,7 @@ impl Unit {
             let node = &claims[i].node;
             let task_key = keys.task(&seen.value.id);
             g.compare(&task_key, Compare::mod_revision(task_key.as_str(), CompareOp::Equal, seen.mod_revision));
-            let mut placed = (*seen.value).clone();
-            placed.state = TaskState::Assigned;
-            placed.node = Some(node.clone());
-            placed.placed_by = Some(placed_by.clone());
-            placed.placements += 1;
-            placed.reason = None;
-            placed.updated_at_ms = now;
+            let mut placed = seen.value.assigned(node, placed_by, now);
             // Only the victims on this node hold room it needs; a victim gang's other tasks are listed too, so
             // both sides of the preemption show it.
             placed.preempted =
@@ -111,16 +105,7 @@ impl Unit {
                 .filter(|(owner, v)| *owner == i && v.value.node.as_deref() == Some(node.as_str()))
                 .map(|(_, v)| v.value.id.clone())
                 .collect();
-            let assignment = Assignment {
-                task: placed.id.clone(),
-                job: placed.job.clone(),
-                node: node.clone(),
-                resources: placed.resources,
-                placement: placed.placements,
-                placed_by: placed_by.clone(),
-                assigned_at_ms: now,
-                after,
-            };
+            let assignment = Assignment::of(&placed, node, placed_by, now, after);
             let assign_key = keys.assignment(node, &placed.id);
             g.put(&task_key, encode(&task_key, &placed)?);
             g.put(&assign_key, encode(&assign_key, &assignment)?);
