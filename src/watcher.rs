@@ -105,7 +105,7 @@ impl Watcher {
     ///
     /// Off by default because it is not free: etcd 3.4 reads the previous value of every event it sends, and
     /// with one such watcher on the cell range etcd's ceiling for claims fell from about 30k to 13-15k per
-    /// second on a 2-core machine (benches/commit_throughput.rs, `OMEGA_BENCH_RAW_WATCH=prev_kv`). A consumer
+    /// second on a 2-core machine (benches/commit_throughput/, `OMEGA_BENCH_RAW_WATCH=prev_kv`). A consumer
     /// that only needs to know *which* key went away gets that from the key itself.
     pub fn with_prev_kv(mut self, prev_kv: bool) -> Self {
         if let Some(inner) = self.inner.as_mut() {
