@@ -91,9 +91,9 @@ pub fn tables(results: &[RunResult]) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "| run | scheduler | txns | conflict fraction (paper) | task conflicts | attempts/job | busyness | commit | lock wait | commit p50 / p99 ms | claims/txn | wait first attempt s (mean / p90 / p99) |"
+        "| run | scheduler | txns | conflict fraction (paper) | task conflicts | attempts/job | busyness | commit | lock wait | cache wait | bookkeeping | idle | commit p50 / p99 ms | claims/txn | wait first attempt s (mean / p90 / p99) |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
     for r in results {
         for sch in &r.schedulers {
             let _ = writeln!(s, "{}", scheduler_row(&r.spec.label, sch, r.instances.iter().filter(|i| i.scheduler == sch.scheduler).count()));
@@ -105,16 +105,19 @@ pub fn tables(results: &[RunResult]) -> String {
 fn scheduler_row(run: &str, s: &SchedulerResult, instances: usize) -> String {
     let c = &s.counters;
     format!(
-        "| {run} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+        "| {run} | {}{} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} / {} | {} | {} |",
         s.scheduler,
         if instances > 1 { format!(" x{instances}") } else { String::new() },
         c.transactions,
         num(s.conflict_fraction, 3),
         num(s.task_conflict_fraction, 3),
         num(s.attempts_per_job, 2),
-        format!("{:.3}", s.busyness),
-        format!("{:.3}", s.commit_share),
-        format!("{:.3}", s.lock_wait_share),
+        s.busyness,
+        s.commit_share,
+        s.lock_wait_share,
+        s.cache_wait_share,
+        s.bookkeeping_share,
+        s.idle_share,
         num(s.commit_latency_p50_ms, 1),
         num(s.commit_latency_p99_ms, 1),
         num(s.claims_per_txn, 1),
@@ -125,7 +128,7 @@ fn scheduler_row(run: &str, s: &SchedulerResult, instances: usize) -> String {
 /// One CSV row per scheduler instance and per scheduler total, with the run's figures on each.
 pub fn csv(results: &[RunResult]) -> String {
     let mut s = String::from(
-        "run,x,members,scheduler,instance,transactions,transactions_conflicted,conflict_fraction,claims,claims_conflicted,task_conflict_fraction,attempts_per_job,busyness,commit_share,lock_wait_share,commit_p50_ms,commit_p99_ms,claims_per_txn,wait_first_attempt_mean_s,wait_first_attempt_p90_s,wait_first_attempt_p99_s,window_s,tasks_submitted,tasks_placed,placement_rate,backlog_rate,placement_rate_best_second,wait_all_batch_mean_s,wait_all_batch_p90_s,wait_all_batch_p99_s,wait_all_service_mean_s,wait_all_service_p90_s,wait_all_service_p99_s,etcd_cpu_cores,raw_ceiling,ceiling_ratio\n",
+        "run,x,members,scheduler,instance,transactions,transactions_conflicted,conflict_fraction,claims,claims_conflicted,task_conflict_fraction,attempts_per_job,busyness,commit_share,lock_wait_share,cache_wait_share,bookkeeping_share,idle_share,commit_p50_ms,commit_p99_ms,claims_per_txn,wait_first_attempt_mean_s,wait_first_attempt_p90_s,wait_first_attempt_p99_s,window_s,tasks_submitted,tasks_placed,placement_rate,backlog_rate,placement_rate_best_second,wait_all_batch_mean_s,wait_all_batch_p90_s,wait_all_batch_p99_s,wait_all_service_mean_s,wait_all_service_p90_s,wait_all_service_p99_s,etcd_cpu_cores,raw_ceiling,ceiling_ratio\n",
     );
     let f = |v: Option<f64>| v.filter(|x| x.is_finite()).map(|x| format!("{x}")).unwrap_or_default();
     for r in results {
@@ -147,6 +150,9 @@ pub fn csv(results: &[RunResult]) -> String {
                 sch.busyness.to_string(),
                 sch.commit_share.to_string(),
                 sch.lock_wait_share.to_string(),
+                sch.cache_wait_share.to_string(),
+                sch.bookkeeping_share.to_string(),
+                sch.idle_share.to_string(),
                 f(sch.commit_latency_p50_ms),
                 f(sch.commit_latency_p99_ms),
                 f(sch.claims_per_txn),

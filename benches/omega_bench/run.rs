@@ -122,7 +122,7 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     let before: Vec<SchedulerCounters> = if backlog_mode {
         vec![SchedulerCounters::default(); procs.schedulers.len()]
     } else {
-        scrape_all(&procs.schedulers).await?
+        scrape_all(&procs.schedulers, None).await?
     };
     let (start, start_ms) = if backlog_mode { (schedulers_started, schedulers_started_ms) } else { (Instant::now(), now_ms()) };
     let etcd_pids = etcd.pids();
@@ -183,7 +183,7 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     let end_ms = now_ms();
     // Services still within their lifetime keep running until the cell goes; no more cancels from here.
     stoppers.lock().abort_all();
-    let after = scrape_all(&procs.schedulers).await?;
+    let after = scrape_all(&procs.schedulers, Some(&ctx.logs)).await?;
     let window = end.duration_since(start).as_secs_f64().max(0.001);
     let cpu_after = (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]));
     let cores = |b: Option<f64>, a: Option<f64>| Some((a? - b?) / window);
@@ -482,10 +482,15 @@ fn start_schedulers(spec: &RunSpec, ctx: &RunContext, endpoints: &[String]) -> R
         .collect()
 }
 
-async fn scrape_all(schedulers: &[SchedulerProc]) -> Result<Vec<SchedulerCounters>> {
+/// Reads every scheduler's counters; with `keep`, also writes each one's metrics there (`<instance>.prom`), for
+/// a closer look at a run than the tables give.
+async fn scrape_all(schedulers: &[SchedulerProc], keep: Option<&Path>) -> Result<Vec<SchedulerCounters>> {
     let mut out = Vec::with_capacity(schedulers.len());
     for s in schedulers {
         let text = scrape::scrape(&s.metrics).await.with_context(|| format!("reading {}'s metrics", s.instance))?;
+        if let Some(dir) = keep {
+            std::fs::write(dir.join(format!("{}.prom", s.instance)), &text)?;
+        }
         out.push(SchedulerCounters::parse(&text));
     }
     Ok(out)

@@ -40,6 +40,11 @@ pub fn counter(text: &str, name: &str) -> f64 {
     text.lines().filter(|l| is_sample_of(l, name)).filter_map(value).sum()
 }
 
+/// The sum of a counter's samples whose labels include `label` (e.g. `phase="idle"`).
+pub fn counter_where(text: &str, name: &str, label: &str) -> f64 {
+    text.lines().filter(|l| is_sample_of(l, name) && l.contains(label)).filter_map(value).sum()
+}
+
 /// A cumulative histogram: upper bounds with the count of samples at or below each, the sum and count.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Histogram {
@@ -116,6 +121,8 @@ impl Histogram {
     }
 }
 
+const TIME: &str = "omega_scheduler_time_microseconds_total";
+
 /// One scheduler process's counters at one instant (see `schedulers/src/scheduler.rs` for what each counts).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SchedulerCounters {
@@ -128,6 +135,11 @@ pub struct SchedulerCounters {
     pub busy_secs: f64,
     pub commit_secs: f64,
     pub lock_wait_secs: f64,
+    /// Wall time with nothing ready to attempt, waiting for the cache to show the scheduler's own commits,
+    /// and in bookkeeping (ownership, finding ready jobs, status writes).
+    pub idle_secs: f64,
+    pub cache_wait_secs: f64,
+    pub bookkeeping_secs: f64,
     pub commit_txn: Histogram,
     pub first_attempt_wait: Histogram,
 }
@@ -143,6 +155,13 @@ impl SchedulerCounters {
             busy_secs: counter(text, "omega_scheduler_busy_microseconds_total") / 1e6,
             commit_secs: counter(text, "omega_scheduler_commit_microseconds_total") / 1e6,
             lock_wait_secs: counter(text, "omega_scheduler_lock_wait_microseconds_total") / 1e6,
+            idle_secs: counter_where(text, TIME, "phase=\"idle\"") / 1e6,
+            cache_wait_secs: counter_where(text, TIME, "phase=\"cache_wait\"") / 1e6,
+            bookkeeping_secs: ["claim_jobs", "ready_jobs", "status"]
+                .iter()
+                .map(|p| counter_where(text, TIME, &format!("phase=\"{p}\"")))
+                .sum::<f64>()
+                / 1e6,
             commit_txn: Histogram::parse(text, "omega_scheduler_commit_txn_seconds"),
             first_attempt_wait: Histogram::parse(text, "omega_scheduler_job_wait_first_attempt_seconds"),
         }
@@ -158,6 +177,9 @@ impl SchedulerCounters {
             busy_secs: self.busy_secs - b.busy_secs,
             commit_secs: self.commit_secs - b.commit_secs,
             lock_wait_secs: self.lock_wait_secs - b.lock_wait_secs,
+            idle_secs: self.idle_secs - b.idle_secs,
+            cache_wait_secs: self.cache_wait_secs - b.cache_wait_secs,
+            bookkeeping_secs: self.bookkeeping_secs - b.bookkeeping_secs,
             commit_txn: self.commit_txn.since(&b.commit_txn),
             first_attempt_wait: self.first_attempt_wait.since(&b.first_attempt_wait),
         }
@@ -172,6 +194,9 @@ impl SchedulerCounters {
         self.busy_secs += o.busy_secs;
         self.commit_secs += o.commit_secs;
         self.lock_wait_secs += o.lock_wait_secs;
+        self.idle_secs += o.idle_secs;
+        self.cache_wait_secs += o.cache_wait_secs;
+        self.bookkeeping_secs += o.bookkeeping_secs;
         self.commit_txn.add(&o.commit_txn);
         self.first_attempt_wait.add(&o.first_attempt_wait);
     }

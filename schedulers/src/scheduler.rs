@@ -130,11 +130,15 @@ impl Scheduler {
         tokio::pin!(shutdown);
         let mut changes = self.cache.subscribe();
         loop {
+            let pass = Instant::now();
             let snapshot = self.cache.snapshot();
             if let Err(e) = self.ownership.claim(&self.store, &snapshot, (self.lease)()).await {
                 tracing::warn!(error = %e, "claiming jobs failed; will retry");
             }
+            spent(Phase::ClaimJobs, pass.elapsed());
+            let readying = Instant::now();
             let work = self.ready_jobs(&snapshot).await;
+            spent(Phase::ReadyJobs, readying.elapsed());
             // Counting the queue walks every job: once a second is enough for a gauge.
             if self.queue_measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 metrics::gauge!("omega_scheduler_queue_tasks").set(queue_depth(&snapshot, &self.name) as f64);
@@ -142,11 +146,13 @@ impl Scheduler {
                 self.queue_measured = Some(Instant::now());
             }
             if work.is_empty() {
+                let idle = Instant::now();
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = changes.changed() => {}
                     _ = tokio::time::sleep(IDLE_RECHECK) => {}
                 }
+                spent(Phase::Idle, idle.elapsed());
                 continue;
             }
             let (kind, jobs) = next_attempt(work, |j| self.config.policy_kind(j.kind), self.config.batch_claims);
@@ -260,7 +266,10 @@ impl Scheduler {
         let settled = self.last_commit.max(lock.as_ref().map(|g| g.settled()).unwrap_or(0));
         // Decide only on a cache that has seen this scheduler's own commits: an older one would have it place
         // again, or claim against ledgers older than its own writes. The next pass tries again.
-        let snapshot = match self.cache.wait_for_revision(settled, Duration::from_secs(2)).await {
+        let waiting = Instant::now();
+        let caught_up = self.cache.wait_for_revision(settled, Duration::from_secs(2)).await;
+        spent(Phase::CacheWait, waiting.elapsed());
+        let snapshot = match caught_up {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "the cache has not caught up with the commits this attempt must see; waiting");
@@ -280,7 +289,9 @@ impl Scheduler {
             lock.release().await;
         }
         self.account(&jobs, &outcome);
+        let explaining = Instant::now();
         self.explain(&jobs, &outcome).await;
+        spent(Phase::Status, explaining.elapsed());
         tracing::debug!(jobs = jobs.len(), took = ?started.elapsed(), "attempt done");
     }
 
@@ -495,6 +506,33 @@ pub fn next_attempt(
         out.push(job);
     }
     (kind, out)
+}
+
+/// Where a scheduler's wall time goes besides deciding and committing (which have counters of their own):
+/// what a throughput measurement needs to tell a scheduler that waits from one that works.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Nothing ready to attempt: waiting for the cell to change.
+    Idle,
+    /// Waiting for the cache to show this scheduler's own commits before deciding again.
+    CacheWait,
+    /// Taking jobs this instance should own.
+    ClaimJobs,
+    /// Finding the owned jobs ready for an attempt, and finishing (giving up) those with nothing pending.
+    ReadyJobs,
+    /// Writing why a job's tasks are still pending.
+    Status,
+}
+
+fn spent(phase: Phase, took: Duration) {
+    let label = match phase {
+        Phase::Idle => "idle",
+        Phase::CacheWait => "cache_wait",
+        Phase::ClaimJobs => "claim_jobs",
+        Phase::ReadyJobs => "ready_jobs",
+        Phase::Status => "status",
+    };
+    metrics::counter!("omega_scheduler_time_microseconds_total", "phase" => label).increment(took.as_micros() as u64);
 }
 
 /// The highest revision any commit of an attempt wrote.
