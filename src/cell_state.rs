@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Job, JobOwner, Liveness, Node, SchedulerInstance, Task};
+use crate::model::{Allocation, Job, JobOwner, Liveness, Node, SchedulerInstance, Task, TaskState};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
 use etcd_client::KeyValue;
@@ -61,6 +61,9 @@ pub struct CellSnapshot {
     /// Node -> ids of the tasks holding resources there (derived from `tasks`; for anti-affinity, spread and
     /// choosing preemption victims without scanning every task).
     pub node_tasks: imbl::HashMap<String, imbl::HashSet<String>>,
+    /// Job -> ids of its pending tasks (derived from `tasks`): a scheduler asks "what is left to place?" of
+    /// every job on every pass, and walking each job's tasks to answer made a pass cost O(all tasks).
+    pub pending: imbl::HashMap<String, imbl::HashSet<String>>,
     /// Values under the cell prefix that could not be decoded (logged and left out).
     pub undecodable: u64,
 }
@@ -133,6 +136,14 @@ impl CellSnapshot {
 
     fn unindex_task(&mut self, id: &str) {
         let Some(old) = self.tasks.get(id) else { return };
+        if old.value.state == TaskState::Pending {
+            if let Some(set) = self.pending.get_mut(&old.value.job) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.pending.remove(&old.value.job);
+                }
+            }
+        }
         if let (true, Some(node)) = (old.value.state.holds_resources(), old.value.node.as_deref()) {
             if let Some(set) = self.node_tasks.get_mut(node) {
                 set.remove(id);
@@ -145,6 +156,9 @@ impl CellSnapshot {
 
     fn index_task(&mut self, id: &str) {
         let Some(new) = self.tasks.get(id) else { return };
+        if new.value.state == TaskState::Pending {
+            self.pending.entry(new.value.job.clone()).or_default().insert(id.to_string());
+        }
         if let (true, Some(node)) = (new.value.state.holds_resources(), new.value.node.as_deref()) {
             self.node_tasks.entry(node.to_string()).or_default().insert(id.to_string());
         }
@@ -153,6 +167,19 @@ impl CellSnapshot {
     /// The tasks holding resources on `node`.
     pub fn tasks_on(&self, node: &str) -> impl Iterator<Item = &Versioned<Task>> {
         self.node_tasks.get(node).into_iter().flat_map(|ids| ids.iter().filter_map(|id| self.tasks.get(id)))
+    }
+
+    /// How many tasks of job `job` are pending.
+    pub fn pending_count(&self, job: &str) -> usize {
+        self.pending.get(job).map_or(0, imbl::HashSet::len)
+    }
+
+    /// The pending tasks of job `job`, by index (the order `tasks_of` gives), without walking the others.
+    pub fn pending_of(&self, job: &str) -> Vec<&Versioned<Task>> {
+        let mut out: Vec<&Versioned<Task>> =
+            self.pending.get(job).into_iter().flat_map(|ids| ids.iter().filter_map(|id| self.tasks.get(id))).collect();
+        out.sort_by_key(|t| t.value.index);
+        out
     }
 
     /// The tasks of a job, by index (a job's task ids are `<job>/0 .. <job>/<n-1>`).
@@ -377,8 +404,41 @@ impl Drop for CellState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Allocation, TaskState};
+    use crate::model::Allocation;
     use crate::resources::Resources;
+
+    #[test]
+    fn the_pending_index_follows_every_change_to_a_task() {
+        let keys = Keys::default();
+        let mut s = CellSnapshot::default();
+        let job = crate::model::Job::new("j", crate::model::JobKind::Batch, 3, Resources::new(1, 1));
+        for i in [2, 0, 1] {
+            let t = crate::model::Task::pending(&job, i);
+            s.apply_put_bytes(&keys, keys.task(&t.id).as_bytes(), &serde_json::to_vec(&t).unwrap(), 3);
+        }
+        let indices = |s: &CellSnapshot| s.pending_of("j").iter().map(|t| t.value.index).collect::<Vec<_>>();
+        assert_eq!((s.pending_count("j"), indices(&s)), (3, vec![0, 1, 2]));
+        // Placed through the watch, placed in a private view, deleted: each leaves the index.
+        let mut placed = crate::model::Task::pending(&job, 1);
+        placed.state = TaskState::Assigned;
+        placed.node = Some("n1".into());
+        s.apply_put_bytes(&keys, keys.task("j/1").as_bytes(), &serde_json::to_vec(&placed).unwrap(), 4);
+        let before = s.clone();
+        let mut view = s.clone();
+        let mut zero = crate::model::Task::pending(&job, 0);
+        zero.state = TaskState::Assigned;
+        view.put_task(Versioned::new(zero, 5));
+        assert_eq!(indices(&view), vec![2]);
+        assert_eq!(indices(&before), vec![0, 2], "a clone keeps its own index");
+        s.apply_delete(&keys, keys.task("j/2").as_bytes());
+        assert_eq!(indices(&s), vec![0]);
+        // Back to pending (a lost node's task, re-queued), and the last one gone: the job leaves the index.
+        s.apply_put_bytes(&keys, keys.task("j/1").as_bytes(), &serde_json::to_vec(&crate::model::Task::pending(&job, 1)).unwrap(), 6);
+        assert_eq!(indices(&s), vec![0, 1]);
+        s.apply_delete(&keys, keys.task("j/0").as_bytes());
+        s.apply_delete(&keys, keys.task("j/1").as_bytes());
+        assert!(s.pending.is_empty() && s.pending_count("j") == 0);
+    }
 
     #[test]
     fn puts_deletes_and_garbage() {

@@ -9,7 +9,7 @@
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use omega::cell_state::CellSnapshot;
-use omega::model::{now_ms, Job, JobOwner, JobState, TaskState};
+use omega::model::{now_ms, Job, JobOwner, JobState};
 use omega::store::{encode, Store};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -24,8 +24,7 @@ fn weight(job: &str, instance: &str) -> u64 {
 
 /// Whether a job still has work for a scheduler: it is active and has pending tasks.
 pub fn has_pending(snapshot: &CellSnapshot, job: &Job) -> bool {
-    matches!(job.state, JobState::Pending | JobState::Running)
-        && snapshot.tasks_of(job).any(|t| t.value.state == TaskState::Pending)
+    matches!(job.state, JobState::Pending | JobState::Running) && snapshot.pending_count(&job.id) > 0
 }
 
 /// Claims and releases job ownership for one instance.
@@ -80,9 +79,10 @@ impl Ownership {
             }
         }
         self.unowned_since = still_unowned;
-        let mut claimed = 0;
-        let mut kv = store.client().kv_client();
-        for job in to_claim {
+        // All at once: each claim is its own compare-and-swap, and one after the other they would cost a round
+        // trip each (behind large claim transactions, under load) before this instance could place anything.
+        let claims = to_claim.into_iter().map(|job| {
+            let mut kv = store.client().kv_client();
             let key = store.keys().owner(&job);
             let owner = JobOwner {
                 job: job.clone(),
@@ -90,16 +90,30 @@ impl Ownership {
                 instance: self.instance.clone(),
                 since_ms: now_ms(),
             };
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.as_str(), encode(&key, &owner)?, Some(PutOptions::new().with_lease(lease)))]);
-            if kv.txn(txn).await?.succeeded() {
-                claimed += 1;
-                self.unowned_since.remove(&job);
-                tracing::debug!(job, "claimed job");
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.as_str(), encode(&key, &owner)?, Some(PutOptions::new().with_lease(lease)))]);
+                anyhow::Ok((job, kv.txn(txn).await?.succeeded()))
+            }
+        });
+        let mut claimed = 0;
+        let mut failed = None;
+        for result in futures_util::future::join_all(claims).await {
+            match result {
+                Ok((job, true)) => {
+                    claimed += 1;
+                    self.unowned_since.remove(&job);
+                    tracing::debug!(job, "claimed job");
+                }
+                Ok((_, false)) => {}
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(claimed)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(claimed),
+        }
     }
 
     /// Gives up a job that has no pending work left (guarded: only if this instance still owns it).

@@ -18,7 +18,7 @@ use crate::ownership::{self, Ownership};
 use crate::status::StatusWriter;
 use omega::cell_state::{CellSnapshot, CellState, Versioned};
 use omega::commit::{CommitConfig, Committer};
-use omega::model::{now_ms, Job, JobKind, JobState, JobStatus, SchedulerStats, Task, TaskState};
+use omega::model::{now_ms, Job, JobKind, JobState, JobStatus, SchedulerStats, Task};
 use omega::resources::Resources;
 use omega::store::Store;
 use parking_lot::Mutex;
@@ -171,7 +171,8 @@ impl Scheduler {
     /// Owned jobs with pending tasks that are not backing off, highest priority first, oldest first, each with
     /// its pending task count. Jobs owned with nothing pending are released.
     async fn ready_jobs(&mut self, snapshot: &CellSnapshot) -> Vec<(Arc<Job>, usize)> {
-        let free_now = cell_free(snapshot);
+        // Summing the free room walks every node: only for a pass that has a backed-off job to wake.
+        let mut free_now = None;
         let mut ready = Vec::new();
         let mut finished = Vec::new();
         let owned: Vec<Versioned<Job>> =
@@ -193,6 +194,7 @@ impl Scheduler {
                 state.permanent = None;
             }
             if let Some(b) = &state.backoff {
+                let free_now = *free_now.get_or_insert_with(|| cell_free(snapshot));
                 let more_room =
                     free_now.cpu_millis > b.free_then.cpu_millis || free_now.memory_bytes > b.free_then.memory_bytes;
                 if Instant::now() < b.until && !more_room {
@@ -201,9 +203,7 @@ impl Scheduler {
             }
             ready.push(job.value.clone());
         }
-        for job in finished {
-            self.finish(snapshot, &job).await;
-        }
+        self.finish(snapshot, finished).await;
         ready.sort_by(|a, b| {
             b.priority.cmp(&a.priority).then(a.submitted_at_ms.cmp(&b.submitted_at_ms)).then(a.id.cmp(&b.id))
         });
@@ -211,38 +211,55 @@ impl Scheduler {
         ready
             .into_iter()
             .map(|job| {
-                let pending = snapshot.tasks_of(&job).filter(|t| t.value.state == TaskState::Pending).count();
+                let pending = snapshot.pending_count(&job.id);
                 (job, pending)
             })
             .collect()
     }
 
-    /// A job with nothing pending: mark it running, clear its status, give it up.
-    async fn finish(&mut self, snapshot: &CellSnapshot, job: &Job) {
-        let state = self.jobs.remove(&job.id).unwrap_or_default();
-        if self.status.forget(&job.id) {
-            let status = JobStatus {
+    /// Jobs with nothing pending: each marked running, its status cleared and its ownership given up, every
+    /// write of every job at once. Under load each write queues in etcd behind large claim transactions, so
+    /// one after the other they cost a round trip each, per job, before the next attempt could start.
+    async fn finish(&mut self, snapshot: &CellSnapshot, jobs: Vec<Arc<Job>>) {
+        let placed_by = self.placed_by();
+        let mut last_words = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let state = self.jobs.remove(&job.id).unwrap_or_default();
+            let status = self.status.forget(&job.id).then(|| JobStatus {
                 job: job.id.clone(),
                 attempts: state.attempts,
                 conflicts: state.conflicts,
-                scheduler_instance: self.placed_by(),
+                scheduler_instance: placed_by.clone(),
                 ..Default::default()
+            });
+            last_words.push((job, status));
+        }
+        let (store, ownership) = (&self.store, &self.ownership);
+        let each = last_words.into_iter().map(|(job, status)| async move {
+            let clear = async {
+                match &status {
+                    Some(s) => crate::status::put(store, s).await,
+                    None => Ok(()),
+                }
             };
-            if let Err(e) = self.status.update(&self.store, status).await {
+            let mark = async {
+                match snapshot.jobs.get(&job.id).filter(|_| job.state == JobState::Pending) {
+                    Some(v) => store.set_job_state(&v.value, v.mod_revision, JobState::Running).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            };
+            let (cleared, marked, released) = tokio::join!(clear, mark, ownership.release(store, snapshot, &job.id));
+            if let Err(e) = cleared {
                 tracing::warn!(job = job.id, error = %e, "writing job status failed");
             }
-            self.status.forget(&job.id);
-        }
-        if job.state == JobState::Pending {
-            if let Some(v) = snapshot.jobs.get(&job.id) {
-                if let Err(e) = self.store.set_job_state(&v.value, v.mod_revision, JobState::Running).await {
-                    tracing::warn!(job = job.id, error = %e, "marking job running failed");
-                }
+            if let Err(e) = marked {
+                tracing::warn!(job = job.id, error = %e, "marking job running failed");
             }
-        }
-        if let Err(e) = self.ownership.release(&self.store, snapshot, &job.id).await {
-            tracing::warn!(job = job.id, error = %e, "releasing job failed");
-        }
+            if let Err(e) = released {
+                tracing::warn!(job = job.id, error = %e, "releasing job failed");
+            }
+        });
+        futures_util::future::join_all(each).await;
     }
 
     fn placed_by(&self) -> String {
@@ -328,8 +345,7 @@ impl Scheduler {
     async fn rounds(&mut self, jobs: &[Arc<Job>], snapshot: &CellSnapshot, policy: &Policy) -> Outcome {
         let mut out = Outcome::default();
         for job in jobs {
-            let tasks: Vec<Versioned<Task>> =
-                snapshot.tasks_of(job).filter(|t| t.value.state == TaskState::Pending).cloned().collect();
+            let tasks: Vec<Versioned<Task>> = snapshot.pending_of(&job.id).into_iter().cloned().collect();
             out.pending.insert(job.id.clone(), tasks);
         }
         let unplaced: usize = out.pending.values().map(Vec::len).sum();
@@ -434,7 +450,7 @@ impl Scheduler {
                     let revision = snapshot.jobs.get(&job.id).map(|j| j.mod_revision).unwrap_or(0);
                     state.permanent = Some((revision, why.clone()));
                     tracing::warn!(job = job.id, reason = why, "job cannot be placed as it is; not retrying");
-                    let pending = snapshot.tasks_of(job).filter(|t| t.value.state == TaskState::Pending).count();
+                    let pending = snapshot.pending_count(&job.id);
                     (format!("cannot be placed: {why}"), [("too_large".to_string(), 1)].into(), pending)
                 }
             };
@@ -551,7 +567,7 @@ fn queue_depth(snapshot: &CellSnapshot, scheduler: &str) -> usize {
         .jobs
         .values()
         .filter(|j| j.value.scheduler == scheduler)
-        .map(|j| snapshot.tasks_of(&j.value).filter(|t| t.value.state == TaskState::Pending).count())
+        .map(|j| snapshot.pending_count(&j.value.id))
         .sum()
 }
 

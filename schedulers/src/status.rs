@@ -29,8 +29,7 @@ impl StatusWriter {
                 return Ok(false);
             }
         }
-        let key = store.keys().status(&status.job);
-        store.client().kv_client().put(key.as_str(), encode(&key, &status)?, None).await?;
+        put(store, &status).await?;
         self.written.insert(status.job.clone(), (status, Instant::now()));
         Ok(true)
     }
@@ -44,4 +43,12 @@ impl StatusWriter {
     pub fn forget(&mut self, job: &str) -> bool {
         self.written.remove(job).is_some()
     }
+}
+
+/// Writes a job's status record as it is (the last word on a job this instance gives up: nothing to compare
+/// it with afterwards).
+pub async fn put(store: &Store, status: &JobStatus) -> anyhow::Result<()> {
+    let key = store.keys().status(&status.job);
+    store.client().kv_client().put(key.as_str(), encode(&key, status)?, None).await?;
+    Ok(())
 }
