@@ -114,10 +114,10 @@ fn cell() -> Cell {
 fn build(cell: &Cell) -> CellSnapshot {
     let mut s = CellSnapshot { revision: (NODES + TASKS) as i64, ..Default::default() };
     for (name, a) in &cell.allocations {
-        s.allocations.insert(name.clone(), a.clone());
+        s.allocations.insert(name.clone().into(), a.clone());
     }
     for (id, t) in &cell.tasks {
-        s.tasks.insert(id.clone(), t.clone());
+        s.tasks.insert(id.clone().into(), t.clone());
     }
     s
 }
@@ -164,7 +164,7 @@ fn state(c: &mut Criterion) {
             || base.clone(),
             |mut s| {
                 for (id, t) in &task_updates {
-                    s.tasks.insert(id.clone(), t.clone());
+                    s.tasks.insert(id.clone().into(), t.clone());
                 }
                 s.revision = rev;
                 Arc::new(s.clone())
@@ -177,8 +177,8 @@ fn state(c: &mut Criterion) {
             || base.clone(),
             |mut s| {
                 for ((id, t), (n, a)) in task_updates.iter().zip(&ledger_updates) {
-                    s.tasks.insert(id.clone(), t.clone());
-                    s.allocations.insert(n.clone(), a.clone());
+                    s.tasks.insert(id.clone().into(), t.clone());
+                    s.allocations.insert(n.clone().into(), a.clone());
                 }
                 s.revision = rev;
                 Arc::new(s.clone())
@@ -193,9 +193,9 @@ fn state(c: &mut Criterion) {
             |mut s| {
                 for ((id, t), (n, a)) in task_json.iter().zip(&ledger_json) {
                     let t: Task = serde_json::from_slice(t).unwrap();
-                    s.tasks.insert(id.to_string(), Versioned::new(t, rev));
+                    s.tasks.insert(id.to_string().into(), Versioned::new(t, rev));
                     let a: Allocation = serde_json::from_slice(a).unwrap();
-                    s.allocations.insert(n.to_string(), Versioned::new(a, rev));
+                    s.allocations.insert(n.to_string().into(), Versioned::new(a, rev));
                 }
                 s.revision = rev;
                 Arc::new(s.clone())

@@ -20,8 +20,9 @@ async fn audit_names_every_broken_invariant() {
     store.create_job(&batch_job("a", 6, Resources::new(1000, 1 << 30)), 128).await.unwrap();
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
-    let claims: Vec<Claim> =
-        (0..4).map(|i| Claim::new(snap.tasks.get(&format!("a/{i}")).unwrap().clone(), node_name(i % 2))).collect();
+    let claims: Vec<Claim> = (0..4)
+        .map(|i| Claim::new(snap.tasks.get(format!("a/{i}").as_str()).unwrap().clone(), node_name(i % 2)))
+        .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await

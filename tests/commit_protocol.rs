@@ -21,7 +21,9 @@ fn committer(store: &Store, detection: Detection) -> Committer {
 /// Claims for the first `n` pending tasks of `job` (in index order), on `node_of(i)`.
 fn claims(snap: &CellSnapshot, job: &str, n: usize, node_of: impl Fn(usize) -> String) -> Vec<Claim> {
     (0..n)
-        .map(|i| Claim::new(snap.tasks.get(&format!("{job}/{i}")).expect("task in snapshot").clone(), node_of(i)))
+        .map(|i| {
+            Claim::new(snap.tasks.get(format!("{job}/{i}").as_str()).expect("task in snapshot").clone(), node_of(i))
+        })
         .collect()
 }
 
@@ -72,12 +74,12 @@ async fn a_claim_writes_ledger_task_and_assignment_together() {
     assert_eq!(arev, rev, "assignment written in the claim's transaction");
     assert_eq!(assignment.resources, TASK);
     let after = cache.wait_for_revision(rev, Duration::from_secs(10)).await.unwrap();
-    let ledger = &after.allocations.get(&node_name(0)).unwrap().value;
+    let ledger = &after.allocations.get(node_name(0).as_str()).unwrap().value;
     assert_eq!(ledger.used, Resources::new(2000, 2 << 30));
     assert_eq!(ledger.tasks, 2);
     assert_eq!(
         report.ledgers.get(&node_name(0)).cloned().flatten().as_ref(),
-        after.allocations.get(&node_name(0)),
+        after.allocations.get(node_name(0).as_str()),
         "the report carries the ledger it wrote"
     );
     assert!(audit::audit(&store).await.unwrap().is_ok());

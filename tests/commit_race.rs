@@ -85,7 +85,7 @@ async fn race(detection: Detection, kind: CommitKind) {
                     .allocations
                     .iter()
                     .filter(|(n, _)| snapshot.is_schedulable(n))
-                    .map(|(n, a)| (n.clone(), a.value.free()))
+                    .map(|(n, a)| (n.to_string(), a.value.free()))
                     .collect();
                 let mut proposed_any = false;
                 for _batch in 0..3 {
@@ -103,7 +103,7 @@ async fn race(detection: Detection, kind: CommitKind) {
                         let Some(node) = nodes.choose(&mut rng).map(|n| (*n).clone()) else { break };
                         let f = free.get_mut(&node).expect("node in free map");
                         *f = f.saturating_sub(task.resources);
-                        let seen = snapshot.tasks.get(&task.id).expect("task in snapshot").clone();
+                        let seen = snapshot.tasks.get(task.id.as_str()).expect("task in snapshot").clone();
                         claims.push(Claim::new(seen, node));
                     }
                     if claims.is_empty() {

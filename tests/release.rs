@@ -19,7 +19,7 @@ async fn a_finished_task_frees_its_node_once() {
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
     let claims: Vec<Claim> =
-        (0..2).map(|i| Claim::new(snap.tasks.get(&format!("a/{i}")).unwrap().clone(), node_name(0))).collect();
+        (0..2).map(|i| Claim::new(snap.tasks.get(format!("a/{i}").as_str()).unwrap().clone(), node_name(0))).collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await
@@ -79,7 +79,7 @@ async fn releases_racing_claims_keep_ledgers_exact() {
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
     let first: Vec<Claim> = (0..150)
-        .map(|i| Claim::new(snap.tasks.get(&format!("first/{i}")).unwrap().clone(), node_name(i % 3)))
+        .map(|i| Claim::new(snap.tasks.get(format!("first/{i}").as_str()).unwrap().clone(), node_name(i % 3)))
         .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &first, CommitKind::Incremental)
@@ -91,14 +91,14 @@ async fn releases_racing_claims_keep_ledgers_exact() {
     // Release all of `first` while `second` is claimed onto the same nodes, in small concurrent pieces.
     let releases: Vec<Release> = (0..150)
         .map(|i| Release {
-            task: snap.tasks.get(&format!("first/{i}")).unwrap().clone(),
+            task: snap.tasks.get(format!("first/{i}").as_str()).unwrap().clone(),
             state: TaskState::Succeeded,
             reason: None,
             run: None,
         })
         .collect();
     let claims: Vec<Claim> = (0..150)
-        .map(|i| Claim::new(snap.tasks.get(&format!("second/{i}")).unwrap().clone(), node_name(i % 3)))
+        .map(|i| Claim::new(snap.tasks.get(format!("second/{i}").as_str()).unwrap().clone(), node_name(i % 3)))
         .collect();
     let mut handles = Vec::new();
     for part in releases.chunks(10) {
@@ -153,7 +153,7 @@ async fn releases_racing_claims_keep_ledgers_exact() {
         let again: Vec<Claim> = left
             .iter()
             .enumerate()
-            .map(|(i, id)| Claim::new(snap.tasks.get(id).unwrap().clone(), node_name(i % 3)))
+            .map(|(i, id)| Claim::new(snap.tasks.get(id.as_str()).unwrap().clone(), node_name(i % 3)))
             .collect();
         let report = committer.commit(&snap, &again, CommitKind::Incremental).await.unwrap();
         placed += report.committed();
@@ -178,8 +178,9 @@ async fn many_tasks_start_running_in_few_round_trips() {
     store.create_job(&batch_job("many", 300, TASK), 128).await.unwrap();
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
-    let claims: Vec<Claim> =
-        (0..300).map(|i| Claim::new(snap.tasks.get(&format!("many/{i}")).unwrap().clone(), node_name(i % 4))).collect();
+    let claims: Vec<Claim> = (0..300)
+        .map(|i| Claim::new(snap.tasks.get(format!("many/{i}").as_str()).unwrap().clone(), node_name(i % 4)))
+        .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await
@@ -187,7 +188,7 @@ async fn many_tasks_start_running_in_few_round_trips() {
     let snap = cache.wait_for_revision(report.max_revision().unwrap(), Duration::from_secs(10)).await.unwrap();
     let mut updates: Vec<_> = (0..300)
         .map(|i| {
-            let seen = snap.tasks.get(&format!("many/{i}")).unwrap().clone();
+            let seen = snap.tasks.get(format!("many/{i}").as_str()).unwrap().clone();
             let mut new = (*seen.value).clone();
             new.state = TaskState::Running;
             (seen, new)
@@ -218,8 +219,9 @@ async fn releasing_thousands_of_tasks_takes_few_round_trips() {
     let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
     let snap = assert_converged(&store, &cache).await;
     // 500 of them placed, 50 on each node.
-    let claims: Vec<Claim> =
-        (0..500).map(|i| Claim::new(snap.tasks.get(&format!("big/{i}")).unwrap().clone(), node_name(i % 10))).collect();
+    let claims: Vec<Claim> = (0..500)
+        .map(|i| Claim::new(snap.tasks.get(format!("big/{i}").as_str()).unwrap().clone(), node_name(i % 10)))
+        .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await

@@ -288,7 +288,7 @@ impl SimulatedNodes {
         let mut finishes: Vec<Release> = Vec::new();
         for (id, sim) in tasks.iter() {
             // Act only on the record this assignment belongs to (the cache may lag the assignment watch).
-            let Some(seen) = snapshot.tasks.get(id) else { continue };
+            let Some(seen) = snapshot.tasks.get(id.as_str()) else { continue };
             let t = &seen.value;
             if t.node.as_deref() != Some(sim.node.as_str()) || t.placements != sim.placement {
                 continue;
@@ -346,7 +346,7 @@ impl SimulatedNodes {
 
     /// How long a task runs: its job's `duration`, else the default for batch, else forever (services).
     fn duration_of(&self, snapshot: &CellSnapshot, task: &Task) -> Option<Duration> {
-        let job = snapshot.jobs.get(&task.job)?;
+        let job = snapshot.jobs.get(task.job.as_str())?;
         match (job.value.duration_ms, job.value.kind) {
             (Some(ms), _) => Some(Duration::from_millis(ms)),
             (None, JobKind::Batch) => Some(self.options.default_batch_duration),

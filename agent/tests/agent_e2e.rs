@@ -82,8 +82,9 @@ impl RunningAgent {
 async fn submit_and_place(store: &Store, cache: &CellState, job: Job) {
     store.create_job(&job, 128).await.unwrap();
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
-    let claims: Vec<Claim> =
-        (0..job.tasks).map(|i| Claim::new(snap.tasks.get(&format!("{}/{i}", job.id)).unwrap().clone(), NODE)).collect();
+    let claims: Vec<Claim> = (0..job.tasks)
+        .map(|i| Claim::new(snap.tasks.get(format!("{}/{i}", job.id).as_str()).unwrap().clone(), NODE))
+        .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)
         .await

@@ -21,7 +21,10 @@ async fn place_all(store: &Store, cache: &CellState, job: &Job, nodes: &[String]
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
     let claims: Vec<Claim> = (0..job.tasks as usize)
         .map(|i| {
-            Claim::new(snap.tasks.get(&format!("{}/{i}", job.id)).unwrap().clone(), nodes[i % nodes.len()].clone())
+            Claim::new(
+                snap.tasks.get(format!("{}/{i}", job.id).as_str()).unwrap().clone(),
+                nodes[i % nodes.len()].clone(),
+            )
         })
         .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())

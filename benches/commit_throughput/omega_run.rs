@@ -218,8 +218,8 @@ async fn omega_worker(
         }
         for (node, ledger) in &report.ledgers {
             match ledger {
-                Some(l) => drop(local.allocations.insert(node.clone(), l.clone())),
-                None => drop(local.allocations.remove(node)),
+                Some(l) => drop(local.allocations.insert(node.clone().into(), l.clone())),
+                None => drop(local.allocations.remove(node.as_str())),
             }
         }
         let committed = report.committed() as u64;

@@ -68,10 +68,12 @@ fn memory_range(s: &str) -> Result<Range<u64>, String> {
 }
 
 fn count_range(s: &str) -> Result<Range<u32>, String> {
-    range(s, |v| v.parse::<u32>().map_err(|e| format!("{v:?}: {e}")).and_then(|n| match n {
-        0 => Err("task counts start at 1".to_string()),
-        n => Ok(n),
-    }))
+    range(s, |v| {
+        v.parse::<u32>().map_err(|e| format!("{v:?}: {e}")).and_then(|n| match n {
+            0 => Err("task counts start at 1".to_string()),
+            n => Ok(n),
+        })
+    })
 }
 
 fn fraction(s: &str) -> Result<f64, String> {

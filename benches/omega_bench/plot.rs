@@ -57,12 +57,20 @@ impl XAxis {
         match self {
             XAxis::Log(_) => {
                 let s = 10f64.powf(v);
-                if s >= 1.0 { format!("{s:.0}") } else { format!("{s:.2}") }
+                if s >= 1.0 {
+                    format!("{s:.0}")
+                } else {
+                    format!("{s:.2}")
+                }
             }
             XAxis::Linear(_) => format!("{v:.0}"),
             XAxis::Runs(labels) => {
                 let i = v.round();
-                if (v - i).abs() < 1e-6 && i >= 0.0 { labels.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+                if (v - i).abs() < 1e-6 && i >= 0.0 {
+                    labels.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             }
         }
     }
@@ -112,8 +120,13 @@ fn chart(path: &Path, title: &str, axis: &XAxis, y_label: &str, series: &[Series
 }
 
 /// One series per scheduler name: `value` of its total in each run, against the run's x.
-fn per_scheduler(results: &[RunResult], axis: &XAxis, value: impl Fn(&crate::result::SchedulerResult) -> Option<f64>) -> Vec<Series> {
-    let mut names: Vec<String> = results.iter().flat_map(|r| r.schedulers.iter().map(|s| s.scheduler.clone())).collect();
+fn per_scheduler(
+    results: &[RunResult],
+    axis: &XAxis,
+    value: impl Fn(&crate::result::SchedulerResult) -> Option<f64>,
+) -> Vec<Series> {
+    let mut names: Vec<String> =
+        results.iter().flat_map(|r| r.schedulers.iter().map(|s| s.scheduler.clone())).collect();
     names.sort();
     names.dedup();
     names
@@ -133,11 +146,19 @@ fn per_scheduler(results: &[RunResult], axis: &XAxis, value: impl Fn(&crate::res
 pub fn draw(out: &Path, preset: Preset, results: &[RunResult]) -> Result<Vec<PathBuf>> {
     let axis = XAxis::of(preset, results);
     let xs: Vec<f64> = results.iter().enumerate().map(|(i, r)| axis.x(i, r)).collect();
-    let x_range = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    let x_range =
+        (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     let mut written = Vec::new();
 
     let p = out.join("conflict_fraction.svg");
-    chart(&p, "Conflict fraction (conflicted / successful transactions)", &axis, "conflict fraction", &per_scheduler(results, &axis, |s| s.conflict_fraction), x_range)?;
+    chart(
+        &p,
+        "Conflict fraction (conflicted / successful transactions)",
+        &axis,
+        "conflict fraction",
+        &per_scheduler(results, &axis, |s| s.conflict_fraction),
+        x_range,
+    )?;
     written.push(p);
 
     let p = out.join("busyness.svg");
@@ -145,17 +166,36 @@ pub fn draw(out: &Path, preset: Preset, results: &[RunResult]) -> Result<Vec<Pat
     for (name, _) in busy.iter_mut() {
         name.push_str(" (decision)");
     }
-    busy.extend(per_scheduler(results, &axis, |s| Some(s.commit_share)).into_iter().map(|(n, p)| (format!("{n} (commit)"), p)));
-    chart(&p, "Scheduler busyness (time deciding / wall time) and commit time", &axis, "fraction of wall time", &busy, x_range)?;
+    busy.extend(
+        per_scheduler(results, &axis, |s| Some(s.commit_share)).into_iter().map(|(n, p)| (format!("{n} (commit)"), p)),
+    );
+    chart(
+        &p,
+        "Scheduler busyness (time deciding / wall time) and commit time",
+        &axis,
+        "fraction of wall time",
+        &busy,
+        x_range,
+    )?;
     written.push(p);
 
     let p = out.join("throughput.svg");
-    let mut rates: Vec<Series> = vec![("placed tasks/s".into(), results.iter().enumerate().map(|(i, r)| (axis.x(i, r), r.placement_rate)).collect())];
-    rates.push(("best second".into(), results.iter().enumerate().map(|(i, r)| (axis.x(i, r), r.placement_rate_best_second)).collect()));
+    let mut rates: Vec<Series> = vec![(
+        "placed tasks/s".into(),
+        results.iter().enumerate().map(|(i, r)| (axis.x(i, r), r.placement_rate)).collect(),
+    )];
+    rates.push((
+        "best second".into(),
+        results.iter().enumerate().map(|(i, r)| (axis.x(i, r), r.placement_rate_best_second)).collect(),
+    ));
     if results.iter().any(|r| r.raw_ceiling_claims_per_sec.is_some()) {
         rates.push((
             "etcd raw ceiling (claims/s)".into(),
-            results.iter().enumerate().filter_map(|(i, r)| Some((axis.x(i, r), r.raw_ceiling_claims_per_sec?))).collect(),
+            results
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| Some((axis.x(i, r), r.raw_ceiling_claims_per_sec?)))
+                .collect(),
         ));
     }
     chart(&p, "Placement throughput", &axis, "tasks per second", &rates, x_range)?;
@@ -164,10 +204,19 @@ pub fn draw(out: &Path, preset: Preset, results: &[RunResult]) -> Result<Vec<Pat
     let p = out.join("placement_rate.svg");
     let over_time: Vec<Series> = results
         .iter()
-        .map(|r| (r.spec.label.clone(), r.placement_series.iter().enumerate().map(|(t, &n)| (t as f64, n as f64)).collect()))
+        .map(|r| {
+            (r.spec.label.clone(), r.placement_series.iter().enumerate().map(|(t, &n)| (t as f64, n as f64)).collect())
+        })
         .collect();
     let longest = results.iter().map(|r| r.placement_series.len()).max().unwrap_or(1) as f64;
-    chart(&p, "Placement rate over time", &XAxis::Linear("seconds into the run"), "tasks placed per second", &over_time, (0.0, longest))?;
+    chart(
+        &p,
+        "Placement rate over time",
+        &XAxis::Linear("seconds into the run"),
+        "tasks placed per second",
+        &over_time,
+        (0.0, longest),
+    )?;
     written.push(p);
     Ok(written)
 }

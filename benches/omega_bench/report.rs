@@ -17,13 +17,14 @@ pub struct Environment {
 
 impl Environment {
     pub fn here() -> Environment {
-        let etcd_version = std::process::Command::new(std::env::var("OMEGA_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.lines().next().map(str::to_string))
-            .unwrap_or_default();
+        let etcd_version =
+            std::process::Command::new(std::env::var("OMEGA_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_default();
         Environment {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             started_utc: omega::units::utc(omega::model::now_ms()),
@@ -96,7 +97,11 @@ pub fn tables(results: &[RunResult]) -> String {
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
     for r in results {
         for sch in &r.schedulers {
-            let _ = writeln!(s, "{}", scheduler_row(&r.spec.label, sch, r.instances.iter().filter(|i| i.scheduler == sch.scheduler).count()));
+            let _ = writeln!(
+                s,
+                "{}",
+                scheduler_row(&r.spec.label, sch, r.instances.iter().filter(|i| i.scheduler == sch.scheduler).count())
+            );
         }
     }
     s

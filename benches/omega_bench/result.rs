@@ -168,7 +168,13 @@ mod tests {
 
     #[test]
     fn the_papers_conflict_fraction_can_exceed_one() {
-        let c = SchedulerCounters { transactions: 30.0, transactions_conflicted: 20.0, placed: 90.0, claims_conflicted: 10.0, ..Default::default() };
+        let c = SchedulerCounters {
+            transactions: 30.0,
+            transactions_conflicted: 20.0,
+            placed: 90.0,
+            claims_conflicted: 10.0,
+            ..Default::default()
+        };
         let r = SchedulerResult::new("service", "s0", c, 10.0, 10);
         assert_eq!(r.conflict_fraction, Some(2.0));
         assert_eq!(r.task_conflict_fraction, Some(0.1));

@@ -88,7 +88,10 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     let backlog_mode = !plan.backlog.is_empty();
     let mut burst: Option<Submitted> = None;
     if backlog_mode {
-        progress(ctx, &format!("writing the backlog: {} jobs, {} tasks", plan.backlog.len(), Plan::tasks(&plan.backlog)));
+        progress(
+            ctx,
+            &format!("writing the backlog: {} jobs, {} tasks", plan.backlog.len(), Plan::tasks(&plan.backlog)),
+        );
         burst = Some(submit::all_at_once(&store, plan.backlog.clone(), spec.cell.max_txn_ops).await?);
     }
     let schedulers_started = Instant::now();
@@ -124,7 +127,8 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     } else {
         scrape_all(&procs.schedulers, None).await?
     };
-    let (start, start_ms) = if backlog_mode { (schedulers_started, schedulers_started_ms) } else { (Instant::now(), now_ms()) };
+    let (start, start_ms) =
+        if backlog_mode { (schedulers_started, schedulers_started_ms) } else { (Instant::now(), now_ms()) };
     let etcd_pids = etcd.pids();
     let scheduler_pids: Vec<u32> = procs.schedulers.iter().map(|s| s.proc.pid()).collect();
     let cpu_before = (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]));
@@ -170,7 +174,14 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
         if last_line.elapsed() >= Duration::from_secs(1) {
             last_line = now;
             let secs = now.duration_since(start).as_secs_f64();
-            progress(ctx, &format!("{secs:.0}s: {tasks_in} tasks submitted, {placed} placed ({:.0}/s), {} pending", placed as f64 / secs.max(0.001), tasks_in - placed.min(tasks_in)));
+            progress(
+                ctx,
+                &format!(
+                    "{secs:.0}s: {tasks_in} tasks submitted, {placed} placed ({:.0}/s), {} pending",
+                    placed as f64 / secs.max(0.001),
+                    tasks_in - placed.min(tasks_in)
+                ),
+            );
         }
         let all_in = arrivals.is_none() && now >= arrivals_end;
         if all_in && placed >= tasks_in {
@@ -271,7 +282,8 @@ fn measure(
     }
     let (_, series) = seen.placed_between(start_ms, end_ms.max(start_ms + 1));
     // A backlog's own figure: from the schedulers' start to its last task placed, if all were.
-    let backlog: Vec<&str> = submitted.jobs.keys().filter(|id| id.starts_with(workload::BACKLOG_PREFIX)).map(String::as_str).collect();
+    let backlog: Vec<&str> =
+        submitted.jobs.keys().filter(|id| id.starts_with(workload::BACKLOG_PREFIX)).map(String::as_str).collect();
     let backlog_tasks: u64 = backlog.iter().filter_map(|id| submitted.jobs.get(*id)).map(|j| j.tasks as u64).sum();
     let backlog_done = backlog.iter().try_fold(0u64, |last, id| {
         let job = submitted.jobs.get(*id)?;
@@ -357,7 +369,13 @@ async fn check(store: &Store, submitted: &Submitted, r: &RunResult) -> Result<Ve
                 }
                 e.2 += t.placements as u64;
                 if t.placements > 1 && submitted.jobs.contains_key(&t.job) {
-                    replaced.push(format!("{} ({} placements, {:?}: {})", t.id, t.placements, t.state, t.reason.as_deref().unwrap_or("")));
+                    replaced.push(format!(
+                        "{} ({} placements, {:?}: {})",
+                        t.id,
+                        t.placements,
+                        t.state,
+                        t.reason.as_deref().unwrap_or("")
+                    ));
                 }
             }
             Err(_) => undecodable += 1,
@@ -377,7 +395,12 @@ async fn check(store: &Store, submitted: &Submitted, r: &RunResult) -> Result<Ve
     add(
         "every submitted task is in etcd",
         missing.is_empty() && undecodable == 0,
-        format!("{} jobs, {} tasks; {} incomplete, {undecodable} undecodable", submitted.jobs.len(), submitted.tasks, missing.len()),
+        format!(
+            "{} jobs, {} tasks; {} incomplete, {undecodable} undecodable",
+            submitted.jobs.len(),
+            submitted.tasks,
+            missing.len()
+        ),
     );
     add(
         "every submitted task was placed",
@@ -403,7 +426,9 @@ async fn check(store: &Store, submitted: &Submitted, r: &RunResult) -> Result<Ve
         .iter()
         .filter(|s| {
             let c = &s.counters;
-            c.transactions_conflicted > c.transactions || c.transactions > c.attempts || c.claims_conflicted > c.claims()
+            c.transactions_conflicted > c.transactions
+                || c.transactions > c.attempts
+                || c.claims_conflicted > c.claims()
         })
         .map(|s| s.scheduler.clone())
         .collect();
@@ -476,10 +501,7 @@ fn start_schedulers(spec: &RunSpec, ctx: &RunContext, endpoints: &[String]) -> R
             }
         }
     }
-    wanted
-        .into_iter()
-        .map(|a| cell::start_scheduler(&ctx.bin_dir, endpoints, PREFIX, a, &ctx.logs))
-        .collect()
+    wanted.into_iter().map(|a| cell::start_scheduler(&ctx.bin_dir, endpoints, PREFIX, a, &ctx.logs)).collect()
 }
 
 /// Reads every scheduler's counters; with `keep`, also writes each one's metrics there (`<instance>.prom`), for
@@ -540,6 +562,7 @@ fn progress(ctx: &RunContext, line: &str) {
 
 /// The directory of a run's process logs.
 pub fn logs_dir(out: &Path, index: usize, label: &str) -> PathBuf {
-    let safe: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let safe: String =
+        label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     out.join("logs").join(format!("{:02}-{safe}", index + 1))
 }

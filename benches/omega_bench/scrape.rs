@@ -67,7 +67,11 @@ impl Histogram {
             }
         }
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Histogram { buckets, sum: counter(text, &format!("{name}_sum")), count: counter(text, &format!("{name}_count")) }
+        Histogram {
+            buckets,
+            sum: counter(text, &format!("{name}_sum")),
+            count: counter(text, &format!("{name}_count")),
+        }
     }
 
     /// What was recorded after `before` was taken.

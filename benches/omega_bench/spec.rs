@@ -320,7 +320,10 @@ pub fn validate(s: &RunSpec) -> Result<(), String> {
         return Err("a cell needs at least one node".into());
     }
     if w.task_cpu_millis == 0 || w.task_cpu_millis > c.node_cpu_millis {
-        return Err(format!("a task's cpu ({}m) must be above 0 and fit a node ({}m)", w.task_cpu_millis, c.node_cpu_millis));
+        return Err(format!(
+            "a task's cpu ({}m) must be above 0 and fit a node ({}m)",
+            w.task_cpu_millis, c.node_cpu_millis
+        ));
     }
     if w.task_memory_bytes.max > c.node_memory_bytes {
         return Err("a task's memory must fit a node".into());
@@ -409,7 +412,12 @@ pub fn defaults_table() -> String {
                 )
             }
         };
-        let _ = writeln!(out, "\n  {name}: {} run(s): {}", runs.len(), runs.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            out,
+            "\n  {name}: {} run(s): {}",
+            runs.len(),
+            runs.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(", ")
+        );
         let _ = writeln!(
             out,
             "    --nodes {} --node-cpu {}m --node-memory {} --prefill {} --max-txn-ops {} --members {} --duration {} --drain {}",
@@ -429,7 +437,9 @@ pub fn defaults_table() -> String {
             w.task_cpu_millis,
             omega::units::memory_exact(w.task_memory_bytes.min),
             omega::units::memory_exact(w.task_memory_bytes.max),
-            w.backlog_jobs, w.backlog_tasks, w.gang
+            w.backlog_jobs,
+            w.backlog_tasks,
+            w.gang
         );
         let _ = writeln!(
             out,

@@ -75,17 +75,17 @@ pub fn plan(spec: &RunSpec, to: &Addressees) -> Plan {
 
     for i in 0..w.backlog_jobs {
         let memory = uniform(&mut rng, w.task_memory_bytes);
-        let mut job = job(&format!("{BACKLOG_PREFIX}{i:04}"), JobKind::Batch, w.backlog_tasks, w.task_cpu_millis, memory);
+        let mut job =
+            job(&format!("{BACKLOG_PREFIX}{i:04}"), JobKind::Batch, w.backlog_tasks, w.task_cpu_millis, memory);
         job.scheduler = to.batch.clone();
         job.gang = w.gang;
         job.duration_ms = Some(uniform_duration(&mut rng, w.batch.runtime).as_millis() as u64);
         plan.backlog.push(job);
     }
 
-    for (kind, class, prefix, scheduler) in [
-        (JobKind::Batch, &w.batch, "batch", &to.batch),
-        (JobKind::Service, &w.service, "service", &to.service),
-    ] {
+    for (kind, class, prefix, scheduler) in
+        [(JobKind::Batch, &w.batch, "batch", &to.batch), (JobKind::Service, &w.service, "service", &to.service)]
+    {
         let mut at = Duration::ZERO;
         let mut n = 0;
         loop {

@@ -36,7 +36,10 @@ fn smoke_preset_runs_and_accounts_for_every_task() {
         for s in run["schedulers"].as_array().unwrap() {
             let c = &s["counters"];
             let f = |k: &str| c[k].as_f64().unwrap();
-            assert!(f("transactions_conflicted") <= f("transactions") && f("transactions") <= f("attempts"), "{label}: {s}");
+            assert!(
+                f("transactions_conflicted") <= f("transactions") && f("transactions") <= f("attempts"),
+                "{label}: {s}"
+            );
             assert!(f("busy_secs") > 0.0, "{label}: a scheduler that placed work spent no time deciding: {s}");
             placed_by_schedulers += f("placed");
         }

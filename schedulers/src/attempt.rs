@@ -75,7 +75,7 @@ pub fn decide(
             continue;
         }
         // Fence every claim on this instance's ownership of the job, as the view saw it.
-        let Some(owner) = view.owners.get(&job.id).map(|o| o.mod_revision) else { continue };
+        let Some(owner) = view.owners.get(job.id.as_str()).map(|o| o.mod_revision) else { continue };
         let p = placement::place_in(&mut table, view, job, tasks, options, rng);
         if let Some(e) = p.explanation {
             explanations.insert(job.id.clone(), e);
@@ -189,8 +189,8 @@ fn too_large(claim: &Claim) -> String {
 fn apply_report(view: &mut CellSnapshot, claims: &[Claim], report: &CommitReport) {
     for (node, ledger) in &report.ledgers {
         match ledger {
-            Some(l) => drop(view.allocations.insert(node.clone(), l.clone())),
-            None => drop(view.allocations.remove(node)),
+            Some(l) => drop(view.allocations.insert(node.clone().into(), l.clone())),
+            None => drop(view.allocations.remove(node.as_str())),
         }
     }
     for (claim, outcome) in claims.iter().zip(&report.outcomes) {

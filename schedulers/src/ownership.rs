@@ -71,11 +71,11 @@ impl Ownership {
             if job.scheduler != self.scheduler || snapshot.owners.contains_key(id) || !has_pending(snapshot, job) {
                 continue;
             }
-            let since = *self.unowned_since.get(id).unwrap_or(&now);
-            still_unowned.insert(id.clone(), since);
+            let since = *self.unowned_since.get(&**id).unwrap_or(&now);
+            still_unowned.insert(id.to_string(), since);
             let preferred = peers.iter().max_by_key(|p| weight(id, p)).copied().unwrap_or(self.instance.as_str());
             if preferred == self.instance || now.duration_since(since) >= self.steal_after {
-                to_claim.push(id.clone());
+                to_claim.push(id.to_string());
             }
         }
         self.unowned_since = still_unowned;
@@ -91,9 +91,9 @@ impl Ownership {
                 since_ms: now_ms(),
             };
             async move {
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key.as_str(), encode(&key, &owner)?, Some(PutOptions::new().with_lease(lease)))]);
+                let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([
+                    TxnOp::put(key.as_str(), encode(&key, &owner)?, Some(PutOptions::new().with_lease(lease))),
+                ]);
                 anyhow::Ok((job, kv.txn(txn).await?.succeeded()))
             }
         });

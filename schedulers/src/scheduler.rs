@@ -176,7 +176,7 @@ impl Scheduler {
         let mut ready = Vec::new();
         let mut finished = Vec::new();
         let owned: Vec<Versioned<Job>> =
-            self.ownership.owned(snapshot).filter_map(|j| snapshot.jobs.get(&j.id).cloned()).collect();
+            self.ownership.owned(snapshot).filter_map(|j| snapshot.jobs.get(j.id.as_str()).cloned()).collect();
         // Forget what belongs to jobs this instance no longer owns (taken over, cancelled, collected).
         let owned_ids: HashSet<&str> = owned.iter().map(|j| j.value.id.as_str()).collect();
         self.jobs.retain(|id, _| owned_ids.contains(id.as_str()));
@@ -243,7 +243,7 @@ impl Scheduler {
                 }
             };
             let mark = async {
-                match snapshot.jobs.get(&job.id).filter(|_| job.state == JobState::Pending) {
+                match snapshot.jobs.get(job.id.as_str()).filter(|_| job.state == JobState::Pending) {
                     Some(v) => store.set_job_state(&v.value, v.mod_revision, JobState::Running).await.map(|_| ()),
                     None => Ok(()),
                 }
@@ -447,7 +447,7 @@ impl Scheduler {
                 Leftover::Unplaceable(e) => (e.to_string(), e.codes(), left),
                 Leftover::LostRaces => ("lost placement races; retrying".to_string(), BTreeMap::new(), left),
                 Leftover::Permanent(why) => {
-                    let revision = snapshot.jobs.get(&job.id).map(|j| j.mod_revision).unwrap_or(0);
+                    let revision = snapshot.jobs.get(job.id.as_str()).map(|j| j.mod_revision).unwrap_or(0);
                     state.permanent = Some((revision, why.clone()));
                     tracing::warn!(job = job.id, reason = why, "job cannot be placed as it is; not retrying");
                     let pending = snapshot.pending_count(&job.id);
@@ -563,12 +563,7 @@ fn cell_free(snapshot: &CellSnapshot) -> Resources {
 
 /// Pending tasks of every job addressed to this scheduler (owned or not).
 fn queue_depth(snapshot: &CellSnapshot, scheduler: &str) -> usize {
-    snapshot
-        .jobs
-        .values()
-        .filter(|j| j.value.scheduler == scheduler)
-        .map(|j| snapshot.pending_count(&j.value.id))
-        .sum()
+    snapshot.jobs.values().filter(|j| j.value.scheduler == scheduler).map(|j| snapshot.pending_count(&j.value.id)).sum()
 }
 
 #[cfg(test)]

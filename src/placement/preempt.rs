@@ -76,7 +76,7 @@ pub fn victims(
 
 /// The tasks of `task`'s job holding resources, if its job is a gang.
 fn gang_of<'a>(snapshot: &'a CellSnapshot, task: &Task) -> Option<Vec<&'a Versioned<Task>>> {
-    let job = snapshot.jobs.get(&task.job)?;
+    let job = snapshot.jobs.get(task.job.as_str())?;
     job.value.gang.then(|| snapshot.tasks_of(&job.value).filter(|t| t.value.state.holds_resources()).collect())
 }
 

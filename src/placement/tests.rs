@@ -131,7 +131,7 @@ fn spread_balances_tasks_over_label_values() {
     let p = place(&cell.snap, &j, &pending, &PlacementOptions::service(), &mut rng());
     let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
     for c in &p.claims {
-        let zone = cell.snap.nodes.get(&c.node).unwrap().value.labels["zone"].clone();
+        let zone = cell.snap.nodes.get(c.node.as_str()).unwrap().value.labels["zone"].clone();
         *per_zone
             .entry(if zone == "a" {
                 "a"
@@ -319,7 +319,7 @@ fn preemption_follows_the_spread() {
     assert_eq!(p.claims.len(), 5, "{:?}", p.explanation);
     let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
     for c in &p.claims {
-        let zone = cell.snap.nodes.get(&c.node).unwrap().value.labels["zone"].clone();
+        let zone = cell.snap.nodes.get(c.node.as_str()).unwrap().value.labels["zone"].clone();
         *per_zone.entry(zone).or_default() += 1;
     }
     let mut counts: Vec<usize> = per_zone.values().copied().collect();

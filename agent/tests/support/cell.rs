@@ -43,7 +43,7 @@ pub async fn submit_and_place(store: &Store, cache: &CellState, job: Job, node: 
     store.create_job(&job, 128).await.expect("create the job");
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(30)).await.unwrap();
     let claims: Vec<Claim> = (0..job.tasks)
-        .map(|i| Claim::new(snap.tasks.get(&format!("{}/{i}", job.id)).expect("the task").clone(), node))
+        .map(|i| Claim::new(snap.tasks.get(format!("{}/{i}", job.id).as_str()).expect("the task").clone(), node))
         .collect();
     let report = Committer::new(store.clone(), CommitConfig::default())
         .commit(&snap, &claims, CommitKind::Incremental)

@@ -33,7 +33,7 @@ pub async fn reconcile(
     let mut collect: Vec<Versioned<omega::model::Job>> = Vec::new();
     let mut orphans: Vec<&String> = Vec::new();
     for id in jobs {
-        let Some(job) = snapshot.jobs.get(id) else {
+        let Some(job) = snapshot.jobs.get(id.as_str()) else {
             if has_tasks(snapshot, id) {
                 orphans.push(id);
             }
@@ -106,7 +106,7 @@ pub async fn reconcile(
 
 /// Whether `job`'s tasks are in the snapshot (a submission writes them from index 0 up).
 pub fn has_tasks(snapshot: &CellSnapshot, job: &str) -> bool {
-    snapshot.tasks.contains_key(&omega::keys::task_id(job, 0))
+    snapshot.tasks.contains_key(omega::keys::task_id(job, 0).as_str())
 }
 
 fn replacement(t: &Versioned<Task>) -> Release {

@@ -246,13 +246,13 @@ async fn apply_fenced(store: &Store, groups: Vec<omega::txn::Group>, fence: &Fen
 /// Queues every node and every job of the cell, and every job id that has tasks but no record.
 fn enqueue_all(snapshot: &CellSnapshot, queue: &mut WorkQueue<Object>) {
     for node in snapshot.allocations.keys().chain(snapshot.nodes.keys()) {
-        queue.add(Object::Node(node.clone()));
+        queue.add(Object::Node(node.to_string()));
     }
     for job in snapshot.jobs.keys() {
-        queue.add(Object::Job(job.clone()));
+        queue.add(Object::Job(job.to_string()));
     }
     for task in snapshot.tasks.values() {
-        if !snapshot.jobs.contains_key(&task.value.job) {
+        if !snapshot.jobs.contains_key(task.value.job.as_str()) {
             queue.add(Object::Job(task.value.job.clone()));
         }
     }

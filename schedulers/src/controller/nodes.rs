@@ -41,8 +41,9 @@ impl NodeReconciler {
         let mut lost: Vec<Release> = Vec::new();
         let mut forget: Vec<String> = Vec::new();
         for node in nodes {
-            let registered = snapshot.allocations.contains_key(node) || snapshot.nodes.contains_key(node);
-            if snapshot.live.contains_key(node) || !registered {
+            let registered =
+                snapshot.allocations.contains_key(node.as_str()) || snapshot.nodes.contains_key(node.as_str());
+            if snapshot.live.contains_key(node.as_str()) || !registered {
                 self.down_since.remove(node);
                 continue;
             }
@@ -95,14 +96,15 @@ impl NodeReconciler {
 
     /// Forgets nodes the cell no longer has.
     pub fn retain(&mut self, snapshot: &CellSnapshot) {
-        self.down_since.retain(|n, _| snapshot.allocations.contains_key(n) || snapshot.nodes.contains_key(n));
+        self.down_since
+            .retain(|n, _| snapshot.allocations.contains_key(n.as_str()) || snapshot.nodes.contains_key(n.as_str()));
     }
 }
 
 /// What a task becomes when its node is lost: pending again for its scheduler, unless it is a batch task
 /// that must not restart, which ends `lost`.
 fn after_loss(snapshot: &CellSnapshot, task: &Task) -> TaskState {
-    let job = snapshot.jobs.get(&task.job);
+    let job = snapshot.jobs.get(task.job.as_str());
     match job.map(|j| (j.value.kind, j.value.restart.mode)) {
         Some((JobKind::Batch, RestartMode::Never)) => TaskState::Lost,
         _ => TaskState::Pending,
@@ -118,7 +120,7 @@ async fn collect(store: &Store, snapshot: &CellSnapshot, nodes: &[String], fence
     for node in nodes {
         let (node_key, alloc_key, live_key) = (keys.node(node), keys.alloc(node), keys.live(node));
         let mut g = Group::new();
-        match snapshot.allocations.get(node) {
+        match snapshot.allocations.get(node.as_str()) {
             Some(ledger) if ledger.value.tasks == 0 => {
                 g.compare(&alloc_key, Compare::mod_revision(alloc_key.as_str(), CompareOp::Equal, ledger.mod_revision))
             }
@@ -126,7 +128,7 @@ async fn collect(store: &Store, snapshot: &CellSnapshot, nodes: &[String], fence
             None => g.compare(&alloc_key, Compare::create_revision(alloc_key.as_str(), CompareOp::Equal, 0)),
         };
         g.compare(&live_key, Compare::create_revision(live_key.as_str(), CompareOp::Equal, 0));
-        if let Some(record) = snapshot.nodes.get(node) {
+        if let Some(record) = snapshot.nodes.get(node.as_str()) {
             g.compare(&node_key, Compare::mod_revision(node_key.as_str(), CompareOp::Equal, record.mod_revision));
         }
         g.delete(&alloc_key).delete(&node_key);

@@ -71,7 +71,7 @@ pub async fn list(store: &Store) -> anyhow::Result<JobsOutput> {
     jobs.sort_by(|a, b| a.id.cmp(&b.id));
     let rows = jobs.into_iter().map(|job| row(&read, job)).collect();
     let mut incomplete: BTreeMap<&str, u32> = BTreeMap::new();
-    for task in read.snapshot.tasks.values().filter(|t| !read.snapshot.jobs.contains_key(&t.value.job)) {
+    for task in read.snapshot.tasks.values().filter(|t| !read.snapshot.jobs.contains_key(t.value.job.as_str())) {
         *incomplete.entry(task.value.job.as_str()).or_default() += 1;
     }
     let incomplete_submissions =
@@ -92,7 +92,7 @@ fn row(read: &CellRead, job: &Job) -> JobRow {
         state: job.state,
         pending_reason,
         reasons: status.filter(|st| st.pending > 0).map(|st| st.reasons.clone()).unwrap_or_default(),
-        owner: s.owners.get(&job.id).map(|o| format!("{}/{}", o.value.scheduler, o.value.instance)),
+        owner: s.owners.get(job.id.as_str()).map(|o| format!("{}/{}", o.value.scheduler, o.value.instance)),
         submitted_at_ms: job.submitted_at_ms,
         tasks: counts,
     }

@@ -57,17 +57,17 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Code> {
     // Ledgers first: they change most and fix the revision.
     let read = cell::read(&store, &[keys.alloc(""), keys.nodes_prefix(), keys.live("")]).await?;
     let s = &read.snapshot;
-    let names: BTreeSet<&String> = s.nodes.keys().chain(s.allocations.keys()).collect();
+    let names: BTreeSet<&omega::cell_state::Name> = s.nodes.keys().chain(s.allocations.keys()).collect();
     let mut total = Totals::default();
     let mut rows = Vec::new();
     for name in names {
-        let node = s.nodes.get(name).map(|n| &n.value);
-        let ledger = s.allocations.get(name).map(|a| &a.value);
+        let node = s.nodes.get(&**name).map(|n| &n.value);
+        let ledger = s.allocations.get(&**name).map(|a| &a.value);
         let capacity = ledger.map(|l| l.capacity).or(node.map(|n| n.capacity)).unwrap_or_default();
         let used = ledger.map(|l| l.used).unwrap_or_default();
         let row = NodeRow {
-            name: name.clone(),
-            alive: s.live.contains_key(name.as_str()),
+            name: name.to_string(),
+            alive: s.live.contains_key(&**name),
             schedulable: s.is_schedulable(name),
             drained: ledger.is_some_and(|l| !l.schedulable),
             capacity,

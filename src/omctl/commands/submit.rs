@@ -259,12 +259,13 @@ async fn dry_run(cli: &Cli, job: Job, source: &str) -> anyhow::Result<Code> {
         .map_err(|e| user(format!("{source}: {e}")))?;
     let (kvs, revision) = store.list(&keys.cell_prefix(), DEFAULT_PAGE_SIZE, None).await?;
     let mut snapshot = CellSnapshot::from_kvs(keys, &kvs, revision);
-    let already_exists = snapshot.jobs.contains_key(&job.id);
+    let already_exists = snapshot.jobs.contains_key(job.id.as_str());
     if already_exists {
         // Plan the file's job as new: tasks of the existing job with the same name would otherwise count as
         // its own (anti-affinity, spread). Their resources stay claimed in the ledgers, as they are.
         let own = format!("{}/", job.id);
-        let existing: Vec<String> = snapshot.tasks.keys().filter(|id| id.starts_with(&own)).cloned().collect();
+        let existing: Vec<String> =
+            snapshot.tasks.keys().filter(|id| id.starts_with(&own)).map(|id| id.to_string()).collect();
         for id in existing {
             snapshot.apply_delete(keys, keys.task(&id).as_bytes());
         }
@@ -294,7 +295,7 @@ fn plan(snapshot: &CellSnapshot, job: Job) -> DryRunOutput {
         dry_run: true,
         job_file: omega::job_spec::to_yaml(&job),
         revision: snapshot.revision,
-        already_exists: snapshot.jobs.contains_key(&job.id),
+        already_exists: snapshot.jobs.contains_key(job.id.as_str()),
         scheduler_instances: snapshot.schedulers.values().filter(|i| i.value.scheduler == job.scheduler).count(),
         nodes: table.nodes(),
         schedulable_nodes: table.entries.len(),
