@@ -55,8 +55,21 @@ impl Ownership {
             .filter_map(move |(job, _)| snapshot.jobs.get(job).map(|j| &*j.value))
     }
 
-    /// Claims the unowned jobs with pending work that this instance should take now. Returns how many.
-    pub async fn claim(&mut self, store: &Store, snapshot: &CellSnapshot, lease: i64) -> anyhow::Result<usize> {
+    /// Claims unowned jobs with pending work, as many as this instance will get to soon: up to `budget` more
+    /// pending tasks (at least one job while the budget is not spent), highest priority and oldest first. Its
+    /// preferred jobs it claims at once; others once they stayed unowned for `steal_after`, or at once when
+    /// this instance owns no pending work (`idle`). Owning only what it will attempt soon is what spreads a
+    /// backlog: an instance that starts first, before it sees its peers, prefers every job, and claiming them
+    /// all left the others idle (one of three batch schedulers placed a 100,000-task backlog alone). Returns
+    /// how many jobs it claimed.
+    pub async fn claim(
+        &mut self,
+        store: &Store,
+        snapshot: &CellSnapshot,
+        lease: i64,
+        budget: usize,
+        idle: bool,
+    ) -> anyhow::Result<usize> {
         let peers: Vec<&str> = snapshot
             .schedulers
             .values()
@@ -64,7 +77,7 @@ impl Ownership {
             .map(|s| s.value.instance.as_str())
             .collect();
         let now = Instant::now();
-        let mut to_claim = Vec::new();
+        let mut candidates = Vec::new();
         let mut still_unowned = HashMap::new();
         for (id, job) in snapshot.jobs.iter() {
             let job = &job.value;
@@ -74,11 +87,23 @@ impl Ownership {
             let since = *self.unowned_since.get(&**id).unwrap_or(&now);
             still_unowned.insert(id.to_string(), since);
             let preferred = peers.iter().max_by_key(|p| weight(id, p)).copied().unwrap_or(self.instance.as_str());
-            if preferred == self.instance || now.duration_since(since) >= self.steal_after {
-                to_claim.push(id.to_string());
+            if preferred == self.instance || idle || now.duration_since(since) >= self.steal_after {
+                candidates.push(job);
             }
         }
         self.unowned_since = still_unowned;
+        candidates.sort_by(|a, b| {
+            b.priority.cmp(&a.priority).then(a.submitted_at_ms.cmp(&b.submitted_at_ms)).then(a.id.cmp(&b.id))
+        });
+        let mut left = budget;
+        let mut to_claim = Vec::new();
+        for job in candidates {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(snapshot.pending_count(&job.id));
+            to_claim.push(job.id.clone());
+        }
         // All at once: each claim is its own compare-and-swap, and one after the other they would cost a round
         // trip each (behind large claim transactions, under load) before this instance could place anything.
         let claims = to_claim.into_iter().map(|job| {

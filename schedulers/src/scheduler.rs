@@ -132,7 +132,11 @@ impl Scheduler {
         loop {
             let pass = Instant::now();
             let snapshot = self.cache.snapshot();
-            if let Err(e) = self.ownership.claim(&self.store, &snapshot, (self.lease)()).await {
+            // Own about two attempts' worth of work: enough to keep deciding, little enough that the other
+            // instances take what this one would only queue.
+            let owned: usize = self.ownership.owned(&snapshot).map(|j| snapshot.pending_count(&j.id)).sum();
+            let budget = (2 * self.config.batch_claims.max(1)).saturating_sub(owned);
+            if let Err(e) = self.ownership.claim(&self.store, &snapshot, (self.lease)(), budget, owned == 0).await {
                 tracing::warn!(error = %e, "claiming jobs failed; will retry");
             }
             spent(Phase::ClaimJobs, pass.elapsed());

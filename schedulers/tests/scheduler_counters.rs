@@ -96,3 +96,45 @@ async fn the_wait_till_the_first_attempt_is_counted_once_per_job() {
     };
     assert!(decision_buckets("0.0005") && !decision_buckets("600"), "the other histograms keep their buckets");
 }
+
+/// A backlog is shared by the instances of a scheduler even when one starts first: an instance owns only about
+/// two attempts' worth of work (`--batch-claims` tasks each), so those that start later find jobs to take.
+/// (Before, the first instance saw no peers, preferred every job, claimed all of them and placed them alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_shared_by_instances_that_start_later() {
+    let (etcd, store) = start_etcd().await;
+    seed_nodes(&store, 4, Resources::new(64 * CPU, 64 * MEM)).await;
+    let jobs = 24;
+    for i in 0..jobs {
+        store
+            .create_job(&Job::new(&format!("backlog-{i:02}"), JobKind::Batch, 4, Resources::new(CPU, MEM)), 128)
+            .await
+            .unwrap();
+    }
+    // One job per attempt, each attempt at least 200 ms: the backlog takes the first instance seconds alone.
+    let slow = ["--batch-claims", "4", "--t-job", "200ms"];
+    let first = metrics_addr();
+    let _b1 = scheduler_process("batch", &etcd.endpoint(), "batch", "b-1", &first, &slow, &[]);
+    wait_for("the first instance placing", 60, async || {
+        let (record, _) = instance_record(&store, "batch", "b-1").await?;
+        (record.stats.placed > 0).then_some(())
+    })
+    .await;
+    let (m2, m3) = (metrics_addr(), metrics_addr());
+    let _b2 = scheduler_process("batch", &etcd.endpoint(), "batch", "b-2", &m2, &slow, &[]);
+    let _b3 = scheduler_process("batch", &etcd.endpoint(), "batch", "b-3", &m3, &slow, &[]);
+    for i in 0..jobs {
+        let job = format!("backlog-{i:02}");
+        wait_for("every backlog job placed", 120, async || all_placed(&store, &job, 4).await).await;
+    }
+    let mut placed_by = std::collections::BTreeMap::new();
+    for i in 0..jobs {
+        for t in support::tasks(&store, &format!("backlog-{i:02}")).await {
+            *placed_by.entry(t.placed_by.unwrap_or_default()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(placed_by.values().sum::<u32>(), jobs * 4);
+    for instance in ["batch/b-1", "batch/b-2", "batch/b-3"] {
+        assert!(placed_by.get(instance).copied().unwrap_or(0) > 0, "{instance} placed nothing: {placed_by:?}");
+    }
+}
