@@ -1,6 +1,6 @@
 //! The command line: a preset names the experiment, every workload and cell parameter can be overridden.
 //!
-//! Defaults come from the Omega paper's simulator (`../shared/notes/omega-paper.md`): machines of 4 cpu and
+//! Defaults come from the Omega paper (EuroSys 2013) and its public simulator: machines of 4 cpu and
 //! 16 GiB, tasks of 1 cpu and 1.5-2 GiB, batch jobs of ~100 short tasks arriving every few seconds, service
 //! jobs of 10-100 longer tasks, 60% of the cell pre-filled with long-running work. The arrival rates are
 //! compressed (a real run lasts minutes, not simulated days), so a preset sets them to load the cell.
