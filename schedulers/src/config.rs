@@ -62,6 +62,12 @@ impl Policy {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BatchFit {
+    Best,
+    First,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DetectionArg {
     Fine,
     Coarse,
@@ -133,6 +139,11 @@ pub struct Config {
     /// both kinds of a monolithic scheduler).
     #[arg(long)]
     pub preemption: Option<bool>,
+    /// How batch jobs are packed: best fit (the fullest node that fits) or randomized first fit (any node
+    /// with room, from a random place in the cell: what the Omega paper's schedulers do, and what keeps
+    /// several batch instances off each other's nodes).
+    #[arg(long, value_enum, default_value = "best")]
+    pub batch_fit: BatchFit,
     /// Batch: the most claims one decision (over several jobs) commits together.
     #[arg(long, default_value_t = 1024)]
     pub batch_claims: usize,
@@ -183,6 +194,9 @@ impl Config {
             JobKind::Service => PlacementOptions::service(),
         };
         options.preemption = self.preemption.unwrap_or(kind == JobKind::Service);
+        if kind == JobKind::Batch && self.batch_fit == BatchFit::First {
+            options.strategy = omega::placement::Strategy::FirstFit;
+        }
         let (t_job, t_task) = match (self.kind, kind) {
             (Kind::Monolithic, JobKind::Service) => {
                 (self.service_t_job.unwrap_or(self.t_job), self.service_t_task.unwrap_or(self.t_task))

@@ -145,7 +145,9 @@ pub fn place_in<'a>(
         }
     }
     let sampled = options.sample.filter(|&n| n < table.entries.len());
-    let start = if sampled.is_some() { rng.random_range(0..table.entries.len()) } else { 0 };
+    // First fit takes the first nodes with room from where it starts: a random start, sampled or not.
+    let random_start = sampled.is_some() || options.strategy == Strategy::FirstFit;
+    let start = if random_start && !table.entries.is_empty() { rng.random_range(0..table.entries.len()) } else { 0 };
     let mut candidates = candidates(table, job, &job_on_node, start, sampled);
     let mut group_tasks: HashMap<&str, u32> = HashMap::new();
     if job.spread.is_some() {
@@ -162,7 +164,8 @@ pub fn place_in<'a>(
     for task in pending {
         let request = task.value.resources;
         let reusable = last.filter(|&i| {
-            options.strategy == Strategy::BinPack && feasible::dynamic_reject(job, &candidates[i], request).is_none()
+            matches!(options.strategy, Strategy::BinPack | Strategy::FirstFit)
+                && feasible::dynamic_reject(job, &candidates[i], request).is_none()
         });
         let mut chosen = reusable.or_else(|| best(&candidates, job, request, options, &group_tasks, rng));
         if chosen.is_none() && !full_scan {
@@ -280,6 +283,8 @@ fn best(
         let s = match options.strategy {
             Strategy::BinPack => score::bin_pack(c, request),
             Strategy::Spread => score::spread(c, request, group_tasks, job.spread.is_some()),
+            // Every node with room is as good: the first `top_k` from the sample's random start, one at random.
+            Strategy::FirstFit => 0.0,
         };
         if top.len() == k && s <= top[k - 1].0 {
             continue;

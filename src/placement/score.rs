@@ -17,6 +17,10 @@ pub enum Strategy {
     BinPack,
     /// Spread and balance.
     Spread,
+    /// Randomized first fit, as the Omega paper's schedulers place: any node with room, from a random place in
+    /// the cell, filled while the job's tasks fit. Concurrent schedulers then rarely pick the same nodes, where
+    /// best fit draws them all to the fullest ones.
+    FirstFit,
 }
 
 /// Fraction of capacity used after adding `request`, per dimension.
@@ -57,5 +61,6 @@ pub fn tolerance(strategy: Strategy) -> f64 {
     match strategy {
         Strategy::BinPack => 0.05,
         Strategy::Spread => 50.0,
+        Strategy::FirstFit => 0.0,
     }
 }

@@ -354,3 +354,31 @@ fn a_gang_is_preempted_whole() {
     let pending = cell.job(&peer);
     assert!(place(&cell.snap, &peer, &pending, &PlacementOptions::service(), &mut rng()).claims.is_empty());
 }
+
+/// Randomized first fit (the Omega paper's placement): on a cell where best fit sends every decision to the
+/// one fullest node, first fit starts anywhere, so concurrent deciders pick different nodes; a job still fills
+/// each node it takes before moving on.
+#[test]
+fn first_fit_starts_anywhere_and_fills_each_node_it_takes() {
+    let mut cell = Cell::new();
+    // Fewer nodes than the batch sample: best fit sees them all.
+    for i in 0..200 {
+        cell.node(&format!("n{i:03}"), 4000, 16 * GI, "z");
+    }
+    let filler = cell.job(&job("filler", JobKind::Batch, 1, 2000, GI));
+    cell.run(&filler[0], "n150");
+    let j = job("j", JobKind::Batch, 4, 1000, GI);
+    let pending = cell.job(&j);
+    let first_fit = PlacementOptions { strategy: Strategy::FirstFit, ..PlacementOptions::batch() };
+    let firsts = |opts: &PlacementOptions| -> std::collections::HashSet<String> {
+        (0..16)
+            .map(|seed| place(&cell.snap, &j, &pending, opts, &mut StdRng::seed_from_u64(seed)).claims[0].node.clone())
+            .collect()
+    };
+    assert_eq!(firsts(&PlacementOptions::batch()), ["n150".to_string()].into(), "best fit: the fullest node, always");
+    assert!(firsts(&first_fit).len() > 8, "first fit: wherever the sample starts: {:?}", firsts(&first_fit));
+    let p = place(&cell.snap, &j, &pending, &first_fit, &mut rng());
+    assert!(p.unplaced.is_empty());
+    let nodes = nodes_of(&p);
+    assert!(nodes.iter().all(|n| n == &nodes[0]), "four 1-cpu tasks fill one empty 4-cpu node: {nodes:?}");
+}
