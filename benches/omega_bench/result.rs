@@ -133,6 +133,7 @@ pub struct RunResult {
     pub etcd_cpu_cores: Option<f64>,
     pub scheduler_cpu_cores: Option<f64>,
     pub agent_cpu_cores: Option<f64>,
+    pub controller_cpu_cores: Option<f64>,
     /// etcd's raw ceiling for the claim shape, measured after the run on the same etcd.
     pub raw_ceiling_claims_per_sec: Option<f64>,
     pub raw_ceiling_latency_p99_ms: Option<f64>,

@@ -131,7 +131,9 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
         if backlog_mode { (schedulers_started, schedulers_started_ms) } else { (Instant::now(), now_ms()) };
     let etcd_pids = etcd.pids();
     let scheduler_pids: Vec<u32> = procs.schedulers.iter().map(|s| s.proc.pid()).collect();
-    let cpu_before = (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]));
+    let controller_pid = procs.controller.pid();
+    let cpu_before =
+        (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]), cpu_of(&[controller_pid]));
 
     let submitted = Arc::new(Mutex::new(Submitted::default()));
     if let Some(b) = &burst {
@@ -196,7 +198,8 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     stoppers.lock().abort_all();
     let after = scrape_all(&procs.schedulers, Some(&ctx.logs)).await?;
     let window = end.duration_since(start).as_secs_f64().max(0.001);
-    let cpu_after = (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]));
+    let cpu_after =
+        (cpu_of(&etcd_pids), cpu_of(&scheduler_pids), cpu_of(&[procs.agent.pid()]), cpu_of(&[controller_pid]));
     let cores = |b: Option<f64>, a: Option<f64>| Some((a? - b?) / window);
     eprintln!();
 
@@ -206,6 +209,7 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     result.etcd_cpu_cores = cores(cpu_before.0, cpu_after.0);
     result.scheduler_cpu_cores = cores(cpu_before.1, cpu_after.1);
     result.agent_cpu_cores = cores(cpu_before.2, cpu_after.2);
+    result.controller_cpu_cores = cores(cpu_before.3, cpu_after.3);
 
     // Stop placing before auditing and before measuring etcd alone.
     for s in procs.schedulers.drain(..) {
@@ -334,6 +338,7 @@ fn measure(
         etcd_cpu_cores: None,
         scheduler_cpu_cores: None,
         agent_cpu_cores: None,
+        controller_cpu_cores: None,
         raw_ceiling_claims_per_sec: None,
         raw_ceiling_latency_p99_ms: None,
         ceiling_ratio: None,
