@@ -50,13 +50,19 @@ pub async fn reconcile(
                 }
             }
             (JobKind::Batch, true) => {
-                let tasks: Vec<&Versioned<Task>> = snapshot.tasks_of(j).collect();
-                if tasks.len() == j.tasks as usize && tasks.iter().all(|t| t.value.state.is_terminal()) {
-                    let state = if tasks.iter().all(|t| t.value.state == TaskState::Succeeded) {
-                        JobState::Succeeded
-                    } else {
-                        JobState::Failed
-                    };
+                // Every change to a task of the job brings it here: a job with pending work is answered from the
+                // snapshot's index, and the walk over its tasks stops at the first one still going.
+                if snapshot.pending_count(&j.id) > 0 {
+                    continue;
+                }
+                let (mut present, mut all_succeeded) = (0u32, true);
+                let done = snapshot.tasks_of(j).all(|t| {
+                    present += 1;
+                    all_succeeded &= t.value.state == TaskState::Succeeded;
+                    t.value.state.is_terminal()
+                });
+                if done && present == j.tasks {
+                    let state = if all_succeeded { JobState::Succeeded } else { JobState::Failed };
                     finished.push((job.clone(), state));
                 }
             }
