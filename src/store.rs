@@ -225,6 +225,12 @@ impl Store {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
+    /// How many keys are under `prefix`, counted by etcd (nothing is sent back but the count).
+    pub async fn count(&self, prefix: &str) -> Result<i64> {
+        let resp = self.client.kv_client().get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?;
+        Ok(resp.count())
+    }
+
     /// Every key under `prefix` at one revision, read in pages of `page_size`.
     ///
     /// With `revision == None` the first page fixes the revision and later pages are pinned to it, so the

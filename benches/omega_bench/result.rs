@@ -1,6 +1,6 @@
 //! What a run measured, in the paper's terms and ours, ready for the table, the files and the plots.
 
-use crate::scrape::SchedulerCounters;
+use crate::scrape::{Histogram, SchedulerCounters};
 use crate::spec::RunSpec;
 use serde::Serialize;
 
@@ -25,6 +25,19 @@ impl Spread {
             p50: at(0.5),
             p90: at(0.9),
             p99: at(0.99),
+        }
+    }
+}
+
+impl Spread {
+    /// From a histogram: the mean exact, the tails interpolated in its buckets.
+    pub fn of_histogram(h: &Histogram) -> Spread {
+        Spread {
+            n: h.count as usize,
+            mean: h.mean(),
+            p50: h.quantile(0.5),
+            p90: h.quantile(0.9),
+            p99: h.quantile(0.99),
         }
     }
 }
@@ -60,22 +73,14 @@ pub struct SchedulerResult {
 impl SchedulerResult {
     pub fn new(scheduler: &str, instance: &str, c: SchedulerCounters, window_secs: f64, jobs: usize) -> Self {
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
-        let successful = c.transactions - c.transactions_conflicted;
-        let h = &c.first_attempt_wait;
-        let wait_first_attempt = Spread {
-            n: h.count as usize,
-            mean: h.mean(),
-            p50: h.quantile(0.5),
-            p90: h.quantile(0.9),
-            p99: h.quantile(0.99),
-        };
+        let (conflicted, transactions) = (c.transactions_conflicted as u64, c.transactions as u64);
+        let wait_first_attempt = Spread::of_histogram(&c.first_attempt_wait);
         SchedulerResult {
             scheduler: scheduler.to_string(),
             instance: instance.to_string(),
-            conflict_fraction: match (c.transactions_conflicted, successful) {
-                (0.0, _) => (c.transactions > 0.0).then_some(0.0),
-                (x, s) => ratio(x, s).or(Some(f64::INFINITY)),
-            },
+            // Every transaction conflicted: the paper's ratio is unbounded, shown as such rather than missing.
+            conflict_fraction: omega::model::conflict_fraction(conflicted, transactions)
+                .or((conflicted > 0).then_some(f64::INFINITY)),
             task_conflict_fraction: ratio(c.claims_conflicted, c.claims()),
             attempts_per_job: ratio(c.attempts, jobs as f64),
             busyness: c.busy_secs / window_secs,

@@ -9,7 +9,6 @@ use crate::spec::{Architecture, RunSpec};
 use crate::submit::{self, Submitted};
 use crate::workload::{self, Addressees, Plan};
 use anyhow::{bail, Context, Result};
-use etcd_client::GetOptions;
 use omega::keys::Keys;
 use omega::model::{now_ms, JobKind, Task};
 use omega::store::{decode, Store, DEFAULT_PAGE_SIZE};
@@ -81,7 +80,7 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     )?;
     let mut procs = Processes { agent, controller, schedulers: Vec::new() };
     wait_until(&mut procs, "the simulated nodes to register", Duration::from_secs(120), || async {
-        Ok((count(&store, &keys.live("")).await? >= spec.cell.nodes as i64).then_some(()))
+        Ok((store.count(&keys.live("")).await? >= spec.cell.nodes as i64).then_some(()))
     })
     .await?;
 
@@ -99,7 +98,7 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     procs.schedulers = start_schedulers(spec, ctx, &endpoints)?;
     let expected = procs.schedulers.len() as i64;
     wait_until(&mut procs, "the schedulers to register", Duration::from_secs(120), || async {
-        Ok((count(&store, &keys.schedulers_prefix()).await? >= expected).then_some(()))
+        Ok((store.count(&keys.schedulers_prefix()).await? >= expected).then_some(()))
     })
     .await?;
 
@@ -521,17 +520,6 @@ async fn scrape_all(schedulers: &[SchedulerProc], keep: Option<&Path>) -> Result
         out.push(SchedulerCounters::parse(&text));
     }
     Ok(out)
-}
-
-/// Keys under `prefix`, counted by etcd.
-async fn count(store: &Store, prefix: &str) -> Result<i64> {
-    let resp = store
-        .client()
-        .kv_client()
-        .get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
-        .await
-        .with_context(|| format!("counting {prefix}"))?;
-    Ok(resp.count())
 }
 
 /// Polls `check` until it yields, failing after `limit` or as soon as a process dies.

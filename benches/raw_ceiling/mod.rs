@@ -176,7 +176,7 @@ pub async fn measure(endpoints: &[String], prefix: &str, opts: &RawOptions) -> R
     opts.check()?;
     let store = Store::connect(endpoints, Keys::new(prefix)?).await.context("connecting to etcd")?;
     let prefix = store.keys().prefix();
-    let present = seed::keys_under(&store, prefix).await?;
+    let present = store.count(prefix).await?;
     ensure!(present == 0, "prefix {prefix} already holds {present} keys; the raw ceiling needs a fresh prefix");
     let mut lease = None;
     let result = run(&store, endpoints, opts, &mut lease).await;

@@ -8,7 +8,7 @@ use super::worker::{RawNode, RawTask};
 use super::RawOptions;
 use crate::cell::{in_streams, node_name, worker_nodes, CAPACITY, PLACED_BY, REQUEST};
 use anyhow::{ensure, Context, Result};
-use etcd_client::{DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{DeleteOptions, PutOptions, Txn, TxnOp};
 use omega::cell_state::CellSnapshot;
 use omega::model::{now_ms, Allocation, Job, JobKind, Liveness, Node, Task};
 use omega::store::{encode, Store, DEFAULT_PAGE_SIZE};
@@ -27,11 +27,6 @@ pub(super) struct Seeded {
 type Record = (Vec<u8>, String);
 
 /// How many keys there are under `prefix`.
-pub(super) async fn keys_under(store: &Store, prefix: &str) -> Result<i64> {
-    let resp = store.client().get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?;
-    Ok(resp.count())
-}
-
 /// Writes nodes, their ledgers and liveness (bound to a new lease, noted in `lease` at once so a failure
 /// after it still revokes it), and each worker's job and pending tasks.
 pub(super) async fn write(store: &Store, opts: &RawOptions, lease: &mut Option<i64>) -> Result<Seeded> {
