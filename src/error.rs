@@ -71,6 +71,13 @@ pub enum Error {
     /// keys again before deciding anything.
     #[error("the outcome of {0} is unknown (the request failed: {1}); read it again")]
     OutcomeUnknown(String, String),
+
+    /// etcd is out of space and this process holds its writes (see [`crate::space`]); nothing was sent.
+    #[error(
+        "etcd is out of space (NOSPACE alarm): the write was held, not sent; it resumes once an operator has \
+         compacted, defragmented and disarmed the alarm (README: Troubleshooting)"
+    )]
+    NoSpace,
 }
 
 impl Error {
@@ -87,7 +94,7 @@ impl Error {
     /// Whether the backend quota is exhausted; every write fails until an operator compacts, defragments and
     /// disarms the alarm.
     pub fn is_no_space(&self) -> bool {
-        self.status_message().is_some_and(|m| m.contains("database space exceeded"))
+        matches!(self, Error::NoSpace) || self.status_message().is_some_and(|m| m.contains("database space exceeded"))
     }
 
     fn status_message(&self) -> Option<&str> {

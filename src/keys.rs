@@ -147,6 +147,12 @@ impl Keys {
         format!("{}controller", self.prefix)
     }
 
+    /// The put that prices a transaction of nested writes for etcd's space quota (see `txn`): it sits in the
+    /// failure branch, so it is written only when a fenced transaction's fence fails. Its value is empty.
+    pub fn space_check(&self) -> String {
+        format!("{}space-check", self.prefix)
+    }
+
     /// The lock `--lock` schedulers (the pessimistic baseline) hold around each attempt: etcd's lock API keys
     /// each holder or waiter `<this>/<lease>` under it. Outside `cell/`, so waiting for the lock costs the
     /// schedulers' caches nothing.

@@ -23,6 +23,7 @@ pub mod proto;
 pub mod release;
 pub mod resources;
 pub mod shutdown;
+pub mod space;
 pub mod store;
 pub mod txn;
 pub mod units;

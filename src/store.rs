@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::keys::{self, prefix_end, Keys};
 use crate::model::{now_ms, Allocation, Job, JobState, Liveness, Node};
+use crate::space::Space;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -105,6 +106,7 @@ pub struct Store {
     keys: Keys,
     endpoints: Vec<String>,
     limits: Arc<TxnLimits>,
+    space: Arc<Space>,
 }
 
 impl std::fmt::Debug for Store {
@@ -165,6 +167,7 @@ impl Store {
                         keys,
                         endpoints: endpoints.to_vec(),
                         limits: Arc::new(limits),
+                        space: Arc::new(Space::new(endpoints)),
                     });
                 }
                 Err(e) => e.to_string(),
@@ -212,6 +215,11 @@ impl Store {
     /// What the server accepts in one transaction, as far as this process knows.
     pub fn limits(&self) -> &TxnLimits {
         &self.limits
+    }
+
+    /// What this process knows about etcd's space quota (shared with every clone).
+    pub fn space(&self) -> &Space {
+        &self.space
     }
 
     /// Tells the store the server's `--max-txn-ops` (shared with every clone).

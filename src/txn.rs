@@ -11,6 +11,14 @@
 //! transaction and, with the outer transaction's ops subtracted, to each nested one), the request-size budget,
 //! and what to do when the server refuses a batch as too large (lower the shared limit, re-pack, re-send). The
 //! number of transactions in flight is bounded per sender, so one busy component cannot starve lease renewals.
+//!
+//! etcd's space quota lives here too. etcd 3.4 prices a transaction for its quota by the puts at its top level
+//! (the larger of the success and failure branches); puts inside nested sub-transactions cost nothing, so a
+//! transaction of nested claims would pass the quota check and be applied even while etcd's NOSPACE alarm is
+//! raised. Every outer transaction holding puts therefore carries one put at its top level: in the failure
+//! branch of a nested transaction (with no fence it never runs; with a fence it runs only when the fence
+//! fails, writing the empty `space-check` key), and in the success branch of a flat one whose writes had to
+//! be nested. While etcd is full, writes wait their turn in [`crate::space::Space`].
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -35,6 +43,8 @@ pub struct Group {
     writes: Vec<TxnOp>,
     reads: Vec<TxnOp>,
     bytes: usize,
+    /// The index in `writes` of its first put (a delete adds nothing for etcd's quota).
+    first_put: Option<usize>,
 }
 
 impl Group {
@@ -58,6 +68,7 @@ impl Group {
 
     pub fn put(&mut self, key: &str, value: Vec<u8>) -> &mut Self {
         self.bytes += key.len() + value.len() + OP_OVERHEAD;
+        self.first_put.get_or_insert(self.writes.len());
         self.writes.push(TxnOp::put(key, value, None));
         self
     }
@@ -68,7 +79,8 @@ impl Group {
         self
     }
 
-    /// Adds any write op (for options such as a range delete); `bytes` is its size in the request.
+    /// Adds any write op other than a put (for options such as a range delete); `bytes` is its size in the
+    /// request.
     pub fn write(&mut self, op: TxnOp, bytes: usize) -> &mut Self {
         self.bytes += bytes + OP_OVERHEAD;
         self.writes.push(op);
@@ -98,6 +110,11 @@ impl Group {
 
     pub fn writes(&self) -> usize {
         self.writes.len()
+    }
+
+    /// Whether it adds data (a put), which etcd refuses while it is out of space.
+    pub fn adds_data(&self) -> bool {
+        self.first_put.is_some()
     }
 
     fn into_txn(self) -> Txn {
@@ -198,14 +215,24 @@ impl Sender {
         if !batch.is_empty() {
             batches.push(batch);
         }
-        let sends = batches.into_iter().map(|batch| async move {
-            let mut outer = Txn::new();
-            if let Some(f) = fence {
-                outer = outer.when([f.clone()]);
+        let space_check = self.store.keys().space_check();
+        let sends = batches.into_iter().map(|batch| {
+            let space_check = space_check.clone();
+            async move {
+                let mut outer = Txn::new();
+                if let Some(f) = fence {
+                    outer = outer.when([f.clone()]);
+                }
+                let adds_data = batch.iter().any(|(_, g)| g.adds_data());
+                let (indices, subs): (Vec<usize>, Vec<TxnOp>) =
+                    batch.into_iter().map(|(i, g)| (i, TxnOp::txn(g.into_txn()))).unzip();
+                let mut outer = outer.and_then(subs);
+                if adds_data {
+                    // The price for etcd's quota (see the module's doc).
+                    outer = outer.or_else([TxnOp::put(space_check, Vec::new(), None)]);
+                }
+                (indices, self.send(outer, adds_data).await)
             }
-            let (indices, subs): (Vec<usize>, Vec<TxnOp>) =
-                batch.into_iter().map(|(i, g)| (i, TxnOp::txn(g.into_txn()))).unzip();
-            (indices, self.send(outer.and_then(subs)).await)
         });
         for (batch, result) in join_all(sends).await {
             sent.transactions += 1;
@@ -223,7 +250,9 @@ impl Sender {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, groups = batch.len(), "transaction failed; its outcome is unknown");
+                    if !e.is_no_space() {
+                        tracing::warn!(error = %e, groups = batch.len(), "transaction failed; its outcome is unknown");
+                    }
                     for i in batch {
                         sent.outcomes[i] = Outcome::Unknown(e.to_string());
                     }
@@ -267,8 +296,9 @@ impl Sender {
         if group.bytes() > max_bytes {
             return (too_large, None);
         }
+        let adds_data = group.adds_data();
         let Some(txn) = flat_txn(group, max_ops) else { return (too_large, None) };
-        match self.send(txn).await {
+        match self.send(txn, adds_data).await {
             Ok((resp, latency)) if resp.succeeded() => {
                 let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
                 (Outcome::Applied { revision }, Some(latency))
@@ -279,17 +309,26 @@ impl Sender {
                 (outcome, None)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "flat transaction failed; its outcome is unknown");
+                if !e.is_no_space() {
+                    tracing::warn!(error = %e, "flat transaction failed; its outcome is unknown");
+                }
                 (Outcome::Unknown(e.to_string()), None)
             }
         }
     }
 
-    async fn send(&self, txn: Txn) -> Result<(TxnResponse, Duration)> {
+    /// Sends one transaction within the in-flight bound. One that `adds_data` waits its turn while etcd is out
+    /// of space (and may be refused here, unsent, with [`Error::NoSpace`]).
+    async fn send(&self, txn: Txn, adds_data: bool) -> Result<(TxnResponse, Duration)> {
+        let space = self.store.space();
+        let _probe = if adds_data { space.admit().await? } else { None };
         let _permit = self.in_flight.acquire().await.map_err(|_| Error::CacheStopped)?;
         let started = Instant::now();
-        let resp = self.store.client().kv_client().txn(txn).await?;
-        Ok((resp, started.elapsed()))
+        let result = self.store.client().kv_client().txn(txn).await.map_err(Error::from);
+        if adds_data {
+            space.observe(&result);
+        }
+        Ok((result?, started.elapsed()))
     }
 }
 
@@ -301,23 +340,25 @@ fn flat_txn(group: Group, max_ops: usize) -> Option<Txn> {
     if group.writes.len() <= max_ops {
         return Some(group.into_txn());
     }
-    let Group { compares, writes, reads, .. } = group;
-    // opc = max(compares, reads, sub-txns); each sub-txn may hold `max_ops - opc` ops.
+    let Group { compares, mut writes, reads, first_put, .. } = group;
+    // One put stays at the top level, so that etcd's quota prices the transaction (see the module's doc).
+    let top: Vec<TxnOp> = first_put.map(|i| writes.remove(i)).into_iter().collect();
+    // opc = max(compares, reads, top-level puts + sub-txns); each sub-txn may hold `max_ops - opc` ops.
     let opc_base = compares.len().max(reads.len());
     let mut n_subs = 1;
     loop {
-        let opc = opc_base.max(n_subs);
+        let opc = opc_base.max(n_subs + top.len());
         let budget = max_ops.saturating_sub(opc);
-        if budget == 0 || n_subs > max_ops {
+        if budget == 0 || n_subs + top.len() > max_ops {
             return None;
         }
         if n_subs * budget >= writes.len() {
             let mut rest = writes.into_iter().peekable();
-            let mut nested = Vec::with_capacity(n_subs);
+            let mut success = top;
             while rest.peek().is_some() {
-                nested.push(TxnOp::txn(Txn::new().and_then(rest.by_ref().take(budget).collect::<Vec<_>>())));
+                success.push(TxnOp::txn(Txn::new().and_then(rest.by_ref().take(budget).collect::<Vec<_>>())));
             }
-            return Some(Txn::new().when(compares).and_then(nested).or_else(reads));
+            return Some(Txn::new().when(compares).and_then(success).or_else(reads));
         }
         n_subs += 1;
     }
@@ -361,9 +402,9 @@ mod tests {
     #[test]
     fn flat_transactions_split_their_writes() {
         assert!(flat_txn(group(3, 10), 16).is_some(), "fits as is");
-        // 3 compares: 5 sub-transactions of 11 writes each carry 50 (the outer opc is then 5).
+        // 3 compares: one put at the top level and 5 sub-transactions of 10 writes carry 50 (opc 6).
         assert!(flat_txn(group(3, 50), 16).is_some(), "writes nested");
-        assert!(flat_txn(group(3, 100), 16).is_none(), "at most 8 x 8 = 64 writes fit under 16 ops");
+        assert!(flat_txn(group(3, 100), 16).is_none(), "at most 1 + 7 x 8 = 57 writes fit under 16 ops");
         assert!(flat_txn(group(17, 1), 16).is_none(), "too many compares");
         // 10 compares leave 6 per sub-txn; 200 writes would need 34 sub-txns, more than the limit.
         assert!(flat_txn(group(10, 200), 16).is_none());

@@ -2,6 +2,7 @@
 //!
 //! - [`etcd`]: a real etcd per test, a seeded cell, a TCP proxy that cuts a client off, a convergence check;
 //! - [`procs`]: the workspace's binaries as child processes (signals, logs, SIGKILL on drop);
+//! - [`space`]: filling etcd's space quota and freeing it again;
 //! - [`metrics`]: scraping a process's Prometheus metrics;
 //! - [`wait`]: polling a condition with a bound, instead of sleeping and hoping.
 //!
@@ -11,7 +12,9 @@
 pub mod etcd;
 pub mod metrics;
 pub mod procs;
+pub mod space;
 pub mod wait;
 
 pub use etcd::*;
+pub use space::{fill_until_no_space, free_space};
 pub use wait::wait_for;

@@ -5,7 +5,6 @@
 
 mod omctl_support;
 
-use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions, DeleteOptions};
 use omctl_support::*;
 use omega::etcd_process::{free_port, EtcdOptions};
 use omega::failpoint;
@@ -129,22 +128,6 @@ async fn a_job_too_large_for_one_etcd_request_is_refused_by_dry_run_and_submit()
     assert_eq!(stored(&store, "big").await.1, 2);
 }
 
-/// Frees the space of a full etcd the way the printed commands do (same RPCs): drop what filled it, compact
-/// physically, defragment, disarm.
-async fn recover(store: &Store) {
-    let mut client = store.client();
-    client.delete("/filler/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
-    let revision = store.revision().await.unwrap();
-    client.compact(revision, Some(CompactionOptions::new().with_physical())).await.unwrap();
-    client.defragment().await.unwrap();
-    let alarms = client.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
-    for alarm in alarms.alarms() {
-        let mut options = AlarmOptions::new();
-        options.with_member(alarm.member_id());
-        client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options)).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_etcd_is_said_plainly_with_the_commands_that_recover_it() {
     let (_etcd, store) =
@@ -175,7 +158,7 @@ async fn a_full_etcd_is_said_plainly_with_the_commands_that_recover_it() {
     let audit = omctl(&etcd, &["audit"]).await.ok();
     assert!(!audit.stdout.contains("no job record"), "{audit:?}");
 
-    recover(&store).await;
+    free_space(&store).await;
     omctl_with_input(&etcd, &["submit", "-", "--max-txn-ops", "16"], Some(&gang_file("parts", 300))).await.ok();
     assert_eq!(stored(&store, "parts").await.1, 300);
 }

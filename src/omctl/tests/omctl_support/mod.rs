@@ -117,24 +117,6 @@ pub async fn task(store: &Store, id: &str) -> Task {
     store.get_json::<Task>(&store.keys().task(id)).await.unwrap().expect("task exists").0
 }
 
-/// Writes values until etcd refuses even a small one for lack of space (a large one is refused while smaller
-/// ones still fit, so the values shrink as it fills). Returns the keys written, under `/filler/`.
-pub async fn fill_until_no_space(store: &Store) -> usize {
-    let mut kv = store.client().kv_client();
-    let mut i = 0;
-    for size in [256 << 10, 16 << 10, 1 << 10, 16] {
-        loop {
-            assert!(i < 2000, "etcd never ran out of space");
-            match kv.put(format!("/filler/{i}"), vec![b'x'; size], None).await.map_err(Error::from) {
-                Ok(_) => i += 1,
-                Err(e) if e.is_no_space() => break,
-                Err(e) => panic!("filling etcd: {e}"),
-            }
-        }
-    }
-    i
-}
-
 /// Waits (bounded) until a process paused at failpoint `name` has created its marker in `dir`.
 pub async fn wait_for_failpoint(dir: &Path, name: &str) {
     let marker = omega::failpoint::marker(dir, name);
