@@ -342,8 +342,17 @@ impl Store {
         let mut compares = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)];
         compares.extend(extra);
         let txn = Txn::new().when(compares).and_then([TxnOp::put(key.as_str(), encode(&key, &updated)?, None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self.txn_adding_data(txn).await?;
         Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+
+    /// Sends a transaction that adds data (a put at its top level), waiting its turn while etcd is out of
+    /// space: [`Error::NoSpace`] without a round trip while it stays full (see [`crate::space`]).
+    pub async fn txn_adding_data(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        let _probe = self.space.admit().await?;
+        let result = self.client.kv_client().txn(txn).await.map_err(Error::from);
+        self.space.observe(&result);
+        result
     }
 
     /// Grants a lease of `ttl_secs`; its holder must keep it alive or every key bound to it goes.

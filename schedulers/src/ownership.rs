@@ -107,7 +107,6 @@ impl Ownership {
         // All at once: each claim is its own compare-and-swap, and one after the other they would cost a round
         // trip each (behind large claim transactions, under load) before this instance could place anything.
         let claims = to_claim.into_iter().map(|job| {
-            let mut kv = store.client().kv_client();
             let key = store.keys().owner(&job);
             let owner = JobOwner {
                 job: job.clone(),
@@ -119,7 +118,7 @@ impl Ownership {
                 let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([
                     TxnOp::put(key.as_str(), encode(&key, &owner)?, Some(PutOptions::new().with_lease(lease))),
                 ]);
-                anyhow::Ok((job, kv.txn(txn).await?.succeeded()))
+                anyhow::Ok((job, store.txn_adding_data(txn).await?.succeeded()))
             }
         });
         let mut claimed = 0;

@@ -136,8 +136,11 @@ impl Scheduler {
             // instances take what this one would only queue.
             let owned: usize = self.ownership.owned(&snapshot).map(|j| snapshot.pending_count(&j.id)).sum();
             let budget = (2 * self.config.batch_claims.max(1)).saturating_sub(owned);
-            if let Err(e) = self.ownership.claim(&self.store, &snapshot, (self.lease)(), budget, owned == 0).await {
-                tracing::warn!(error = %e, "claiming jobs failed; will retry");
+            match self.ownership.claim(&self.store, &snapshot, (self.lease)(), budget, owned == 0).await {
+                // The store said it once, with what to do.
+                Err(e) if e.downcast_ref::<omega::Error>().is_some_and(omega::Error::is_no_space) => {}
+                Err(e) => tracing::warn!(error = %e, "claiming jobs failed; will retry"),
+                Ok(_) => {}
             }
             spent(Phase::ClaimJobs, pass.elapsed());
             let readying = Instant::now();

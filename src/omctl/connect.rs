@@ -1,7 +1,8 @@
 //! Connecting to the cell's etcd from the global options, failing fast with a message that says what to do.
 
-use crate::cli::Cli;
-use crate::exit::{user, Unreachable};
+use crate::cli::{Cli, Command};
+use crate::exit::{user, NoSpace, Unreachable};
+use etcd_client::{AlarmAction, AlarmType};
 use omega::keys::Keys;
 use omega::store::{Store, StoreOptions};
 
@@ -20,7 +21,13 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
     }
     let options = StoreOptions { max_txn_ops: cli.max_txn_ops, ..StoreOptions::default() };
     match Store::connect_with(&endpoints, keys, options, cli.connect_timeout).await {
-        Ok(store) => Ok(store),
+        Ok(store) => {
+            // A submission says it itself, as its error.
+            if !matches!(cli.command, Command::Submit(_)) {
+                warn_if_full(&store).await;
+            }
+            Ok(store)
+        }
         Err(omega::Error::Unreachable { endpoints, waited, last_error }) => {
             Err(anyhow::Error::new(Unreachable { endpoints, waited, last_error: plain(&last_error) }))
         }
@@ -31,6 +38,24 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
             last_error: e.to_string(),
         })),
     }
+}
+
+/// Says on stderr, before the command's own output, when etcd's NOSPACE alarm is raised: the cell reads
+/// fine but cannot change (nothing is placed, no task records its end) until an operator frees space. One
+/// request; a failure to ask is not this command's concern.
+async fn warn_if_full(store: &Store) {
+    let Ok(alarms) = store.client().alarm(AlarmAction::Get, AlarmType::None, None).await else { return };
+    if !alarms.alarms().iter().any(|a| a.alarm() == AlarmType::Nospace) {
+        return;
+    }
+    let full = NoSpace {
+        what: "the cell reads fine but nothing in it can change: no job is placed or submitted and no task \
+               records its end until then"
+            .into(),
+        endpoints: store.endpoints().join(","),
+        revision: store.revision().await.ok(),
+    };
+    eprintln!("warning: {full}");
 }
 
 /// The gist of a connection error: gRPC transport errors nest several layers of debug output.
