@@ -204,6 +204,44 @@ async fn finished_jobs_are_garbage_collected() {
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }
 
+/// Past the cap on finished tasks the oldest finished jobs go first, whatever their age; and the leader
+/// compacts etcd's history on its period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_work_beyond_the_cap_is_collected_oldest_first_and_history_is_compacted() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    // Five finished jobs of 4 tasks each, finished in this order.
+    for i in 1..=5 {
+        let id = format!("old-{i}");
+        store.create_job(&Job::new(&id, JobKind::Batch, 4, Resources::new(500, 1 << 28)), 128).await.unwrap();
+        let (job, rev) = store.get_json::<Job>(&store.keys().job(&id)).await.unwrap().unwrap();
+        store.set_job_state(&job, rev, JobState::Succeeded).await.unwrap().expect("finished");
+    }
+    let _running = store.create_job(&Job::new("running", JobKind::Batch, 4, Resources::new(500, 1 << 28)), 128).await;
+    let before = store.revision().await.unwrap();
+    let args = ["--etcd", &ep, "--instance", "cap-1", "--keep-finished-tasks", "10", "--compact-every", "1s"];
+    let _ctl = Proc::start("omega-controller", &args, "cap-1");
+    // 20 finished tasks, at most 10 kept: old-1, old-2 and old-3 go (12 tasks), old-4 and old-5 stay.
+    let kept = wait_for("the oldest finished jobs collected", 30, async || {
+        let (kvs, _) = store.list(&store.keys().jobs_prefix(), 100, None).await.ok()?;
+        let ids: Vec<String> = kvs.iter().map(|kv| serde_json::from_slice::<Job>(kv.value()).unwrap().id).collect();
+        (ids.len() == 3).then_some(ids)
+    })
+    .await;
+    assert_eq!(kept, ["old-4", "old-5", "running"]);
+    for gone in ["old-1", "old-2", "old-3"] {
+        assert!(tasks(&store, gone).await.is_empty(), "{gone}'s tasks are gone with it");
+    }
+    assert_eq!(tasks(&store, "running").await.len(), 4, "unfinished work is never collected");
+    // History up to the revision of a period earlier is compacted away.
+    wait_for("etcd's history compacted", 30, async || {
+        let old = store.client().get("\0", Some(etcd_client::GetOptions::new().with_revision(before))).await;
+        old.is_err_and(|e| e.to_string().contains("compacted")).then_some(())
+    })
+    .await;
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+}
+
 /// A node of the test's own, alive under a lease the test holds (revoke it to "lose" the node).
 async fn own_node(store: &Store, name: &str) -> i64 {
     let node = omega::model::Node {

@@ -37,6 +37,14 @@ struct Args {
     /// Delete tasks without a job record (a submission that died half way) once untouched this long.
     #[arg(long, default_value = "10m", value_parser = duration)]
     orphan_grace: Duration,
+    /// Keep at most this many tasks of finished jobs (the oldest jobs are collected first, whatever their
+    /// age); `0`: collect by age (--gc-after) only.
+    #[arg(long, default_value_t = 100_000)]
+    keep_finished_tasks: usize,
+    /// Compact etcd's history this often, to the revision of one period earlier (history of one to two
+    /// periods is kept; a watcher away longer re-lists); `0`: never (etcd compacts itself, or an operator).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    compact_every: Duration,
 }
 
 #[tokio::main]
@@ -58,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
         gc_after: (!args.gc_after.is_zero()).then_some(args.gc_after),
         node_gc_after: (!args.node_gc_after.is_zero()).then_some(args.node_gc_after),
         orphan_grace: args.orphan_grace,
+        keep_finished_tasks: (args.keep_finished_tasks > 0).then_some(args.keep_finished_tasks),
+        compact_every: (!args.compact_every.is_zero()).then_some(args.compact_every),
     };
     tracing::info!(%config, "controller started");
     run(store, config, omega::shutdown::signal()).await

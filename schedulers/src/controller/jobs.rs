@@ -126,7 +126,11 @@ fn replacement(t: &Versioned<Task>) -> Release {
 
 /// Deletes finished jobs that hold nothing: each job with its tasks, status and owner in one group, compared
 /// on the job record and the fence.
-async fn collect_jobs(store: &Store, jobs: &[Versioned<omega::model::Job>], fence: &Fence) -> anyhow::Result<usize> {
+pub(super) async fn collect_jobs(
+    store: &Store,
+    jobs: &[Versioned<omega::model::Job>],
+    fence: &Fence,
+) -> anyhow::Result<usize> {
     let keys = store.keys();
     let mut groups = Vec::with_capacity(jobs.len());
     for job in jobs {

@@ -11,7 +11,10 @@
 //! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded,
 //!   else `failed`;
 //! - **garbage collection**: a job that finished (succeeded, failed, cancelled) longer than `gc_after` ago is
-//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound.
+//!   deleted with its tasks, status and owner key, so a cell that runs for weeks does not grow without bound;
+//!   past a cap on the tasks of finished jobs the oldest go sooner ([`retention`]);
+//! - **compaction**: etcd's history is compacted every `compact_every` ([`compaction`]), so its database
+//!   stops growing.
 //!
 //! The controller only releases and re-pends; placing is the schedulers' job, through the same optimistic
 //! commits as always.
@@ -22,9 +25,11 @@
 //! [`jobs`] reconcilers look only at what is due. A full pass every `resync` is the safety net for anything a
 //! notice could have missed.
 
+mod compaction;
 mod jobs;
 mod nodes;
 pub mod queue;
+mod retention;
 
 use futures_util::FutureExt;
 use omega::cell_state::{CellChanges, CellObject, CellSnapshot, CellState, CellStateOptions};
@@ -54,7 +59,15 @@ pub struct ControllerConfig {
     /// Delete tasks without a job record (a submission that died half way) once nothing of them was written
     /// for this long.
     pub orphan_grace: Duration,
+    /// Keep at most this many tasks of finished jobs, collecting the oldest jobs first; `None`: age only.
+    pub keep_finished_tasks: Option<usize>,
+    /// Compact etcd's history this often, to the revision of one period earlier; `None`: never (etcd runs
+    /// with `--auto-compaction-*`, or an operator compacts).
+    pub compact_every: Option<Duration>,
 }
+
+/// How often the leader checks the cap on finished tasks (a walk over every job).
+const RETENTION_EVERY: Duration = Duration::from_secs(10);
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy)]
@@ -183,6 +196,10 @@ async fn lead(
     let mut queue: WorkQueue<Object> = WorkQueue::default();
     let mut nodes = nodes::NodeReconciler::default();
     let mut next_resync = Instant::now();
+    let mut next_retention = Instant::now() + RETENTION_EVERY;
+    // Runs while this replica leads; aborted when `lead` returns.
+    let compactor = config.compact_every.map(|every| AbortOnDrop(tokio::spawn(compaction::run(store.clone(), every))));
+    let _compactor = compactor;
     loop {
         if keeper.state().generation != generation {
             return Ok(false);
@@ -192,6 +209,19 @@ async fn lead(
             enqueue_all(&snapshot, &mut queue);
             nodes.retain(&snapshot);
             next_resync = Instant::now() + config.resync;
+        }
+        if let Some(cap) = config.keep_finished_tasks.filter(|_| Instant::now() >= next_retention) {
+            next_retention = Instant::now() + RETENTION_EVERY;
+            let old = retention::beyond_cap(&snapshot, cap);
+            if !old.is_empty() {
+                match jobs::collect_jobs(store, &old, fence).await {
+                    Ok(n) => tracing::info!(jobs = n, cap, "collected the oldest finished jobs beyond the cap"),
+                    Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => {
+                        return Ok(false)
+                    }
+                    Err(e) => tracing::warn!(error = %e, "collecting finished jobs beyond the cap failed"),
+                }
+            }
         }
         let due = queue.pop_due(Instant::now());
         if !due.is_empty() {
@@ -204,7 +234,10 @@ async fn lead(
                 Err(e) => tracing::warn!(error = %e, "reconciling failed; those objects will be retried"),
             }
         }
-        let wake = queue.next_due().unwrap_or(next_resync).min(next_resync);
+        let mut wake = queue.next_due().unwrap_or(next_resync).min(next_resync);
+        if config.keep_finished_tasks.is_some() {
+            wake = wake.min(next_retention);
+        }
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(true),
             notice = changes.recv() => match notice {
@@ -225,6 +258,15 @@ async fn lead(
             _ = lease_changes.changed() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+    }
+}
+
+/// Aborts a task when dropped (the compactor stops with the leadership).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -309,12 +351,14 @@ impl std::fmt::Display for ControllerConfig {
         let gc = |d: Option<Duration>| d.map(|d| format!("{d:?}")).unwrap_or_else(|| "never".into());
         write!(
             f,
-            "controller {} (lease {:?}, grace {:?}, jobs collected after {}, nodes after {})",
+            "controller {} (lease {:?}, grace {:?}, jobs collected after {}{}, nodes after {}, etcd compacted {})",
             self.instance,
             self.lease_ttl,
             self.grace,
             gc(self.gc_after),
-            gc(self.node_gc_after)
+            self.keep_finished_tasks.map(|n| format!(" or beyond {n} finished tasks")).unwrap_or_default(),
+            gc(self.node_gc_after),
+            self.compact_every.map(|d| format!("every {d:?}")).unwrap_or_else(|| "never".into())
         )
     }
 }
