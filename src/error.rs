@@ -97,6 +97,20 @@ impl Error {
         matches!(self, Error::NoSpace) || self.status_message().is_some_and(|m| m.contains("database space exceeded"))
     }
 
+    /// Whether etcd said it is overloaded ("too many requests": its apply queue is far behind) or the
+    /// request ran out of time: a reason to send less.
+    pub fn is_overloaded(&self) -> bool {
+        match self {
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                s.code() == tonic::Code::DeadlineExceeded
+                    || s.message().contains("too many requests")
+                    || s.message().contains("request timed out")
+            }
+            Error::Timeout(..) => true,
+            _ => false,
+        }
+    }
+
     fn status_message(&self) -> Option<&str> {
         match self {
             Error::Etcd(etcd_client::Error::GRpcStatus(s)) => Some(s.message()),

@@ -8,6 +8,7 @@
 //! that no optimistic race broke an invariant. [`etcd_process`] runs a real etcd for tests and local cells.
 
 pub mod audit;
+pub mod backpressure;
 pub mod cell_state;
 pub mod commit;
 pub mod error;

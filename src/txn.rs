@@ -20,13 +20,13 @@
 //! fails, writing the empty `space-check` key), and in the success branch of a flat one whose writes had to
 //! be nested. While etcd is full, writes wait their turn in [`crate::space::Space`].
 
+use crate::backpressure::{Signal, Window};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use etcd_client::{Compare, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use futures_util::future::join_all;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 /// What a compare costs in the request beside its key (revision, target, result).
 const COMPARE_OVERHEAD: usize = 24;
@@ -160,13 +160,24 @@ pub struct Sent {
 #[derive(Clone)]
 pub struct Sender {
     store: Store,
-    in_flight: Arc<Semaphore>,
+    in_flight: Arc<Window>,
 }
 
 impl Sender {
     /// A sender with at most `max_in_flight` transactions outstanding at once.
     pub fn new(store: Store, max_in_flight: usize) -> Self {
-        Sender { store, in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))) }
+        Sender { store, in_flight: Arc::new(Window::fixed(max_in_flight)) }
+    }
+
+    /// A sender whose bound adapts between 1 and `max_in_flight` to keep answers under `latency_target`
+    /// (see [`crate::backpressure`]).
+    pub fn adaptive(store: Store, max_in_flight: usize, latency_target: Duration) -> Self {
+        Sender { store, in_flight: Arc::new(Window::adaptive(max_in_flight, latency_target)) }
+    }
+
+    /// The bound on transactions in flight now.
+    pub fn window(&self) -> usize {
+        self.in_flight.limit()
     }
 
     pub fn store(&self) -> &Store {
@@ -322,13 +333,19 @@ impl Sender {
     async fn send(&self, txn: Txn, adds_data: bool) -> Result<(TxnResponse, Duration)> {
         let space = self.store.space();
         let _probe = if adds_data { space.admit().await? } else { None };
-        let _permit = self.in_flight.acquire().await.map_err(|_| Error::CacheStopped)?;
+        let permit = self.in_flight.acquire().await;
         let started = Instant::now();
         let result = self.store.client().kv_client().txn(txn).await.map_err(Error::from);
+        let latency = started.elapsed();
+        permit.done(match &result {
+            Ok(_) => Signal::Answered(latency),
+            Err(e) if e.is_overloaded() => Signal::Overloaded,
+            Err(_) => Signal::Neutral,
+        });
         if adds_data {
             space.observe(&result);
         }
-        Ok((result?, started.elapsed()))
+        Ok((result?, latency))
     }
 }
 

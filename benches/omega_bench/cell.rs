@@ -43,15 +43,14 @@ pub enum Etcd {
 }
 
 impl Etcd {
-    pub async fn start(members: usize, max_txn_ops: usize) -> Result<Etcd> {
+    pub async fn start(cell: &crate::spec::Cell) -> Result<Etcd> {
         let options = EtcdOptions {
-            max_txn_ops: Some(max_txn_ops),
-            // Room for a long run's history between compactions; compaction keeps the database from growing
-            // with every revision (the controller does not compact yet).
-            quota_backend_bytes: Some(8 << 30),
-            auto_compaction_revisions: Some(200_000),
+            max_txn_ops: Some(cell.max_txn_ops),
+            quota_backend_bytes: cell.etcd_quota_bytes,
+            auto_compaction_revisions: cell.etcd_auto_compaction,
             ..Default::default()
         };
+        let members = cell.members;
         Ok(match members {
             1 => Etcd::One(EtcdProcess::start(options).await.context("starting etcd")?),
             n => Etcd::Three(EtcdCluster::start(n, options).await.context("starting the etcd cluster")?),
@@ -82,18 +81,27 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(bin_dir: &Path, program: &str, name: &str, args: &[String], logs: &Path) -> Result<Proc> {
+        Self::start_program(&bin_dir.join(program), name, args, logs)
+    }
+
+    pub fn start_program(program: &Path, name: &str, args: &[String], logs: &Path) -> Result<Proc> {
         std::fs::create_dir_all(logs)?;
         let log = logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(bin_dir.join(program))
+        let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", std::env::var("OMEGA_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting {program}"))?;
+            .with_context(|| format!("starting {}", program.display()))?;
         Ok(Proc { name: name.to_string(), child, log })
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -132,6 +140,33 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `etcd grpc-proxy` in front of `endpoints`, on a free loopback port: the endpoint the cell's components
+/// use. It coalesces identical watches and lease keep-alives into one upstream stream each.
+pub async fn start_proxy(endpoints: &[String], logs: &Path) -> Result<(Proc, String)> {
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let etcd = std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"));
+    let args = vec![
+        "grpc-proxy".to_string(),
+        "start".into(),
+        format!(
+            "--endpoints={}",
+            endpoints.iter().map(|e| e.trim_start_matches("http://")).collect::<Vec<_>>().join(",")
+        ),
+        format!("--listen-addr={listen}"),
+    ];
+    let mut proc = Proc::start_program(&etcd, "grpc-proxy", &args, logs)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&listen).await.is_err() {
+        proc.check_alive()?;
+        if std::time::Instant::now() > deadline {
+            bail!("etcd grpc-proxy did not listen on {listen} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((proc, format!("http://{listen}")))
 }
 
 /// A scheduler process and where its metrics are served.

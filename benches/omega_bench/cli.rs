@@ -25,6 +25,11 @@ pub enum Preset {
     Throughput,
     /// The same machinery in well under a minute, with its consistency checks (for CI).
     Smoke,
+    /// Ten minutes at full rate on etcd's default 2 GiB quota, the controller collecting finished jobs and
+    /// compacting: placements/s, etcd's database size, lease lapses and nodes marked down over time.
+    Soak,
+    /// Six schedulers on one workload, straight to etcd and through `etcd grpc-proxy`, side by side.
+    Proxy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -143,6 +148,9 @@ pub struct Cli {
     /// etcd's --max-txn-ops (the schedulers are told the same).
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// The cell's components (schedulers, nodes, controller) reach etcd through `etcd grpc-proxy`.
+    #[arg(long)]
+    pub proxy: bool,
 
     // The workload.
     /// Mean time between batch job arrivals (exponential); 0 = none.

@@ -3,6 +3,7 @@
 
 mod cell;
 mod cli;
+mod health;
 mod observe;
 mod plot;
 mod report;

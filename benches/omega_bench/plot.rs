@@ -218,5 +218,36 @@ pub fn draw(out: &Path, preset: Preset, results: &[RunResult]) -> Result<Vec<Pat
         (0.0, longest),
     )?;
     written.push(p);
+
+    // etcd's database over time, with the placement rate it carried (the soak's picture).
+    if results.iter().any(|r| r.health_samples.len() > 1) {
+        let p = out.join("etcd_db.svg");
+        let mut series: Vec<Series> = Vec::new();
+        for r in results {
+            let mb = |b: i64| b as f64 / (1 << 20) as f64;
+            series.push((
+                format!("{}: db MB", r.spec.label),
+                r.health_samples.iter().map(|h| (h.t, mb(h.db_size_bytes))).collect(),
+            ));
+            series.push((
+                format!("{}: db in use MB", r.spec.label),
+                r.health_samples.iter().map(|h| (h.t, mb(h.db_in_use_bytes))).collect(),
+            ));
+            series.push((
+                format!("{}: placed/s / 10", r.spec.label),
+                r.health_samples.iter().map(|h| (h.t, h.placed_per_sec / 10.0)).collect(),
+            ));
+        }
+        let longest = results.iter().filter_map(|r| r.health_samples.last().map(|h| h.t)).fold(1.0, f64::max);
+        chart(
+            &p,
+            "etcd's database size and the placement rate over time",
+            &XAxis::Linear("seconds into the run"),
+            "MB (placements: tasks/s / 10)",
+            &series,
+            (0.0, longest),
+        )?;
+        written.push(p);
+    }
     Ok(written)
 }

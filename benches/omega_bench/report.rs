@@ -104,6 +104,28 @@ pub fn tables(results: &[RunResult]) -> String {
             );
         }
     }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "| run | etcd db max MB | db at end MB | db growth, 2nd half / 1st | nodes alive (min) | liveness keys lost | lease keep-alive failures | leases lost | proxy |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in results {
+        let Some(h) = &r.health else { continue };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            r.spec.label,
+            h.db_size_max_bytes >> 20,
+            h.db_size_end_bytes >> 20,
+            h.db_growth_second_half,
+            h.nodes_alive_min,
+            h.liveness_lost,
+            r.lease_renewal_failures,
+            r.leases_lost,
+            if r.spec.cell.proxy { "yes" } else { "no" },
+        );
+    }
     s
 }
 

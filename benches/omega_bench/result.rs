@@ -145,6 +145,12 @@ pub struct RunResult {
     /// Placement rate (the backlog's, when there is one) / raw ceiling; the best second's too.
     pub ceiling_ratio: Option<f64>,
     pub ceiling_ratio_best_second: Option<f64>,
+    /// The cell's health over the run (etcd's database size, live nodes, lapsed leases), sampled every 5 s.
+    pub health: Option<crate::health::Health>,
+    pub health_samples: Vec<crate::health::Sample>,
+    /// Keep-alive failures and lapsed leases the simulated nodes' host logged.
+    pub lease_renewal_failures: u64,
+    pub leases_lost: u64,
     pub checks: Vec<Check>,
 }
 

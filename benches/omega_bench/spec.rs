@@ -17,6 +17,14 @@ pub struct Cell {
     pub max_txn_ops: usize,
     /// etcd members (1, or 3 on loopback).
     pub members: usize,
+    /// etcd's `--quota-backend-bytes` (`None`: etcd's default, 2 GiB).
+    pub etcd_quota_bytes: Option<u64>,
+    /// etcd compacts itself, keeping this many revisions (`None`: only the controller compacts).
+    pub etcd_auto_compaction: Option<u64>,
+    /// The cell's components reach etcd through `etcd grpc-proxy`.
+    pub proxy: bool,
+    /// Extra flags for the controller.
+    pub controller_args: Vec<String>,
 }
 
 /// One kind of arriving job.
@@ -103,6 +111,11 @@ fn base(preset: Preset) -> RunSpec {
             prefill: 0.6,
             max_txn_ops: 1024,
             members: 1,
+            // Room for a run's history without depending on the controller's compaction (the soak tests that).
+            etcd_quota_bytes: Some(8 << 30),
+            etcd_auto_compaction: Some(200_000),
+            proxy: false,
+            controller_args: Vec::new(),
         },
         workload: Workload {
             batch: JobClass {
@@ -162,6 +175,40 @@ fn base(preset: Preset) -> RunSpec {
             spec.drain = Duration::from_secs(300);
             spec.raw_ceiling = Some(Duration::from_secs(10));
         }
+        Preset::Soak | Preset::Proxy => {
+            spec.cell.nodes = 10_000;
+            spec.cell.node_cpu_millis = 16_000;
+            spec.cell.node_memory_bytes = 64 * GI;
+            spec.cell.prefill = 0.0;
+            // etcd as shipped: its default quota, no compaction of its own; finished jobs are collected a
+            // minute after they end.
+            spec.cell.etcd_quota_bytes = None;
+            spec.cell.etcd_auto_compaction = None;
+            spec.cell.controller_args = vec!["--gc-after=1m".into()];
+            // ~6,000 tasks/s offered; tasks run 5-30 s: ~100,000 running, 60% of the cell's cpu.
+            spec.workload.batch = JobClass {
+                interval: Duration::from_millis(100),
+                tasks: Range { min: 200, max: 1000 },
+                runtime: Range { min: Duration::from_secs(5), max: Duration::from_secs(30) },
+            };
+            spec.workload.service = JobClass {
+                interval: Duration::from_secs(10),
+                tasks: Range { min: 10, max: 50 },
+                runtime: Range { min: Duration::from_secs(60), max: Duration::from_secs(120) },
+            };
+            spec.workload.task_memory_bytes = Range { min: GI, max: 2 * GI };
+            spec.schedulers.batch = 3;
+            spec.schedulers.batch_t_job = Duration::ZERO;
+            spec.schedulers.service_t_job = Duration::ZERO;
+            spec.schedulers.t_task = Duration::ZERO;
+            spec.duration = Duration::from_secs(600);
+            spec.drain = Duration::from_secs(120);
+            spec.raw_ceiling = None;
+            if preset == Preset::Proxy {
+                spec.schedulers.batch = 5;
+                spec.duration = Duration::from_secs(120);
+            }
+        }
         Preset::Smoke => {
             spec.cell.nodes = 100;
             spec.cell.prefill = 0.3;
@@ -208,6 +255,15 @@ pub fn runs(cli: &Cli) -> Vec<RunSpec> {
             backlog.workload.backlog_jobs = cli.backlog_jobs.unwrap_or(4);
             backlog.workload.backlog_tasks = cli.backlog_tasks.unwrap_or(50);
             variants.push(backlog);
+        }
+        Preset::Proxy => {
+            for proxy in [false, true] {
+                let mut s = spec.clone();
+                s.cell.proxy = proxy;
+                s.label = if proxy { "through grpc-proxy".into() } else { "direct".into() };
+                s.x = f64::from(u8::from(proxy));
+                variants.push(s);
+            }
         }
         Preset::Modes => {
             for detection in [DetectionArg::Fine, DetectionArg::Coarse] {
@@ -279,6 +335,7 @@ fn apply_overrides(cli: &Cli, s: &mut RunSpec) {
     set(&mut s.cell.node_memory_bytes, &cli.node_memory);
     set(&mut s.cell.prefill, &cli.prefill);
     set(&mut s.cell.max_txn_ops, &cli.max_txn_ops);
+    s.cell.proxy |= cli.proxy;
     set(&mut s.workload.batch.interval, &cli.batch_interval);
     set(&mut s.workload.batch.tasks, &cli.batch_tasks);
     set(&mut s.workload.batch.runtime, &cli.batch_runtime);

@@ -108,6 +108,11 @@ pub struct Config {
     /// Commit transactions in flight at once from this process.
     #[arg(long, default_value_t = 8)]
     pub max_in_flight: usize,
+    /// Keep commit latency under this by shrinking the in-flight window below --max-in-flight while etcd is
+    /// slow or overloaded (it grows back when answers are fast), so scheduling never starves node
+    /// heartbeats; `0`: always --max-in-flight. The window is the metric `omega_commit_window`.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub commit_latency_target: Duration,
     /// TTL of this instance's lease: its job ownership lapses this long after it dies.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,

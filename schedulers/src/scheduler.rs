@@ -94,6 +94,7 @@ impl Scheduler {
                 detection: config.detection(),
                 max_txn_ops: Some(config.max_txn_ops),
                 max_in_flight: config.max_in_flight,
+                latency_target: (!config.commit_latency_target.is_zero()).then_some(config.commit_latency_target),
                 placed_by: format!("{name}/{instance}"),
                 ..Default::default()
             },

@@ -282,6 +282,9 @@ pub struct CommitConfig {
     /// Transactions in flight at once from this committer (all its commits together). Bounds the load one
     /// scheduler puts on etcd, so lease renewals and other schedulers keep getting through.
     pub max_in_flight: usize,
+    /// Keep commit latency under this by shrinking the in-flight window (`None`: a fixed `max_in_flight`).
+    /// See [`crate::backpressure`]: a long etcd apply queue makes lease renewals fail.
+    pub latency_target: Option<Duration>,
     /// Who is committing (written into the tasks it places).
     pub placed_by: String,
 }
@@ -293,6 +296,7 @@ impl Default for CommitConfig {
             max_txn_ops: None,
             max_fine_retries: 8,
             max_in_flight: 8,
+            latency_target: None,
             placed_by: "omega".into(),
         }
     }
@@ -314,7 +318,10 @@ impl Committer {
             store.set_max_txn_ops(n);
         }
         Committer {
-            sender: Sender::new(store.clone(), config.max_in_flight),
+            sender: match config.latency_target {
+                Some(target) => Sender::adaptive(store.clone(), config.max_in_flight, target),
+                None => Sender::new(store.clone(), config.max_in_flight),
+            },
             store,
             config,
             stats: Arc::new(CommitStats::default()),
