@@ -164,12 +164,12 @@ async fn a_cut_off_agent_stops_its_tasks_before_they_are_placed_elsewhere_and_co
     assert_ne!(after.lease, before.lease);
     wait_no_containers(&daemon_a, 60).await;
     assert_nothing_held(&store, "node-a").await;
-    let ts = tasks_of(&store, "web").await.expect("tasks");
-    assert!(
-        ts.iter().all(|t| t.state == TaskState::Running && t.node.as_deref() == Some("node-b")),
-        "the replicas stay on node-b: {ts:#?}"
-    );
-    assert_eq!(running(&client_b).await.len(), 3);
+    eventually("the 3 replicas running on node-b, and only there", 60, || async {
+        let ts = tasks_of(&store, "web").await?;
+        let on_b = ts.iter().filter(|t| t.state == TaskState::Running && t.node.as_deref() == Some("node-b"));
+        (on_b.count() == 3 && running(&client_b).await.len() == 3 && running(&client_a).await.is_empty()).then_some(())
+    })
+    .await;
     let log = plain(&agent_a.log());
     assert!(log.contains("fence lifted"), "{log}");
     assert!(log.contains("already released elsewhere"), "the controller released them first: {log}");
