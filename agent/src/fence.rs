@@ -107,21 +107,29 @@ impl FencePlan {
 
 /// Whether the agent is fenced now, for its task runners. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct FenceSignal(watch::Receiver<bool>);
+pub struct FenceSignal {
+    fenced: watch::Receiver<bool>,
+    grace: Duration,
+}
 
 impl FenceSignal {
     /// A signal that never fences (for runners outside an agent that fences).
     pub fn never() -> FenceSignal {
-        FenceSignal(watch::channel(false).1)
+        FenceSignal { fenced: watch::channel(false).1, grace: Duration::ZERO }
     }
 
     pub fn is_fenced(&self) -> bool {
-        *self.0.borrow()
+        *self.fenced.borrow()
+    }
+
+    /// The stop grace fencing uses ([`FencePlan::grace`]).
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     /// Resolves once the agent is not fenced (at once if it is not now).
     pub async fn lifted(&self) {
-        let mut rx = self.0.clone();
+        let mut rx = self.fenced.clone();
         // A closed channel: the agent is shutting down and nothing fences any more.
         let _ = rx.wait_for(|fenced| !*fenced).await;
     }
@@ -137,8 +145,8 @@ pub struct Fence {
 
 impl Fence {
     pub fn new(plan: FencePlan, node: String, containerd: Arc<Containerd>) -> (Fence, FenceSignal) {
-        let (state, signal) = watch::channel(false);
-        (Fence { plan, node, containerd, state }, FenceSignal(signal))
+        let (state, fenced) = watch::channel(false);
+        (Fence { plan, node, containerd, state }, FenceSignal { fenced, grace: plan.grace })
     }
 
     /// Runs until the lease keeper is gone: fences when no renewal came in time, lifts the fence on the next.
@@ -182,7 +190,7 @@ impl Fence {
             node,
             tasks = stop.len(),
             kept_running = keep.len(),
-            stopped_by_in = ?expiry.saturating_duration_since(now + MARGIN),
+            deadline_in = ?expiry.saturating_duration_since(now + MARGIN),
             lease_expires_in = ?expiry.saturating_duration_since(now),
             since_renewed = ?now.saturating_duration_since(last.sent_at),
             ttl = ?self.plan.ttl,

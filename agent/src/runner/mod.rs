@@ -398,7 +398,7 @@ impl TaskRunner {
             // The fence fell while this container was starting and may have listed the node's containers
             // before it existed: stop it as the fence would have. Its exit then reads as fenced.
             let expiry = std::time::Instant::now() + self.config.lease_ttl;
-            fence_container(&self.containerd, &id, self.config.grace, expiry).await?;
+            fence_container(&self.containerd, &id, self.fence.grace(), expiry).await?;
         }
         failpoint::hit(failpoints::AFTER_START).await;
         let run = Run { number, container: id, pid: Some(pid), started_at_ms };
