@@ -164,6 +164,9 @@ pub struct Job {
     pub anti_affinity: bool,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// What a task does while its node's agent is cut off from etcd (default: it is stopped).
+    #[serde(default, skip_serializing_if = "OnDisconnect::is_stop")]
+    pub on_disconnect: OnDisconnect,
     /// How long a task runs on a simulated node (real nodes run the command until it exits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
@@ -198,8 +201,43 @@ impl Job {
                 },
                 ..RestartPolicy::default()
             },
+            on_disconnect: OnDisconnect::Stop,
             duration_ms: None,
         }
+    }
+
+    /// What a task of this job becomes when its node can no longer run it (the node was lost, or its agent
+    /// fenced itself): pending again for its scheduler, unless the job is a batch job that never restarts,
+    /// whose task ends `lost` (running it again would break "never").
+    pub fn state_after_node_loss(&self) -> TaskState {
+        match (self.kind, self.restart.mode) {
+            (JobKind::Batch, RestartMode::Never) => TaskState::Lost,
+            _ => TaskState::Pending,
+        }
+    }
+}
+
+/// What a job's tasks do while their node's agent cannot reach etcd (a network partition, etcd down).
+///
+/// The agent cannot tell a partition from a dead cell, and the controller on the other side cannot tell it
+/// from a dead node: once the node's lease expires (and the controller's grace has passed) the tasks are
+/// placed elsewhere. Like Nomad's `stop_after_client_disconnect`, the default stops them first, so a task
+/// never runs twice; a job may rather keep running and accept that a replacement overlaps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// Stopped (SIGTERM, the agent's grace, SIGKILL) before the node's lease can expire; handed back to its
+    /// scheduler once etcd is reachable again, unless the controller did that first.
+    #[default]
+    Stop,
+    /// Keeps running through the disconnect. If it lasts past the lease and the controller's grace, the task
+    /// is placed elsewhere too and both run until the agent is back and stops this one.
+    KeepRunning,
+}
+
+impl OnDisconnect {
+    pub fn is_stop(&self) -> bool {
+        *self == OnDisconnect::Stop
     }
 }
 

@@ -5,6 +5,8 @@
 //!
 //! - registers the node and keeps its liveness key alive on one lease ([`LeaseKeeper`]: if etcd was away for
 //!   longer than the TTL, or the lease was revoked, a new lease is granted and the key written again);
+//! - fences itself ([`crate::fence`]): when renewals stop coming in time, it stops its tasks before the lease
+//!   can expire and the controller can place them elsewhere, and lifts the fence when etcd answers again;
 //! - follows `assign/<node>/`: one supervised runner per assignment (task, placement). A new placement of a
 //!   task replaces the runner of the old one; a removed assignment (cancel, preemption, lost node) tells its
 //!   runner to stop the container with the grace period (whoever removed it has written the task's state);
@@ -15,11 +17,12 @@
 //! the same code as every runner's start, and is retried with the runner until it succeeds.
 
 use crate::containerd::Containerd;
+use crate::fence::{Fence, FencePlan, FenceSignal};
 use crate::runner::{TaskRunner, LABEL_PLACEMENT, LABEL_TASK};
 use crate::runners::Runners;
 use crate::supervisor::{supervise, Backoff};
 use omega::keys::{Key, Keys};
-use omega::lease::{LeaseKeeper, Register};
+use omega::lease::{granted_ttl, LeaseKeeper, LeaseOptions, Register};
 use omega::model::{now_ms, Assignment, Job, Node, RestartMode};
 use omega::resources::Resources;
 use omega::store::Store;
@@ -75,6 +78,8 @@ pub struct Agent {
     config: Arc<AgentConfig>,
     containerd: Arc<Containerd>,
     runners: Runners,
+    /// Whether the agent is fenced now (never, until `run` starts the fence).
+    fence: FenceSignal,
     /// Task -> the runner of its current assignment here.
     active: HashMap<String, Active>,
     /// Every runner and sweep spawned (stopping runners included), aborted at shutdown.
@@ -88,6 +93,7 @@ impl Agent {
             config: Arc::new(config),
             containerd: Arc::new(containerd),
             runners: Runners::new(),
+            fence: FenceSignal::never(),
             active: HashMap::new(),
             handles: Vec::new(),
         }
@@ -115,10 +121,20 @@ impl Agent {
             let name = name.clone();
             Box::pin(async move { store.put_liveness(&name, lease).await.map(|_| ()) })
         });
+        let plan = FencePlan::new(granted_ttl(self.config.lease_ttl), self.config.grace);
+        if plan.grace < self.config.grace {
+            tracing::warn!(node = self.config.node, lease_ttl = ?plan.ttl, grace = ?self.config.grace, fencing_grace = ?plan.grace,
+                "the lease TTL leaves too little room for the grace: tasks stopped by fencing get a shorter one \
+                 (raise --lease-ttl)");
+        }
+        let options = LeaseOptions { ttl: self.config.lease_ttl, renew_every: Some(plan.renew_every) };
         let keeper =
-            LeaseKeeper::start(self.store.clone(), self.config.lease_ttl, format!("node {}", node.name), register)
-                .await?;
-        tracing::info!(node = self.config.node, capacity = %self.config.capacity, "node registered");
+            LeaseKeeper::start_with(self.store.clone(), options, format!("node {}", node.name), register).await?;
+        tracing::info!(node = self.config.node, capacity = %self.config.capacity, renew_every = ?plan.renew_every,
+            fence_after = ?plan.window(), "node registered");
+        let (fence, signal) = Fence::new(plan, self.config.node.clone(), self.containerd.clone());
+        self.fence = signal;
+        let fence = tokio::spawn(fence.run(keeper.renewed()));
 
         let keys = self.store.keys().clone();
         let mut watcher = Watcher::new(self.store.clone(), keys.assignments_of(&self.config.node), 1000);
@@ -148,6 +164,7 @@ impl Agent {
             let _ = h.await;
         }
         self.active.clear();
+        fence.abort();
         drop(keeper);
         Ok(())
     }
@@ -209,6 +226,7 @@ impl Agent {
             containerd: self.containerd.clone(),
             config: self.config.clone(),
             runners: self.runners.clone(),
+            fence: self.fence.clone(),
             assignment,
         };
         let runner = Arc::new(runner);

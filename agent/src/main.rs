@@ -34,10 +34,12 @@ struct Args {
     /// A node label `key=value` (repeatable), for job constraints and spread.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Lease TTL: how long after this agent stops heartbeating the cell considers the node lost.
+    /// Lease TTL: how long after this agent stops heartbeating the cell considers the node lost. Cut off from
+    /// etcd, the agent stops its tasks `--lease-ttl` - `--grace` - 0.5 s after its last acknowledged renewal,
+    /// so keep it well above `--grace`.
     #[arg(long, default_value = "15s", value_parser = duration)]
     lease_ttl: Duration,
-    /// Grace between SIGTERM and SIGKILL when stopping a task.
+    /// Grace between SIGTERM and SIGKILL when stopping a task (also when fencing).
     #[arg(long, default_value = "10s", value_parser = duration)]
     grace: Duration,
     #[arg(long, default_value = "/run/containerd/containerd.sock")]

@@ -10,6 +10,9 @@
 //!   keeper grants a new one and writes its nodes' liveness keys again, so the nodes come back by themselves;
 //! - one watch on `assign/` serves every virtual node, and one cell-state cache gives the tasks' revisions;
 //! - transitions are written in batches every `tick` (guarded per task), not one round trip each.
+//!
+//! Unlike a real agent they do not fence themselves when cut off from etcd ([`crate::fence`] says why: their
+//! tasks run nowhere, and every write they make is guarded by the task's revision).
 
 use etcd_client::{PutOptions, Txn, TxnOp};
 use futures_util::FutureExt;

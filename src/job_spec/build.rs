@@ -222,6 +222,7 @@ impl Ctx<'_> {
                 job.restart.backoff_ms = backoff_ms;
             }
         }
+        job.on_disconnect = raw.on_disconnect.unwrap_or_default();
         job.duration_ms = raw.duration;
         Ok(job)
     }

@@ -31,6 +31,8 @@
 //!   policy: on_failure      # never | on_failure | always; default never (batch) or always (service)
 //!   max_restarts: 3         # default 0 (with `always`: unlimited)
 //!   backoff: 2s             # default 1s; doubles after each restart, up to a minute
+//! on_disconnect: stop       # stop (default) | keep_running: what a task does while its node is cut off
+//!                           # from etcd (see below)
 //! duration: 30s             # optional; how long a task runs on a simulated node
 //! ```
 //!
@@ -64,6 +66,13 @@
 //!   the YAML scalar, not from what YAML would make of it: `PORT: 8080` is `"8080"`, `VERSION: 1.10` stays
 //!   `"1.10"` (not `1.1`), `cpu: 0.5` is exactly 500 millicores. The flip side: `~` and `null` are not special
 //!   in string fields (`image: null` names an image called `null`).
+//! - **`on_disconnect: stop` by default.** A node agent that cannot renew its lease stops its tasks before
+//!   the lease can expire, because once it has expired (and the controller's grace has passed) the tasks are
+//!   placed elsewhere, and a task running twice (two writers, two leaders) is the worse failure for most jobs.
+//!   `keep_running` (Nomad's `stop_after_client_disconnect` left unset) suits a job for which an hour of
+//!   network trouble must not mean an outage and two copies for a while do no harm: its tasks run on through
+//!   the disconnect, and if it outlasts the lease a replacement runs beside them until the agent is back and
+//!   stops the old one.
 //! - **Anchors and aliases work; merge keys (`<<`) do not** (they are reported as an unknown field).
 //! - **Limits are checked before anything is written.** A file of at most 4 MiB, nested at most 32 levels deep,
 //!   checked by a linear scan before parsing, since the YAML parser's time grows with the square of the nesting

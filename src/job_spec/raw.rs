@@ -2,7 +2,7 @@
 
 use super::MAX_TASKS;
 use crate::keys::validate_name;
-use crate::model::{JobKind, RestartMode};
+use crate::model::{JobKind, OnDisconnect, RestartMode};
 use crate::units::{parse_cpu, parse_duration_ms, parse_memory};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -47,6 +47,8 @@ pub(super) struct RawJob {
     pub(super) gang: Option<bool>,
     #[serde(default)]
     pub(super) restart: Option<RawRestart>,
+    #[serde(default, deserialize_with = "de_on_disconnect")]
+    pub(super) on_disconnect: Option<OnDisconnect>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) duration: Option<u64>,
 }
@@ -133,6 +135,7 @@ scalar_field!(de_label, String, "a node label name such as `zone`", label);
 scalar_field!(de_text, String, "a string", label_value);
 scalar_field!(de_kind, JobKind, "`batch` or `service`", kind);
 scalar_field!(de_policy, RestartMode, "`never`, `on_failure` or `always`", policy);
+scalar_field!(de_on_disconnect, OnDisconnect, "`stop` or `keep_running`", on_disconnect);
 scalar_field!(de_cpu, u64, "a CPU quantity such as `500m` or `2`", cpu_request);
 scalar_field!(de_memory, u64, "a memory quantity such as `512Mi`", memory_request);
 scalar_field!(de_duration, u64, "a duration such as `2s` or `500ms`", parse_duration_ms);
@@ -179,6 +182,17 @@ fn policy(s: &str) -> Result<RestartMode, String> {
         "on_failure" => Ok(RestartMode::OnFailure),
         "always" => Ok(RestartMode::Always),
         _ => Err(format!("unknown restart policy `{s}`, expected `never`, `on_failure` or `always`")),
+    }
+}
+
+fn on_disconnect(s: &str) -> Result<OnDisconnect, String> {
+    match s {
+        "stop" => Ok(OnDisconnect::Stop),
+        "keep_running" => Ok(OnDisconnect::KeepRunning),
+        _ => Err(format!(
+            "unknown `{s}`, expected `stop` (the default: stopped before the node's lease can expire) or \
+             `keep_running` (runs on through a disconnect; a replacement may overlap it)"
+        )),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Rendering a job back into the job-file format.
 
-use crate::model::{Constraint, Job, JobKind, RestartMode};
+use crate::model::{Constraint, Job, JobKind, OnDisconnect, RestartMode};
 use crate::units;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -53,6 +53,10 @@ pub fn to_yaml(job: &Job) -> String {
             max_restarts: job.restart.max_restarts,
             backoff: render_duration(job.restart.backoff_ms),
         },
+        on_disconnect: match job.on_disconnect {
+            OnDisconnect::Stop => None,
+            OnDisconnect::KeepRunning => Some("keep_running"),
+        },
         duration: job.duration_ms.map(render_duration),
     };
     serde_norway::to_string(&out).expect("a job always renders as YAML")
@@ -89,6 +93,8 @@ struct OutJob<'a> {
     #[serde(skip_serializing_if = "is_false")]
     gang: bool,
     restart: OutRestart,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_disconnect: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration: Option<String>,
 }

@@ -2,7 +2,7 @@ use super::probe::PROBE;
 use super::render::{render_cpu, render_duration, render_memory, Quantity};
 use super::*;
 use crate::model::{Constraint, JobKind, RestartMode};
-use crate::model::{JobState, RestartPolicy};
+use crate::model::{JobState, OnDisconnect, RestartPolicy};
 use crate::resources::Resources;
 
 const FULL: &str = "\
@@ -34,6 +34,7 @@ restart:
   policy: on_failure
   max_restarts: 3
   backoff: 2s
+on_disconnect: keep_running
 duration: 30s
 ";
 
@@ -88,6 +89,7 @@ fn full_example_parses_to_the_expected_job() {
     expected.spread = Some("zone".into());
     expected.anti_affinity = true;
     expected.restart = RestartPolicy { mode: RestartMode::OnFailure, max_restarts: 3, backoff_ms: 2000 };
+    expected.on_disconnect = OnDisconnect::KeepRunning;
     expected.duration_ms = Some(30_000);
     assert_eq!(job, expected);
     assert_eq!(job.state, JobState::Pending);
@@ -172,6 +174,7 @@ fn to_yaml_renders_canonical_forms() {
     let yaml = to_yaml(&parse_job("train.yaml", MINIMAL).unwrap());
     assert!(yaml.contains("tasks: 8\n") && yaml.contains("  cpu: 4\n") && yaml.contains("memory: 16Gi"), "{yaml}");
     assert!(yaml.contains("policy: never") && !yaml.contains("priority"), "{yaml}");
+    assert!(!yaml.contains("on_disconnect"), "the default is not written: {yaml}");
 
     assert!(matches!(render_cpu(1500), Quantity::Text(s) if s == "1500m"));
     assert!(matches!(render_cpu(2000), Quantity::Number(2)));
@@ -411,4 +414,27 @@ fn a_job_too_large_for_one_etcd_request_is_refused_at_its_largest_field() {
     assert_err(&format!("{MINIMAL}args: [{}]\n", args.join(", ")), Some(6), Some("args"), &["this field alone"]);
     // Just under the limit is fine.
     assert!(parse_job("t", &format!("{MINIMAL}env:\n  BLOB: {}\n", "x".repeat(1_400_000))).is_ok());
+}
+
+#[test]
+fn on_disconnect_defaults_to_stop_and_names_both_choices_when_wrong() {
+    assert_eq!(parse_job("t.yaml", MINIMAL).unwrap().on_disconnect, OnDisconnect::Stop);
+    let keep = parse_job("t.yaml", &format!("{MINIMAL}on_disconnect: keep_running\n")).unwrap();
+    assert_eq!(keep.on_disconnect, OnDisconnect::KeepRunning);
+    assert!(to_yaml(&keep).contains("on_disconnect: keep_running\n"), "{}", to_yaml(&keep));
+    assert_err(
+        &format!("{MINIMAL}on_disconnect: keep\n"),
+        Some(6),
+        Some("on_disconnect"),
+        &["`stop`", "`keep_running`"],
+    );
+}
+
+#[test]
+fn a_job_record_without_on_disconnect_still_decodes_and_stops() {
+    let mut value = serde_json::to_value(parse_job("t.yaml", MINIMAL).unwrap()).unwrap();
+    assert!(value.get("on_disconnect").is_none(), "the default is not stored: {value}");
+    value.as_object_mut().unwrap().remove("on_disconnect");
+    let job: crate::model::Job = serde_json::from_value(value).unwrap();
+    assert_eq!(job.on_disconnect, OnDisconnect::Stop);
 }

@@ -3,7 +3,7 @@
 //! lease, a task nobody deleted), and `run` cleans up what it made itself when it fails part way, so a retry
 //! or the next agent starts from a state it knows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use containerd_client::services::v1::container::Runtime;
@@ -11,7 +11,7 @@ use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveS
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest,
     GetContainerRequest, GetRequest as GetTaskRequest, KillRequest, ListContainersRequest, ListTasksRequest,
-    ResumeTaskRequest, StartRequest,
+    ResumeTaskRequest, StartRequest, UpdateContainerRequest,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Mount;
@@ -277,6 +277,33 @@ impl Containerd {
             Err(e) => return Err(e),
         }
         self.delete_lease(&run_lease_id(id)).await
+    }
+
+    /// Sets one label of container `id`, leaving the others as they are. A label written this way outlives the
+    /// agent process (it is containerd's record), so it can say what happened to a container while no etcd
+    /// record could.
+    pub async fn set_label(&self, id: &str, key: &str, value: &str) -> Result<()> {
+        check_id(id)?;
+        let container = Container {
+            id: id.to_string(),
+            labels: [(key.to_string(), value.to_string())].into(),
+            ..Default::default()
+        };
+        let mask = prost_types::FieldMask { paths: vec![format!("labels.{key}")] };
+        let request = UpdateContainerRequest { container: Some(container), update_mask: Some(mask) };
+        self.call("containers.update", id, self.containers().update(self.request(request))).await?;
+        Ok(())
+    }
+
+    /// The labels of container `id`, or `None` when there is no such container.
+    pub async fn labels(&self, id: &str) -> Result<Option<BTreeMap<String, String>>> {
+        check_id(id)?;
+        let request = GetContainerRequest { id: id.to_string() };
+        match self.call("containers.get", id, self.containers().get(self.request(request))).await {
+            Ok(r) => Ok(r.container.map(|c| c.labels.into_iter().collect())),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Every container in the namespace with its task's state, for reconciliation after an agent restart.

@@ -5,7 +5,9 @@
 //!            +-------------------------------- restart policy: record run R+1, then delete run R -----+
 //!            v                                                                                       |
 //! discover -> start(R) -> running(R) -> exited(R) -> end recorded (release) -> task deleted -> container removed
-//!     |                                                                                       (done)
+//!     |                        |                                                              (done)
+//!     |                        +--> fenced (the agent lost etcd and stopped it) -> etcd back -> handed back
+//!     |                             (release to pending / lost, unless the controller did it) -> removed
 //!     +--> stop (the assignment is gone): SIGTERM, grace, SIGKILL, remove
 //! ```
 //!
@@ -33,6 +35,9 @@
 //! | absent | no | start run R |
 //! | absent, or its task gone | yes | the process vanished (containerd lost it): a failed run, exit unknown |
 //!
+//! A container labelled fenced ([`crate::fence`]) is never adopted nor its exit collected as the task's own:
+//! the fence stopped it, so the task is handed back as its node had been lost.
+//!
 //! Containers of runs older than R are removed (their exits are counted); containers of other placements
 //! belong to other runners or to the agent's sweep of leftovers.
 //!
@@ -46,12 +51,13 @@ mod record;
 use crate::agent::{log_path, should_restart, AgentConfig};
 use crate::containerd::{ContainerInfo, ContainerSpec, Containerd, Error as ContainerdError, Exit, TaskPhase};
 use crate::error::{Error, Result};
+use crate::fence::{fence_container, FenceSignal, KEEP_RUNNING, LABEL_FENCED, LABEL_ON_DISCONNECT};
 use crate::preemption::Victims;
 use crate::runners::Runners;
 use crate::supervisor::stop_requested;
 use omega::cell_state::Versioned;
 use omega::failpoint;
-use omega::model::{now_ms, Assignment, Job, RunInfo, Task, TaskState};
+use omega::model::{now_ms, Assignment, Job, OnDisconnect, RunInfo, Task, TaskState};
 use omega::store::Store;
 use record::Written;
 use std::collections::BTreeMap;
@@ -137,12 +143,16 @@ enum Step {
         recorded: bool,
     },
     Exited(Run, End),
+    /// The agent's fence stopped (or is stopping) this run; its exit, if seen, is not the task's own end.
+    Fenced(Run, Option<Exit>),
     End {
         container: String,
         state: TaskState,
         reason: Option<String>,
         info: RunInfo,
     },
+    /// Read the record again from the start (the agent was fenced before this run could start).
+    Rediscover,
     Stop,
     Done,
 }
@@ -153,6 +163,7 @@ pub struct TaskRunner {
     pub containerd: Arc<Containerd>,
     pub config: Arc<AgentConfig>,
     pub runners: Runners,
+    pub fence: FenceSignal,
     pub assignment: Assignment,
 }
 
@@ -163,16 +174,18 @@ impl TaskRunner {
 
     /// One attempt: find out where the task stands, then walk the state machine to its end.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
-        if let Some((job, mut step)) = self.discover(&stop).await? {
+        'discover: while let Some((job, mut step)) = self.discover(&stop).await? {
             loop {
                 step = match step {
                     Step::Start(n) => self.start(&job, n, &mut stop).await?,
                     Step::Running { run, recorded } => self.running(run, recorded, &mut stop).await?,
                     Step::Exited(run, end) => self.exited(&job, run, end, &mut stop).await?,
+                    Step::Fenced(run, exit) => self.fenced(&job, run, exit, &mut stop).await?,
                     Step::End { container, state, reason, info } => {
                         self.end(container, state, reason, info, &mut stop).await?
                     }
-                    Step::Stop => break,
+                    Step::Rediscover => continue 'discover,
+                    Step::Stop => break 'discover,
                     Step::Done => return Ok(()),
                 }
             }
@@ -260,6 +273,10 @@ impl TaskRunner {
             started_at_ms: recorded_start,
         };
         let step = match found {
+            Some(c) if c.labels.contains_key(LABEL_FENCED) => {
+                tracing::info!(task = a.task, container = c.id, "found a container the fence stopped");
+                Step::Fenced(run(&c, c.pid), None)
+            }
             Some(c) => match c.task {
                 TaskPhase::Alive | TaskPhase::Unknown => {
                     tracing::info!(task = a.task, container = c.id, "adopting a running container");
@@ -301,13 +318,16 @@ impl TaskRunner {
 
     fn spec(&self, job: &Job, id: &str, run: u32) -> ContainerSpec {
         let a = self.a();
-        let labels: BTreeMap<String, String> = [
+        let mut labels: BTreeMap<String, String> = [
             (LABEL_TASK.to_string(), a.task.clone()),
             (LABEL_PLACEMENT.to_string(), a.placement.to_string()),
             (LABEL_RUN.to_string(), run.to_string()),
             (LABEL_JOB.to_string(), a.job.clone()),
         ]
         .into();
+        if job.on_disconnect == OnDisconnect::KeepRunning {
+            labels.insert(LABEL_ON_DISCONNECT.to_string(), KEEP_RUNNING.to_string());
+        }
         ContainerSpec {
             id: id.to_string(),
             image: job.image.clone(),
@@ -338,6 +358,15 @@ impl TaskRunner {
         if *stop.borrow() {
             return Ok(Step::Stop);
         }
+        if self.fence.is_fenced() && job.on_disconnect == OnDisconnect::Stop {
+            // Nothing starts while the node may be given up; once etcd is back, the record says whether the
+            // task is still ours to start.
+            tracing::info!(task = a.task, "fenced: not starting; waiting for etcd");
+            tokio::select! {
+                _ = self.fence.lifted() => return Ok(Step::Rediscover),
+                _ = stop_requested(stop) => return Ok(Step::Stop),
+            }
+        }
         let id = container_id(&a.task, a.placement, number);
         let failed = |reason: String| Step::End {
             container: id.clone(),
@@ -365,6 +394,12 @@ impl TaskRunner {
             Err(e) => return Ok(failed(format!("start: {e}"))),
         };
         tracing::info!(task = a.task, container = id, pid, run = number, "started");
+        if self.fence.is_fenced() && job.on_disconnect == OnDisconnect::Stop {
+            // The fence fell while this container was starting and may have listed the node's containers
+            // before it existed: stop it as the fence would have. Its exit then reads as fenced.
+            let expiry = std::time::Instant::now() + self.config.lease_ttl;
+            fence_container(&self.containerd, &id, self.fence.grace(), expiry).await?;
+        }
         failpoint::hit(failpoints::AFTER_START).await;
         let run = Run { number, container: id, pid: Some(pid), started_at_ms };
         Ok(Step::Running { run, recorded: false })
@@ -403,6 +438,20 @@ impl TaskRunner {
             Err(e) if e.is_not_found() => End::Vanished,
             Err(e) => return Err(e.into()),
         };
+        let labels = self.containerd.labels(&run.container).await?.unwrap_or_default();
+        if labels.contains_key(LABEL_FENCED) {
+            tracing::info!(
+                task = self.a().task,
+                container = run.container,
+                end = end.describe(),
+                "stopped by the fence"
+            );
+            let exit = match end {
+                End::Exited(e) => Some(e),
+                End::Vanished => None,
+            };
+            return Ok(Step::Fenced(run, exit));
+        }
         tracing::info!(task = self.a().task, container = run.container, end = end.describe(), "run ended");
         failpoint::hit(failpoints::AFTER_EXIT).await;
         Ok(Step::Exited(run, end))
@@ -456,6 +505,46 @@ impl TaskRunner {
             ),
         };
         Ok(Step::End { container: run.container, state, reason, info })
+    }
+
+    /// A run the fence stopped: once etcd answers again, hands the task back as a lost node's task would be
+    /// (pending for its scheduler, or lost for a batch job that never restarts), compared on the task's
+    /// revision, so that if the controller released it first nothing is written; then removes the container.
+    async fn fenced(&self, job: &Job, run: Run, exit: Option<Exit>, stop: &mut watch::Receiver<bool>) -> Result<Step> {
+        let a = self.a();
+        tokio::select! {
+            _ = self.fence.lifted() => {}
+            _ = stop_requested(stop) => return Ok(Step::Stop),
+        }
+        // Found labelled but alive (the agent died between labelling and stopping): finish the fence's work.
+        let exit = match self.containerd.stop(&run.container, self.config.grace).await? {
+            Some(stopped) => Some(stopped),
+            None => exit,
+        };
+        let info = RunInfo {
+            container: run.container.clone(),
+            pid: run.pid,
+            started_at_ms: run.started_at_ms,
+            finished_at_ms: Some(exit.map_or_else(now_ms, |e| e.finished_at_ms)),
+            exit_code: exit.map(|e| e.code),
+            oom_killed: false,
+            restarts: run.number,
+        };
+        let state = job.state_after_node_loss();
+        let reason = format!(
+            "fenced: node {} was cut off from etcd, so its agent stopped the task before the node's lease could \
+             expire",
+            a.node
+        );
+        match self.record_end(state, Some(reason), info, stop).await? {
+            Written::Done => tracing::info!(task = a.task, %state, "fenced task handed back"),
+            Written::NotOurs => {
+                tracing::info!(task = a.task, "fenced task already released elsewhere (the controller)")
+            }
+            Written::Stopped => return Ok(Step::Stop),
+        }
+        self.delete_container(&run.container).await?;
+        Ok(Step::Done)
     }
 
     /// Records the end (retried until etcd takes it), then deletes the run's containerd state.

@@ -10,7 +10,7 @@
 use super::{queue::WorkQueue, ControllerConfig, Reconciled};
 use etcd_client::{Compare, CompareOp};
 use omega::cell_state::CellSnapshot;
-use omega::model::{JobKind, RestartMode, Task, TaskState};
+use omega::model::{Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
 use omega::txn::Group;
@@ -101,14 +101,10 @@ impl NodeReconciler {
     }
 }
 
-/// What a task becomes when its node is lost: pending again for its scheduler, unless it is a batch task
-/// that must not restart, which ends `lost`.
+/// What a task becomes when its node is lost ([`omega::model::Job::state_after_node_loss`], the rule a
+/// fencing agent follows too); a task whose job record is gone goes back to pending.
 fn after_loss(snapshot: &CellSnapshot, task: &Task) -> TaskState {
-    let job = snapshot.jobs.get(task.job.as_str());
-    match job.map(|j| (j.value.kind, j.value.restart.mode)) {
-        Some((JobKind::Batch, RestartMode::Never)) => TaskState::Lost,
-        _ => TaskState::Pending,
-    }
+    snapshot.jobs.get(task.job.as_str()).map_or(TaskState::Pending, |j| j.value.state_after_node_loss())
 }
 
 /// Deletes the record and ledger of `nodes` (down and empty long enough), each in one group compared on
