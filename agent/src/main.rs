@@ -36,8 +36,9 @@ struct Args {
     labels: Vec<(String, String)>,
     /// Lease TTL: how long after this agent stops heartbeating the cell considers the node lost. Cut off from
     /// etcd, the agent stops its tasks `--lease-ttl` - `--grace` - 0.5 s after its last acknowledged renewal,
-    /// so keep it well above `--grace`.
-    #[arg(long, default_value = "15s", value_parser = duration)]
+    /// so keep it well above `--grace`. Tens of seconds: under full commit load etcd 3.4 answers a renewal
+    /// late now and then, and a short TTL turns that into a lost node.
+    #[arg(long, default_value = "30s", value_parser = duration)]
     lease_ttl: Duration,
     /// Grace between SIGTERM and SIGKILL when stopping a task (also when fencing).
     #[arg(long, default_value = "10s", value_parser = duration)]
