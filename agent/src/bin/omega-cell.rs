@@ -49,6 +49,38 @@ struct Args {
     /// The agent's log service port.
     #[arg(long, default_value_t = 7070)]
     logs_port: u16,
+    /// Put `etcd grpc-proxy` in front of etcd on this loopback port and point the schedulers and the
+    /// controller at it (it coalesces their identical watches and lease keep-alives, as a cell with many
+    /// schedulers should run).
+    #[arg(long)]
+    proxy: Option<u16>,
+}
+
+/// `etcd grpc-proxy` on 127.0.0.1:`port` in front of `upstream`; returns it once it accepts connections.
+async fn spawn_proxy(upstream: &str, port: u16, logs: &Path) -> anyhow::Result<(Process, String)> {
+    let etcd = std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"));
+    let log = std::fs::File::create(logs.join("grpc-proxy.log"))?;
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(&etcd)
+        .args(["grpc-proxy", "start"])
+        .arg(format!("--endpoints={}", upstream.trim_start_matches("http://")))
+        .arg(format!("--listen-addr={listen}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {} grpc-proxy", etcd.display()))?;
+    let mut proxy = Process { name: "grpc-proxy".into(), child };
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            return Ok((proxy, format!("http://{listen}")));
+        }
+        if let Some(status) = proxy.child.try_wait()? {
+            anyhow::bail!("etcd grpc-proxy exited ({status}); see {}", logs.join("grpc-proxy.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("etcd grpc-proxy did not listen on {listen} within 30 s")
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -210,13 +242,22 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move { sim.run(stopped(rx)).await }));
     }
 
-    let batch = spawn_scheduler("batch", &endpoint, args.metrics_port, &logs)?;
-    let service = spawn_scheduler("service", &endpoint, args.metrics_port + 1, &logs)?;
-    let controller = spawn_controller(&endpoint, &logs)?;
+    // The schedulers and the controller go through the proxy if asked; the in-process agents, omctl and
+    // anything else go straight to etcd.
+    let (proxy, components) = match args.proxy {
+        Some(port) => {
+            let (p, at) = spawn_proxy(&endpoint, port, &logs).await?;
+            (Some(p), at)
+        }
+        None => (None, endpoint.clone()),
+    };
+    let batch = spawn_scheduler("batch", &components, args.metrics_port, &logs)?;
+    let service = spawn_scheduler("service", &components, args.metrics_port + 1, &logs)?;
+    let controller = spawn_controller(&components, &logs)?;
 
     println!(
         "Omega cell is up.\n\
-         \n  etcd        {endpoint} (data in {etcd_dir})\
+         \n  etcd        {endpoint} (data in {etcd_dir}){proxy_note}\
          \n  schedulers  batch-1 (metrics 127.0.0.1:{m1}), service-1 (metrics 127.0.0.1:{m2}); logs in {logs}\
          \n  agent       {agent_note}\
          \n  simulated   {simulated}\
@@ -228,6 +269,11 @@ async fn main() -> anyhow::Result<()> {
          \n  omctl jobs; omctl watch\
          \n\nCtrl-C stops everything.",
         etcd_dir = data_dir.join("etcd").display(),
+        proxy_note = if proxy.is_some() {
+            format!("; schedulers and controller through grpc-proxy {components}")
+        } else {
+            String::new()
+        },
         simulated = if simulate == 0 {
             "none (--simulate N adds N nodes)".to_string()
         } else {
@@ -248,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
     drop(batch);
     drop(service);
     drop(controller);
+    drop(proxy);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
