@@ -22,6 +22,7 @@
 //! [`jobs`] reconcilers look only at what is due. A full pass every `resync` is the safety net for anything a
 //! notice could have missed.
 
+pub mod disruption;
 mod jobs;
 mod nodes;
 pub mod queue;
