@@ -24,6 +24,7 @@
 
 pub mod disruption;
 mod jobs;
+mod metrics;
 mod nodes;
 pub mod queue;
 
@@ -55,6 +56,8 @@ pub struct ControllerConfig {
     /// Delete tasks without a job record (a submission that died half way) once nothing of them was written
     /// for this long.
     pub orphan_grace: Duration,
+    /// When many nodes lapse at once, releasing their tasks slows down or stops ([`disruption`]).
+    pub disruption: disruption::DisruptionPolicy,
 }
 
 /// Counters, for logs and tests.
@@ -182,7 +185,8 @@ async fn lead(
     let generation = keeper.state().generation;
     let mut lease_changes = keeper.watch();
     let mut queue: WorkQueue<Object> = WorkQueue::default();
-    let mut nodes = nodes::NodeReconciler::default();
+    let mut nodes = nodes::NodeReconciler::new(config);
+    metrics::leading(true);
     let mut next_resync = Instant::now();
     loop {
         if keeper.state().generation != generation {
@@ -197,7 +201,10 @@ async fn lead(
         let due = queue.pop_due(Instant::now());
         if !due.is_empty() {
             match reconcile(store, &snapshot, config, fence, &due, &mut nodes, &mut queue).await {
-                Ok(done) if done.any() => tracing::info!(?done, "reconciled"),
+                Ok(done) if done.any() => {
+                    metrics::reconciled(&done);
+                    tracing::info!(?done, "reconciled")
+                }
                 Ok(_) => {}
                 Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => {
                     return Ok(false)
