@@ -17,7 +17,9 @@
 //!   `threshold` of its nodes (those alive plus those lapsed);
 //! - the cell disrupted: no node's tasks are released, until enough nodes come back;
 //! - a zone disrupted (the cell not): its nodes' tasks are released at most `zone_rate` nodes a second
-//!   (0: none), longest down first;
+//!   (0: none), longest down first. A released node holds nothing, so it stops counting once out of the
+//!   window: a zone that really died is drained at the rate until what is left of it no longer makes a
+//!   disruption (fewer than `min_nodes`, or not more than `threshold`), and the rest go at once;
 //! - otherwise a down node's tasks are released once it has been down for the grace, as they always were.
 //!
 //! A node that comes back keeps its tasks (every release is compared on its liveness key being absent). When
