@@ -36,6 +36,7 @@ fn controller(etcd: &str, name: &str, lease: &str, metrics: &str, extra: &[&str]
     Proc::start("omega-controller", &args, name)
 }
 
+/// A service scheduler instance `name` (also its log's name: unique per test, as tests run in parallel).
 fn service_scheduler(etcd: &str, name: &str) -> Proc {
     Proc::start("omega-scheduler", &["--etcd", etcd, "--kind", "service", "--instance", name], name)
 }
@@ -84,7 +85,7 @@ async fn etcd_paused_past_every_lease_moves_no_task() {
     let ep = etcd.endpoint();
     let nodes = 12;
     let host = host(&ep, "p", nodes, "zone-a");
-    let _service = service_scheduler(&ep, "service-1");
+    let _service = service_scheduler(&ep, "svc-pause");
     let m = metrics_addr();
     // Its leadership lapses with everything else (and a new leadership finds the nodes down).
     let ctl = controller(&ep, "ctl-pause", "2s", &m, &[]);
@@ -169,7 +170,7 @@ async fn a_zone_lapsing_at_once_is_released_at_its_rate_and_a_lone_node_at_once(
     let mut b = host(&ep, "b", 4, "b");
     let _c = host(&ep, "c", 4, "c");
     let mut solo = host(&ep, "solo", 1, "a");
-    let _service = service_scheduler(&ep, "service-1");
+    let _service = service_scheduler(&ep, "svc-zones");
     let m = metrics_addr();
     let ctl = controller(&ep, "ctl-zones", "10s", &m, &["--disrupted-zone-eviction-rate", "0.5"]);
     wait_for("13 nodes alive", 30, async || (live(&store).await.len() == 13).then_some(())).await;
