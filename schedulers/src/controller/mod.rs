@@ -5,7 +5,8 @@
 //! leader has started. The leader watches the cell and:
 //! - **lost nodes**: a node whose liveness key is gone (its agent's lease lapsed) for longer than `grace`
 //!   loses its tasks: each is released from the node (ledger freed, assignment removed) and goes back to
-//!   `pending` for its scheduler, or, for a batch job that never restarts, ends `lost`;
+//!   `pending` for its scheduler, or, for a batch job that never restarts, ends `lost`; when many nodes lapse
+//!   at once (etcd or the network failing, not the nodes), more slowly or not at all ([`disruption`]);
 //! - **service replicas**: a replica that ended (failed after its restarts, or lost) is handed back to
 //!   `pending`, so the service keeps its replica count;
 //! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded,

@@ -22,6 +22,9 @@ use omega::txn::Group;
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// The node label that groups nodes into zones (the one the simulated nodes and the examples use).
+pub const ZONE_LABEL: &str = "zone";
+
 /// A node this leader has seen down.
 #[derive(Clone, Copy, Debug)]
 struct DownMark {
@@ -189,9 +192,6 @@ impl Drop for NodeReconciler {
         metrics::stood_down(self.disruption.zones());
     }
 }
-
-/// The node label that groups nodes into zones (the one the simulated nodes and the examples use).
-pub const ZONE_LABEL: &str = "zone";
 
 /// Logs each change of a zone's or the cell's state, once (not per node, not per pass).
 fn report(decision: &Decision, policy: &super::disruption::DisruptionPolicy) {
