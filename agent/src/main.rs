@@ -31,7 +31,8 @@ struct Args {
     /// Memory to offer, e.g. `16Gi` (default: all of it).
     #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
-    /// A node label `key=value` (repeatable), for job constraints and spread.
+    /// A node label `key=value` (repeatable), for job constraints and spread; with `--simulate`, every
+    /// simulated node gets it (a `zone` given here replaces the generated ones).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Lease TTL: how long after this agent stops heartbeating the cell considers the node lost. Cut off from
@@ -99,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             name_prefix: args.sim_prefix.clone(),
             capacity: Resources::new(args.sim_cpu, args.sim_memory),
             zones: args.sim_zones,
+            labels: args.labels.iter().cloned().collect(),
             lease_ttl: args.lease_ttl,
             ..Default::default()
         };

@@ -38,6 +38,9 @@ pub struct SimOptions {
     pub capacity: Resources,
     /// Nodes get a `zone` label `zone-<index % zones>`.
     pub zones: usize,
+    /// Labels every node gets on top (one given here wins over the generated `zone`): one host per zone, so a
+    /// test can take a whole zone away by killing one process.
+    pub labels: BTreeMap<String, String>,
     pub lease_ttl: Duration,
     pub nodes_per_lease: usize,
     /// How long a task takes to start.
@@ -55,6 +58,7 @@ impl Default for SimOptions {
             name_prefix: "sim".into(),
             capacity: Resources::new(16_000, 64 << 30),
             zones: 3,
+            labels: BTreeMap::new(),
             lease_ttl: Duration::from_secs(15),
             nodes_per_lease: 1000,
             start_delay: Duration::from_millis(50),
@@ -135,11 +139,12 @@ impl SimulatedNodes {
         let per_txn = store.limits().max_ops().saturating_sub(8).max(8);
         let mut ops = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let labels: BTreeMap<String, String> = [
+            let mut labels: BTreeMap<String, String> = [
                 ("zone".to_string(), format!("zone-{}", i % options.zones.max(1))),
                 ("simulated".to_string(), "true".to_string()),
             ]
             .into();
+            labels.extend(options.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
             let node = Node {
                 name: name.clone(),
                 capacity: options.capacity,

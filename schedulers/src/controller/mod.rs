@@ -5,7 +5,8 @@
 //! leader has started. The leader watches the cell and:
 //! - **lost nodes**: a node whose liveness key is gone (its agent's lease lapsed) for longer than `grace`
 //!   loses its tasks: each is released from the node (ledger freed, assignment removed) and goes back to
-//!   `pending` for its scheduler, or, for a batch job that never restarts, ends `lost`;
+//!   `pending` for its scheduler, or, for a batch job that never restarts, ends `lost`; when many nodes lapse
+//!   at once (etcd or the network failing, not the nodes), more slowly or not at all ([`disruption`]);
 //! - **service replicas**: a replica that ended (failed after its restarts, or lost) is handed back to
 //!   `pending`, so the service keeps its replica count;
 //! - **batch completion**: a batch job whose tasks have all ended is `succeeded` if every task succeeded,
@@ -26,7 +27,9 @@
 //! notice could have missed.
 
 mod compaction;
+pub mod disruption;
 mod jobs;
+mod metrics;
 mod nodes;
 pub mod queue;
 mod retention;
@@ -64,6 +67,8 @@ pub struct ControllerConfig {
     /// Compact etcd's history this often, to the revision of one period earlier; `None`: never (etcd runs
     /// with `--auto-compaction-*`, or an operator compacts).
     pub compact_every: Option<Duration>,
+    /// When many nodes lapse at once, releasing their tasks slows down or stops ([`disruption`]).
+    pub disruption: disruption::DisruptionPolicy,
 }
 
 /// How often the leader checks the cap on finished tasks (a walk over every job).
@@ -194,7 +199,8 @@ async fn lead(
     let generation = keeper.state().generation;
     let mut lease_changes = keeper.watch();
     let mut queue: WorkQueue<Object> = WorkQueue::default();
-    let mut nodes = nodes::NodeReconciler::default();
+    let mut nodes = nodes::NodeReconciler::new(config);
+    metrics::leading(true);
     let mut next_resync = Instant::now();
     let mut next_retention = Instant::now() + RETENTION_EVERY;
     // Runs while this replica leads; aborted when `lead` returns.
@@ -226,7 +232,10 @@ async fn lead(
         let due = queue.pop_due(Instant::now());
         if !due.is_empty() {
             match reconcile(store, &snapshot, config, fence, &due, &mut nodes, &mut queue).await {
-                Ok(done) if done.any() => tracing::info!(?done, "reconciled"),
+                Ok(done) if done.any() => {
+                    metrics::reconciled(&done);
+                    tracing::info!(?done, "reconciled")
+                }
                 Ok(_) => {}
                 Err(e) if matches!(e.downcast_ref::<omega::Error>(), Some(omega::Error::NotLeader(_))) => {
                     return Ok(false)

@@ -1,0 +1,92 @@
+//! The controller's Prometheus metrics (served by `omega-controller --metrics-addr`).
+//!
+//! The counters and gauges of the cell are the leader's: a replica that waits reports
+//! `omega_controller_leader 0` and its gauges at zero, so a dashboard can sum over replicas.
+
+use super::disruption::{Decision, Scope};
+use super::Reconciled;
+
+/// 1 while this replica leads.
+pub fn leading(yes: bool) {
+    metrics::gauge!("omega_controller_leader").set(if yes { 1.0 } else { 0.0 });
+}
+
+/// What a reconcile pass did.
+pub fn reconciled(done: &Reconciled) {
+    let counters = [
+        ("omega_controller_lost_tasks_total", done.lost_tasks),
+        ("omega_controller_replaced_replicas_total", done.replaced_replicas),
+        ("omega_controller_finished_jobs_total", done.finished_jobs),
+        ("omega_controller_collected_jobs_total", done.collected_jobs),
+        ("omega_controller_collected_nodes_total", done.collected_nodes),
+        ("omega_controller_collected_orphans_total", done.collected_orphans),
+    ];
+    for (name, n) in counters {
+        if n > 0 {
+            metrics::counter!(name).increment(n as u64);
+        }
+    }
+}
+
+/// Nodes registered and down, as this leader sees them.
+pub fn nodes(registered: usize, down: usize) {
+    metrics::gauge!("omega_controller_nodes").set(registered as f64);
+    metrics::gauge!("omega_controller_nodes_down").set(down as f64);
+}
+
+/// Nodes whose tasks were released (some tasks of each, at least).
+pub fn evicted(nodes: usize) {
+    if nodes > 0 {
+        metrics::counter!("omega_controller_evictions_total").increment(nodes as u64);
+    }
+}
+
+/// What the disruption rules decided.
+pub fn decided(decision: &Decision) {
+    metrics::gauge!("omega_controller_cell_disrupted").set(f64::from(u8::from(decision.cell_disrupted)));
+    let mut disrupted = 0;
+    for (zone, report) in &decision.zones {
+        disrupted += usize::from(report.disrupted);
+        metrics::gauge!("omega_controller_zone_disrupted", "zone" => zone.clone())
+            .set(f64::from(u8::from(report.disrupted)));
+        metrics::gauge!("omega_controller_zone_nodes_lapsed", "zone" => zone.clone()).set(report.count.lapsed as f64);
+    }
+    metrics::gauge!("omega_controller_zones_disrupted").set(disrupted as f64);
+    metrics::gauge!("omega_controller_nodes_lapsed").set(decision.cell.lapsed as f64);
+    metrics::gauge!("omega_controller_nodes_held").set(decision.held.len() as f64);
+    if decision.newly_held > 0 {
+        metrics::counter!("omega_controller_evictions_held_total").increment(decision.newly_held as u64);
+    }
+    if decision.returned > 0 {
+        metrics::counter!("omega_controller_held_nodes_returned_total").increment(decision.returned as u64);
+    }
+    for change in &decision.changes {
+        if let super::disruption::Change::Disrupted(scope, _) = change {
+            match scope {
+                Scope::Cell => metrics::counter!("omega_controller_cell_disruptions_total").increment(1),
+                Scope::Zone(zone) => {
+                    metrics::counter!("omega_controller_zone_disruptions_total", "zone" => zone.clone()).increment(1)
+                }
+            }
+        }
+    }
+}
+
+/// This replica stops leading: the cell's gauges are someone else's now.
+pub fn stood_down<'a>(zones: impl Iterator<Item = &'a str>) {
+    leading(false);
+    for zone in zones {
+        metrics::gauge!("omega_controller_zone_disrupted", "zone" => zone.to_string()).set(0.0);
+        metrics::gauge!("omega_controller_zone_nodes_lapsed", "zone" => zone.to_string()).set(0.0);
+    }
+    for name in [
+        "omega_controller_cell_disrupted",
+        "omega_controller_zones_disrupted",
+        "omega_controller_nodes_lapsed",
+        "omega_controller_nodes_held",
+        "omega_controller_nodes",
+        "omega_controller_nodes_down",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+}
