@@ -7,7 +7,6 @@ use omega::cell_state::{CellSnapshot, CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, CommitReport, Committer};
 use omega::etcd_process::EtcdOptions;
 use omega::resources::Resources;
-use omega::store::Store;
 use omega_testkit::*;
 
 const TASK: Resources = Resources::new(100, 1 << 20);

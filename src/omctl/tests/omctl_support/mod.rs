@@ -6,7 +6,6 @@ use omega::cell_state::CellSnapshot;
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
 use omega::model::Task;
 use omega::store::Store;
-use omega::Error;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
