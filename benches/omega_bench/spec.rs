@@ -150,7 +150,24 @@ fn base(preset: Preset) -> RunSpec {
         raw_ceiling: Some(Duration::from_secs(5)),
     };
     match preset {
-        Preset::TjobSweep | Preset::Modes => {}
+        Preset::TjobSweep => {
+            // The paper's simulator's cell and synthetic workload (notes/omega-paper.md): 10,000 machines of
+            // 4 cpu / 16 GB, 60% pre-filled; a batch job every ~6.5 s with ~100 tasks of 10-100 s; a service
+            // job every ~12.5 s with 10-100 tasks of 10-500 s. Sparse arrivals: five minutes per point.
+            spec.cell.nodes = 10_000;
+            spec.workload.batch = JobClass {
+                interval: Duration::from_millis(6500),
+                tasks: Range { min: 50, max: 150 },
+                runtime: Range { min: Duration::from_secs(10), max: Duration::from_secs(100) },
+            };
+            spec.workload.service = JobClass {
+                interval: Duration::from_millis(12_500),
+                tasks: Range { min: 10, max: 100 },
+                runtime: Range { min: Duration::from_secs(10), max: Duration::from_secs(500) },
+            };
+            spec.duration = Duration::from_secs(300);
+        }
+        Preset::Modes => {}
         Preset::Baselines => spec.schedulers.service_t_job = Duration::from_secs(1),
         Preset::ScaleBatch => {
             spec.cell.nodes = 2000;

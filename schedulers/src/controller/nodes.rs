@@ -19,7 +19,7 @@ use omega::model::{Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
 use omega::txn::Group;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// The node label that groups nodes into zones (the one the simulated nodes and the examples use).
@@ -41,6 +41,9 @@ pub struct NodeReconciler {
     disruption: Disruption,
     /// Whether the first pass (the whole cell, at election) is done: nodes found down then were not seen going.
     looked: bool,
+    /// Nodes this leader has seen alive: a node without a liveness key that was never alive is registering
+    /// (its record is written before its liveness key), not lapsing, and must not count toward a disruption.
+    seen_alive: HashSet<String>,
 }
 
 impl NodeReconciler {
@@ -49,6 +52,7 @@ impl NodeReconciler {
             down: HashMap::new(),
             disruption: Disruption::new(config.disruption.clone(), config.grace),
             looked: false,
+            seen_alive: HashSet::new(),
         }
     }
 
@@ -75,11 +79,15 @@ impl NodeReconciler {
             let registered =
                 snapshot.allocations.contains_key(node.as_str()) || snapshot.nodes.contains_key(node.as_str());
             if snapshot.live.contains_key(node.as_str()) || !registered {
+                if registered {
+                    self.seen_alive.insert(node.clone());
+                }
                 look_at_cell |= self.down.remove(node).is_some();
                 continue;
             }
             look_at_cell = true;
-            let since = self.down.entry(node.clone()).or_insert(DownMark { since: now, witnessed }).since;
+            let seen_going = witnessed && self.seen_alive.contains(node);
+            let since = self.down.entry(node.clone()).or_insert(DownMark { since: now, witnessed: seen_going }).since;
             let down_for = now.duration_since(since);
             if snapshot.tasks_on(node).next().is_some() {
                 // Released (or held back) by the rules below, once its grace has run out.
@@ -165,11 +173,15 @@ impl NodeReconciler {
                 .map(String::as_str)
                 .unwrap_or("");
             let health = if snapshot.live.contains_key(&**name) {
+                if !self.seen_alive.contains(&**name) {
+                    self.seen_alive.insert(name.to_string());
+                }
                 Health::Alive
             } else {
+                let seen_going = witnessed && self.seen_alive.contains(&**name);
                 let mark = *self.down.entry(name.to_string()).or_insert_with(|| {
                     queue.add(super::Object::Node(name.to_string()));
-                    DownMark { since: now, witnessed }
+                    DownMark { since: now, witnessed: seen_going }
                 });
                 let holds_tasks = snapshot.tasks_on(name).next().is_some();
                 Health::Down { since: mark.since, witnessed: mark.witnessed, holds_tasks }
@@ -181,6 +193,8 @@ impl NodeReconciler {
 
     /// Forgets nodes the cell no longer has.
     pub fn retain(&mut self, snapshot: &CellSnapshot) {
+        self.seen_alive
+            .retain(|n| snapshot.allocations.contains_key(n.as_str()) || snapshot.nodes.contains_key(n.as_str()));
         self.down
             .retain(|n, _| snapshot.allocations.contains_key(n.as_str()) || snapshot.nodes.contains_key(n.as_str()));
     }
