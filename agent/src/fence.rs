@@ -198,6 +198,8 @@ impl Fence {
             "FENCING: cut off from etcd; stopping this node's tasks before its lease can expire and they are \
              placed elsewhere"
         );
+        metrics::counter!("omega_agent_fencings_total").increment(1);
+        metrics::counter!("omega_agent_fenced_tasks_total").increment(stop.len() as u64);
         let mut stops = JoinSet::new();
         for c in stop {
             let containerd = self.containerd.clone();

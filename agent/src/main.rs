@@ -62,6 +62,10 @@ struct Args {
     /// listen address; required when listening on 0.0.0.0, which no other machine can dial).
     #[arg(long)]
     advertise: Option<String>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9105): fencings, etcd out of space
+    /// (`omega_etcd_space_exceeded`).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Host this many simulated nodes instead of running containers.
     #[arg(long)]
     simulate: Option<usize>,
@@ -90,6 +94,15 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(addr) = args.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        metrics::gauge!("omega_etcd_space_exceeded").set(0.0);
+        metrics::counter!("omega_agent_fencings_total").absolute(0);
+        metrics::counter!("omega_agent_fenced_tasks_total").absolute(0);
+    }
     let keys = Keys::new(&args.prefix)?;
     let store = Store::connect_with_retry(&args.etcd, keys, Duration::from_secs(600)).await?;
     let shutdown = omega::shutdown::signal();

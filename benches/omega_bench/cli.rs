@@ -148,7 +148,7 @@ pub struct Cli {
     /// etcd's --max-txn-ops (the schedulers are told the same).
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
-    /// The cell's components (schedulers, nodes, controller) reach etcd through `etcd grpc-proxy`.
+    /// The schedulers and the controller reach etcd through `etcd grpc-proxy` (the simulated nodes go direct).
     #[arg(long)]
     pub proxy: bool,
 

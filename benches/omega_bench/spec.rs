@@ -21,7 +21,7 @@ pub struct Cell {
     pub etcd_quota_bytes: Option<u64>,
     /// etcd compacts itself, keeping this many revisions (`None`: only the controller compacts).
     pub etcd_auto_compaction: Option<u64>,
-    /// The cell's components reach etcd through `etcd grpc-proxy`.
+    /// The schedulers and the controller reach etcd through `etcd grpc-proxy`.
     pub proxy: bool,
     /// Extra flags for the controller.
     pub controller_args: Vec<String>,

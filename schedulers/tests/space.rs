@@ -40,13 +40,28 @@ async fn a_full_etcd_is_said_by_every_component_and_the_cell_resumes_once_space_
     let args =
         ["--etcd", &ep, "--kind", "batch", "--instance", "b-1", "--lease-ttl", "30s", "--metrics-addr", &metrics];
     let scheduler = Proc::start("omega-scheduler", &args, "space-scheduler");
+    let agent_metrics = metrics_addr();
     let host = Proc::start(
         "omega-agent",
-        &["--etcd", &ep, "--simulate", "2", "--sim-prefix", "full", "--sim-cpu", "4", "--sim-memory", "8Gi"],
+        &[
+            "--etcd",
+            &ep,
+            "--simulate",
+            "2",
+            "--sim-prefix",
+            "full",
+            "--sim-cpu",
+            "4",
+            "--sim-memory",
+            "8Gi",
+            "--metrics-addr",
+            &agent_metrics,
+        ],
         "space-agent",
     );
     let _controller = Proc::start("omega-controller", &["--etcd", &ep, "--instance", "ctl-1"], "space-controller");
     assert_eq!(metric(&scrape_when_up(&metrics).await, "omega_etcd_space_exceeded"), 0.0);
+    assert_eq!(metric(&scrape_when_up(&agent_metrics).await, "omega_etcd_space_exceeded"), 0.0);
 
     // Work in flight when etcd fills: tasks running (their ends must wait), and a job the scheduler has not
     // placed yet (it is stopped while the job arrives and etcd fills).
@@ -67,7 +82,11 @@ async fn a_full_etcd_is_said_by_every_component_and_the_cell_resumes_once_space_
         (full && scheduler.log().contains(said)).then_some(())
     })
     .await;
-    wait_for("the agent to say etcd is full", 60, async || host.log().contains(said).then_some(())).await;
+    wait_for("the agent to say etcd is full", 60, async || {
+        let full = metric(&scrape(&agent_metrics).await, "omega_etcd_space_exceeded") == 1.0;
+        (full && host.log().contains(said)).then_some(())
+    })
+    .await;
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         file.path(),
