@@ -124,11 +124,27 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
         }
         burst.get_or_insert(submitted);
         let ids: Vec<String> = plan.prefill.iter().map(|j| j.id.clone()).collect();
-        let limit = Duration::from_secs(120) + Duration::from_millis(tasks);
+        // The batch scheduler pays t_task per unplaced task (the paper's decision-time model), so a large
+        // prefill takes that long to decide on top of placing it.
+        let limit = Duration::from_secs(120) + (spec.schedulers.t_task + Duration::from_millis(1)) * tasks as u32;
         wait_until(&mut procs, "the prefill to be placed", limit, || async {
             let seen = observer.seen.lock();
             let placed: u64 = ids.iter().map(|id| seen.jobs.get(id).map_or(0, |j| j.0 as u64)).sum();
             Ok((placed >= tasks).then_some(()))
+        })
+        .await?;
+        // The watch can show a commit before the scheduler that made it has counted it: wait until the
+        // schedulers' counters hold the whole prefill, so none of it is counted inside the measurement.
+        let addrs: Vec<String> = procs.schedulers.iter().map(|s| s.metrics.clone()).collect();
+        wait_until(&mut procs, "the schedulers to count the prefill", Duration::from_secs(60), || {
+            let addrs = addrs.clone();
+            async move {
+                let mut counted = 0.0;
+                for a in &addrs {
+                    counted += SchedulerCounters::parse(&scrape::scrape(a).await?).placed;
+                }
+                Ok((counted >= tasks as f64).then_some(()))
+            }
         })
         .await?;
     }
