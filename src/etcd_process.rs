@@ -29,10 +29,15 @@ pub struct EtcdOptions {
     pub startup_timeout: Duration,
 }
 
+/// The etcd binary: `$OMEGA_ETCD_BIN`, else `etcd` on `PATH`.
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
 impl Default for EtcdOptions {
     fn default() -> Self {
         EtcdOptions {
-            binary: std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd")),
+            binary: etcd_binary(),
             max_txn_ops: None,
             quota_backend_bytes: None,
             auto_compaction_revisions: None,
@@ -322,5 +327,70 @@ impl EtcdCluster {
 impl Drop for EtcdProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `etcd grpc-proxy` (the same binary) on a loopback port, in front of `upstream`: what a local cell or a
+/// benchmark puts between many schedulers and etcd. Killed when dropped.
+pub struct EtcdProxy {
+    child: Child,
+    endpoint: String,
+}
+
+impl EtcdProxy {
+    /// Starts the proxy on 127.0.0.1:`port` (a free port when `None`), logging to `log`, and waits (up to
+    /// 30 s) until it accepts connections.
+    pub async fn start(upstream: &[String], port: Option<u16>, log: &Path) -> Result<EtcdProxy> {
+        let listen = format!(
+            "127.0.0.1:{}",
+            match port {
+                Some(p) => p,
+                None => free_port()?,
+            }
+        );
+        let binary = etcd_binary();
+        let out = std::fs::File::create(log)?;
+        let members: Vec<&str> = upstream.iter().map(|e| e.trim_start_matches("http://")).collect();
+        let child = Command::new(&binary)
+            .args(["grpc-proxy", "start"])
+            .arg(format!("--endpoints={}", members.join(",")))
+            .arg(format!("--listen-addr={listen}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| Error::Process(format!("cannot run {binary:?} grpc-proxy: {e}")))?;
+        let mut proxy = EtcdProxy { child, endpoint: format!("http://{listen}") };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&listen).await.is_err() {
+            if let Some(status) = proxy.child.try_wait()? {
+                return Err(Error::Process(format!("etcd grpc-proxy exited with {status}; see {}", log.display())));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Process(format!("etcd grpc-proxy did not listen on {listen} within 30 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(proxy)
+    }
+
+    /// The endpoint clients use instead of etcd's.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Fails if the proxy has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => Err(Error::Process(format!("etcd grpc-proxy exited with {status}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EtcdProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -142,33 +142,6 @@ impl Drop for Proc {
     }
 }
 
-/// `etcd grpc-proxy` in front of `endpoints`, on a free loopback port: the endpoint the cell's components
-/// use. It coalesces identical watches and lease keep-alives into one upstream stream each.
-pub async fn start_proxy(endpoints: &[String], logs: &Path) -> Result<(Proc, String)> {
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let etcd = std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"));
-    let args = vec![
-        "grpc-proxy".to_string(),
-        "start".into(),
-        format!(
-            "--endpoints={}",
-            endpoints.iter().map(|e| e.trim_start_matches("http://")).collect::<Vec<_>>().join(",")
-        ),
-        format!("--listen-addr={listen}"),
-    ];
-    let mut proc = Proc::start_program(&etcd, "grpc-proxy", &args, logs)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(&listen).await.is_err() {
-        proc.check_alive()?;
-        if std::time::Instant::now() > deadline {
-            bail!("etcd grpc-proxy did not listen on {listen} within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok((proc, format!("http://{listen}")))
-}
-
 /// A scheduler process and where its metrics are served.
 pub struct SchedulerProc {
     pub proc: Proc,

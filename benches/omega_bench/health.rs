@@ -7,9 +7,9 @@
 //! adds.
 
 use crate::observe::Seen;
-use etcd_client::{EventType, WatchOptions};
 use omega::keys::Keys;
-use omega::store::Store;
+use omega::store::{Store, DEFAULT_PAGE_SIZE};
+use omega::watcher::{Change, WatchEvent, Watcher};
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,33 +108,14 @@ impl Drop for Sampler {
     }
 }
 
-/// Counts DELETE events under `prefix`, re-watching (from the next revision) if the stream breaks.
+/// Counts deletes under `prefix`, with the project's watcher (it resumes a broken stream; after a
+/// compaction it re-lists, and deletes in the gap are not counted).
 async fn count_deletes(store: Store, prefix: String, lost: Arc<AtomicU64>) {
-    let mut from = 0i64;
+    let mut watcher = Watcher::new(store, prefix, DEFAULT_PAGE_SIZE);
     loop {
-        let mut options = WatchOptions::new().with_prefix();
-        if from > 0 {
-            options = options.with_start_revision(from);
+        if let WatchEvent::Changes { changes, .. } = watcher.next().await {
+            let deleted = changes.iter().filter(|c| matches!(c, Change::Delete { .. })).count();
+            lost.fetch_add(deleted as u64, Ordering::Relaxed);
         }
-        let Ok(mut stream) = store.stream_client().watch(prefix.as_str(), Some(options)).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        };
-        while let Ok(Some(resp)) = stream.message().await {
-            if resp.canceled() {
-                // Compacted past where we were: count from now on.
-                from = 0;
-                break;
-            }
-            for event in resp.events() {
-                if event.event_type() == EventType::Delete {
-                    lost.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(kv) = event.kv() {
-                    from = kv.mod_revision() + 1;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -17,14 +17,13 @@ pub struct Environment {
 
 impl Environment {
     pub fn here() -> Environment {
-        let etcd_version =
-            std::process::Command::new(std::env::var("OMEGA_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
-                .arg("--version")
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .and_then(|s| s.lines().next().map(str::to_string))
-                .unwrap_or_default();
+        let etcd_version = std::process::Command::new(omega::etcd_process::etcd_binary())
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default();
         Environment {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             started_utc: omega::units::utc(omega::model::now_ms()),

@@ -35,7 +35,7 @@ pub struct RunContext {
 
 /// The processes of a run; dropping it kills them all.
 struct Processes {
-    proxy: Option<Proc>,
+    proxy: Option<omega::etcd_process::EtcdProxy>,
     agent: Proc,
     controller: Proc,
     schedulers: Vec<SchedulerProc>,
@@ -68,7 +68,9 @@ pub async fn run(spec: &RunSpec, ctx: &RunContext) -> Result<RunResult> {
     // the simulated nodes go direct.
     let (proxy, endpoints) = match spec.cell.proxy {
         true => {
-            let (p, endpoint) = cell::start_proxy(&direct, &ctx.logs).await?;
+            std::fs::create_dir_all(&ctx.logs)?;
+            let p = omega::etcd_process::EtcdProxy::start(&direct, None, &ctx.logs.join("grpc-proxy.log")).await?;
+            let endpoint = p.endpoint().to_string();
             (Some(p), vec![endpoint])
         }
         false => (None, direct.clone()),

@@ -8,7 +8,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use omega::etcd_process::{EtcdOptions, EtcdProcess};
+use omega::etcd_process::{EtcdOptions, EtcdProcess, EtcdProxy};
 use omega::keys::Keys;
 use omega::resources::Resources;
 use omega::store::Store;
@@ -54,33 +54,6 @@ struct Args {
     /// schedulers should run).
     #[arg(long)]
     proxy: Option<u16>,
-}
-
-/// `etcd grpc-proxy` on 127.0.0.1:`port` in front of `upstream`; returns it once it accepts connections.
-async fn spawn_proxy(upstream: &str, port: u16, logs: &Path) -> anyhow::Result<(Process, String)> {
-    let etcd = std::env::var_os("OMEGA_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"));
-    let log = std::fs::File::create(logs.join("grpc-proxy.log"))?;
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(&etcd)
-        .args(["grpc-proxy", "start"])
-        .arg(format!("--endpoints={}", upstream.trim_start_matches("http://")))
-        .arg(format!("--listen-addr={listen}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {} grpc-proxy", etcd.display()))?;
-    let mut proxy = Process { name: "grpc-proxy".into(), child };
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
-            return Ok((proxy, format!("http://{listen}")));
-        }
-        if let Some(status) = proxy.child.try_wait()? {
-            anyhow::bail!("etcd grpc-proxy exited ({status}); see {}", logs.join("grpc-proxy.log").display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("etcd grpc-proxy did not listen on {listen} within 30 s")
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -246,7 +219,8 @@ async fn main() -> anyhow::Result<()> {
     // anything else go straight to etcd.
     let (proxy, components) = match args.proxy {
         Some(port) => {
-            let (p, at) = spawn_proxy(&endpoint, port, &logs).await?;
+            let p = EtcdProxy::start(&etcd.endpoints(), Some(port), &logs.join("grpc-proxy.log")).await?;
+            let at = p.endpoint().to_string();
             (Some(p), at)
         }
         None => (None, endpoint.clone()),
