@@ -187,9 +187,10 @@ impl CellSnapshot {
         out
     }
 
-    /// The tasks of a job, by index (a job's task ids are `<job>/0 .. <job>/<n-1>`).
+    /// The tasks of a job, by index: ids `<job>/0 .. <job>/<index_end-1>`, with gaps where an update retired
+    /// replicas.
     pub fn tasks_of<'a>(&'a self, job: &'a Job) -> impl Iterator<Item = &'a Versioned<Task>> + 'a {
-        (0..job.tasks).filter_map(move |i| self.tasks.get(crate::keys::task_id(&job.id, i).as_str()))
+        (0..job.index_end()).filter_map(move |i| self.tasks.get(crate::keys::task_id(&job.id, i).as_str()))
     }
 
     /// Applies a batch of watch changes and moves to `revision`.

@@ -16,6 +16,7 @@
 //! | `<prefix>status/<job>`                | [`crate::model::JobStatus`]            |
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
 //! | `<prefix>submissions/<job>`           | [`crate::store::SubmissionMarker`], while a large job is written |
+//! | `<prefix>versions/<job>/<version>`    | [`crate::model::Job`]: an earlier version of the job, as it was |
 //! | `<prefix>controller/<lease>`          | the controller's election key (etcd's election API) |
 //! | `<prefix>locks/<name>/<lease>`        | a `--lock` scheduler's place in the cell lock (etcd's lock API), lease-bound |
 
@@ -141,6 +142,14 @@ impl Keys {
     /// The marker of a job being submitted in several transactions (its tasks first, its record last).
     pub fn submission(&self, job: &str) -> String {
         format!("{}submissions/{job}", self.prefix)
+    }
+    /// Earlier versions of a job (the current one is the job record). Outside `cell/`: only agents running
+    /// an old version's task, the controller reverting, and omctl read them.
+    pub fn versions_of(&self, job: &str) -> String {
+        format!("{}versions/{job}/", self.prefix)
+    }
+    pub fn version(&self, job: &str, version: u32) -> String {
+        format!("{}versions/{job}/{version}", self.prefix)
     }
     /// The controller replicas' election (etcd's election API keys `<this>/<lease>` under it).
     pub fn controller_election(&self) -> String {

@@ -3,6 +3,9 @@
 //! Values are JSON so that `etcdctl watch --prefix /omega/` reads as prose. Every field that a later version
 //! might add carries `#[serde(default)]`, so an older reader still decodes a newer record.
 
+use crate::deployment::{Deployment, UpdatePolicy};
+use crate::events::TaskEvent;
+use crate::health::{Health, HealthCheck};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -170,6 +173,34 @@ pub struct Job {
     /// How long a task runs on a simulated node (real nodes run the command until it exits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// Probes the agent runs against each task; a task is healthy when all pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<HealthCheck>,
+    /// How a new version of a service replaces the running one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdatePolicy>,
+    /// Which version of the job this record is: 0 when first submitted, one more on each changed submission.
+    /// Earlier versions are kept at `<prefix>versions/<job>/<version>`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
+    /// This version was fully rolled out and healthy once (what `auto_revert` goes back to).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stable: bool,
+    /// The rollout of this version, while it runs and after it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<Deployment>,
+    /// One past the highest task index the job ever used (0: `tasks`). An update starts new replicas at fresh
+    /// indexes beside the old ones; indexes are never reused, so no container or record of a retired task can
+    /// be mistaken for a new one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index_end: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Job {
@@ -203,7 +234,19 @@ impl Job {
             },
             on_disconnect: OnDisconnect::Stop,
             duration_ms: None,
+            checks: Vec::new(),
+            update: None,
+            version: 0,
+            stable: false,
+            deployment: None,
+            index_end: 0,
         }
+    }
+
+    /// One past the highest task index in use: tasks live at indexes below this (with gaps where an update
+    /// retired replicas).
+    pub fn index_end(&self) -> u32 {
+        self.index_end.max(self.tasks)
     }
 
     /// What a task of this job becomes when its node can no longer run it (the node was lost, or its agent
@@ -410,6 +453,15 @@ pub struct Task {
     pub run: Option<RunInfo>,
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// The job version this task runs (see [`Job::version`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
+    /// Its checks' verdict while running (absent: the job has no checks, or the run has not been probed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// Its timeline, bounded and coalesced ([`crate::events`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<TaskEvent>,
 }
 
 impl Task {
@@ -429,7 +481,21 @@ impl Task {
             preempted: Vec::new(),
             run: None,
             updated_at_ms: now_ms(),
+            version: job.version,
+            health: None,
+            events: Vec::new(),
         }
+    }
+
+    /// Appends to the task's timeline (coalescing a repeat of the last event).
+    pub fn record_event(&mut self, kind: crate::events::EventKind, message: impl Into<String>, at_ms: u64) {
+        crate::events::push(&mut self.events, kind, message, at_ms);
+    }
+
+    /// Whether the task serves: running, and passing its checks if its job has any (`has_checks`).
+    pub fn is_healthy(&self, has_checks: bool) -> bool {
+        self.state == TaskState::Running
+            && (!has_checks || self.health.as_ref().is_some_and(|h| h.status == crate::health::HealthStatus::Healthy))
     }
 
     /// The task as a committed claim leaves it: assigned to `node` by `placed_by` at `at_ms`, one placement
@@ -441,6 +507,7 @@ impl Task {
             placed_by: Some(placed_by.to_string()),
             placements: self.placements + 1,
             reason: None,
+            health: None,
             preempted: Vec::new(),
             updated_at_ms: at_ms,
             ..self.clone()

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod orphans;
 pub mod submission;
+pub mod versions;
 pub use orphans::OrphanTasks;
 pub use submission::SubmitError;
 

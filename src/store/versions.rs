@@ -1,0 +1,43 @@
+//! A job's versions: the job record is the current one; each earlier one is kept, as it was, at
+//! `<prefix>versions/<job>/<version>` (a bounded number of them), so that a task still running an older
+//! version can be restarted as that version, `omctl job history` can show what changed, and a revert can
+//! submit an old spec again.
+
+use super::Store;
+use crate::error::Result;
+use crate::keys::prefix_end;
+use crate::model::{Job, Task};
+use etcd_client::GetOptions;
+
+/// Earlier versions kept per job (Nomad keeps 6, Kubernetes 10).
+pub const KEEP_VERSIONS: u32 = 10;
+
+impl Store {
+    /// Version `version` of `job`: the job record if it is that version, else the kept copy.
+    pub async fn job_version(&self, job: &str, version: u32) -> Result<Option<Job>> {
+        if let Some((current, _)) = self.get_json::<Job>(&self.keys().job(job)).await? {
+            if current.version == version {
+                return Ok(Some(current));
+            }
+        }
+        Ok(self.get_json::<Job>(&self.keys().version(job, version)).await?.map(|(j, _)| j))
+    }
+
+    /// The spec `task` runs: its job at the task's version.
+    pub async fn spec_for(&self, task: &Task) -> Result<Option<Job>> {
+        self.job_version(&task.job, task.version).await
+    }
+
+    /// The kept earlier versions of `job`, oldest first (the current one is the job record).
+    pub async fn earlier_versions(&self, job: &str) -> Result<Vec<Job>> {
+        let prefix = self.keys().versions_of(job);
+        let opts = GetOptions::new().with_range(prefix_end(prefix.as_bytes()));
+        let resp = self.client().kv_client().get(prefix.as_str(), Some(opts)).await?;
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            out.push(super::decode::<Job>(kv)?);
+        }
+        out.sort_by_key(|j| j.version);
+        Ok(out)
+    }
+}
