@@ -245,19 +245,22 @@ fn check_jobs(jobs: &BTreeMap<String, Job>, tasks: &BTreeMap<String, Task>, repo
     }
     for (id, job) in jobs {
         let own = of_job.get(id.as_str()).map(Vec::as_slice).unwrap_or_default();
-        let mut present = vec![false; job.tasks as usize];
+        // A job an update touched keeps its tasks at indexes below `index_end` with gaps (retired replicas);
+        // only one never updated has exactly `0..tasks`.
+        let updated = job.index_end() > job.tasks;
+        let mut present = vec![false; job.index_end() as usize];
         for (task_id, task) in own {
             match present.get_mut(task.index as usize) {
                 Some(slot) => *slot = true,
                 None => report.violations.push(Violation::TaskBeyondJob {
                     task: task_id.to_string(),
                     job: id.clone(),
-                    tasks: job.tasks,
+                    tasks: job.index_end(),
                 }),
             }
         }
         let count = present.iter().filter(|p| **p).count() as u32;
-        if count < job.tasks {
+        if count < job.tasks && !updated {
             let missing = (0..job.tasks).filter(|&i| !present[i as usize]).take(MISSING_LISTED).collect();
             report.violations.push(Violation::JobIncomplete {
                 job: id.clone(),

@@ -347,6 +347,17 @@ impl Store {
         Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
+    /// Writes a job record compared on the `mod_revision` it was read at (and `extra`, a leader's fence).
+    /// `None`: it changed since.
+    pub async fn put_job_if(&self, job: &Job, mod_revision: i64, extra: Option<Compare>) -> Result<Option<i64>> {
+        let key = self.keys.job(&job.id);
+        let mut compares = vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)];
+        compares.extend(extra);
+        let txn = Txn::new().when(compares).and_then([TxnOp::put(key.as_str(), encode(&key, job)?, None)]);
+        let resp = self.txn_adding_data(txn).await?;
+        Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+
     /// Sends a transaction that adds data (a put at its top level), waiting its turn while etcd is out of
     /// space: [`Error::NoSpace`] without a round trip while it stays full (see [`crate::space`]).
     pub async fn txn_adding_data(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {

@@ -224,6 +224,34 @@ impl Ctx<'_> {
         }
         job.on_disconnect = raw.on_disconnect.unwrap_or_default();
         job.duration_ms = raw.duration;
+        if let Some(update) = raw.update {
+            if kind != JobKind::Service {
+                return Err(self.error_at(
+                    &[Seg::Key("update")],
+                    "update".to_string(),
+                    "`update` is only for services: a batch job runs to its end and is not rolled to a new version",
+                ));
+            }
+            let mut policy = crate::deployment::UpdatePolicy::default();
+            policy.max_parallel = update.max_parallel.unwrap_or(policy.max_parallel);
+            policy.min_healthy_time_ms = update.min_healthy_time.unwrap_or(policy.min_healthy_time_ms);
+            policy.healthy_deadline_ms = update.healthy_deadline.unwrap_or(policy.healthy_deadline_ms);
+            policy.progress_deadline_ms = update.progress_deadline.unwrap_or(policy.progress_deadline_ms);
+            policy.canary = update.canary.unwrap_or(0);
+            policy.auto_promote = update.auto_promote.unwrap_or(false);
+            policy.auto_revert = update.auto_revert.unwrap_or(false);
+            if policy.canary > tasks {
+                return Err(self.error_at(
+                    &[Seg::Key("update"), Seg::Key("canary")],
+                    "update.canary".to_string(),
+                    format!(
+                        "{} canaries for {tasks} replicas: at most one per replica (canary = replicas is blue/green)",
+                        policy.canary
+                    ),
+                ));
+            }
+            job.update = Some(policy);
+        }
         Ok(job)
     }
 

@@ -34,6 +34,14 @@
 //! on_disconnect: stop       # stop (default) | keep_running: what a task does while its node is cut off
 //!                           # from etcd (see below)
 //! duration: 30s             # optional; how long a task runs on a simulated node
+//! update:                   # optional, services only: how a new version replaces the running one
+//!   max_parallel: 2         # default 1: new replicas started at once beside the old ones
+//!   min_healthy_time: 10s   # default 10s: how long a new replica must be healthy to count
+//!   healthy_deadline: 5m    # default 5m: a new replica not healthy by then fails the update
+//!   progress_deadline: 10m  # default 10m: no replica turned healthy for this long fails the update
+//!   canary: 1               # default 0: new replicas run beside all old ones until `omctl promote`
+//!   auto_promote: false     # promote the canaries once they are healthy
+//!   auto_revert: true       # a failed update goes back to the last stable version
 //! ```
 //!
 //! A batch job counts `tasks` and may ask for `gang: true` (all its tasks are placed together or none is):

@@ -51,6 +51,31 @@ pub(super) struct RawJob {
     pub(super) on_disconnect: Option<OnDisconnect>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) duration: Option<u64>,
+    #[serde(default)]
+    pub(super) update: Option<RawUpdate>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `max_parallel`, `min_healthy_time`, `healthy_deadline`, `progress_deadline`, \
+                 `canary`, `auto_promote` and `auto_revert`, e.g. `{max_parallel: 2, auto_revert: true}`"
+)]
+pub(super) struct RawUpdate {
+    #[serde(default, deserialize_with = "de_count")]
+    pub(super) max_parallel: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) min_healthy_time: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) healthy_deadline: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) progress_deadline: Option<u64>,
+    #[serde(default, deserialize_with = "de_max_restarts")]
+    pub(super) canary: Option<u32>,
+    #[serde(default, deserialize_with = "de_bool")]
+    pub(super) auto_promote: Option<bool>,
+    #[serde(default, deserialize_with = "de_bool")]
+    pub(super) auto_revert: Option<bool>,
 }
 
 #[derive(Deserialize)]

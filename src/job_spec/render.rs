@@ -58,6 +58,15 @@ pub fn to_yaml(job: &Job) -> String {
             OnDisconnect::KeepRunning => Some("keep_running"),
         },
         duration: job.duration_ms.map(render_duration),
+        update: job.update.map(|u| OutUpdate {
+            max_parallel: u.max_parallel,
+            min_healthy_time: render_duration(u.min_healthy_time_ms),
+            healthy_deadline: render_duration(u.healthy_deadline_ms),
+            progress_deadline: render_duration(u.progress_deadline_ms),
+            canary: u.canary,
+            auto_promote: u.auto_promote,
+            auto_revert: u.auto_revert,
+        }),
     };
     serde_norway::to_string(&out).expect("a job always renders as YAML")
 }
@@ -97,6 +106,19 @@ struct OutJob<'a> {
     on_disconnect: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update: Option<OutUpdate>,
+}
+
+#[derive(Serialize)]
+struct OutUpdate {
+    max_parallel: u32,
+    min_healthy_time: String,
+    healthy_deadline: String,
+    progress_deadline: String,
+    canary: u32,
+    auto_promote: bool,
+    auto_revert: bool,
 }
 
 #[derive(Serialize)]

@@ -438,3 +438,28 @@ fn a_job_record_without_on_disconnect_still_decodes_and_stops() {
     let job: crate::model::Job = serde_json::from_value(value).unwrap();
     assert_eq!(job.on_disconnect, OnDisconnect::Stop);
 }
+
+#[test]
+fn update_block_parses_renders_and_is_checked() {
+    let text = "name: web\nkind: service\nreplicas: 4\nresources: {cpu: 100m, memory: 32Mi}\nimage: busybox\n\
+                update:\n  max_parallel: 2\n  min_healthy_time: 3s\n  canary: 1\n  auto_revert: true\n";
+    let job = parse_job("web.yaml", text).unwrap();
+    let u = job.update.unwrap();
+    assert_eq!(
+        (u.max_parallel, u.min_healthy_time_ms, u.canary, u.auto_revert, u.auto_promote),
+        (2, 3000, 1, true, false)
+    );
+    assert_eq!(u.healthy_deadline_ms, 300_000, "defaults are Nomad's");
+    let again = parse_job("web.yaml", &crate::job_spec::to_yaml(&job)).unwrap();
+    assert_eq!(again.update, job.update);
+
+    let e = err(&text.replace("canary: 1", "canary: 9"));
+    assert!(e.to_string().contains("update.canary") && e.to_string().contains(":9:"), "{e}");
+    let e = err(&text.replace("max_parallel: 2", "max_parallel: lots"));
+    assert!(e.to_string().contains(":7:"), "{e}");
+    let e = err(&text.replace("auto_revert: true", "auto_revert: yes please"));
+    assert!(e.to_string().contains(":10:"), "{e}");
+    let batch = "name: b\nkind: batch\ntasks: 1\nresources: {cpu: 1, memory: 1Mi}\nimage: x\nupdate: {canary: 1}\n";
+    let e = err(batch);
+    assert!(e.to_string().contains("only for services"), "{e}");
+}

@@ -91,6 +91,27 @@ containers. Batch tasks are left to finish. --undo makes the node schedulable ag
 agent of the node it runs (or ran) on. With -f, keep printing what it writes until the task ends, then report \
 its final state and exit code on standard error, and exit 0 if it succeeded or 5 if it did not.")]
     Logs(LogsArgs),
+    /// Let a canary rollout go on: replace the remaining replicas with the new version.
+    Promote(PromoteArgs),
+    /// Submit a copy of an earlier version as a new version (default: the version before the current).
+    #[command(long_about = "Submit a copy of an earlier version of a service as its next version (`omctl job \
+history ID` lists the kept ones; default: the version before the current). Replicas still running that version \
+are kept, the others are replaced as in any rollout, without a canary phase.")]
+    Revert(RevertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The job id.
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RevertArgs {
+    /// The job id.
+    pub id: String,
+    /// The version to go back to.
+    pub version: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -135,8 +156,11 @@ pub struct JobsArgs {
 
 #[derive(Args, Debug)]
 pub struct JobArgs {
-    /// The job id (its `name:` in the job file).
+    /// The job id (its `name:` in the job file), or `history` followed by the job id: its kept versions and
+    /// what changed between them.
     pub id: String,
+    /// With `history`: the job id.
+    pub job: Option<String>,
 }
 
 #[derive(Args, Debug)]

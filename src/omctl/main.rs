@@ -54,7 +54,10 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
     match &cli.command {
         Command::Submit(args) => commands::submit::run(cli, args).await,
         Command::Jobs(args) => commands::jobs::run(cli, args).await,
-        Command::Job(args) => commands::job::run(cli, args).await,
+        Command::Job(args) => match (args.id.as_str(), &args.job) {
+            ("history", Some(id)) => commands::versions::history(cli, id).await,
+            _ => commands::job::run(cli, args).await,
+        },
         Command::Tasks(args) => commands::tasks::run(cli, args).await,
         Command::Nodes => commands::nodes::run(cli).await,
         Command::Cancel(args) => commands::cancel::run(cli, args).await,
@@ -63,5 +66,7 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Schedulers => commands::schedulers::run(cli).await,
         Command::Logs(args) => commands::logs::run(cli, args).await,
         Command::Drain(args) => commands::drain::run(cli, args).await,
+        Command::Promote(args) => commands::versions::promote(cli, &args.id).await,
+        Command::Revert(args) => commands::versions::revert(cli, &args.id, args.version).await,
     }
 }

@@ -4,10 +4,11 @@
 //! submit an old spec again.
 
 use super::Store;
+use crate::deployment::DeploymentState;
 use crate::error::Result;
 use crate::keys::prefix_end;
 use crate::model::{Job, Task};
-use etcd_client::GetOptions;
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 /// Earlier versions kept per job (Nomad keeps 6, Kubernetes 10).
 pub const KEEP_VERSIONS: u32 = 10;
@@ -26,6 +27,38 @@ impl Store {
     /// The spec `task` runs: its job at the task's version.
     pub async fn spec_for(&self, task: &Task) -> Result<Option<Job>> {
         self.job_version(&task.job, task.version).await
+    }
+
+    /// Replaces the job record `current` (as read at `mod_revision`) by `next`, its next version, keeping
+    /// `current` as an earlier version and dropping the one that falls out of the kept window: one
+    /// transaction, compared on the record (and on `extra`, a leader's fence), so two racing submissions
+    /// cannot both become version N+1. `None`: the record changed since it was read.
+    pub async fn put_next_version(
+        &self,
+        current: &Job,
+        mod_revision: i64,
+        next: &Job,
+        extra: Option<Compare>,
+    ) -> Result<Option<i64>> {
+        let keys = self.keys();
+        let job_key = keys.job(&current.id);
+        let mut kept = current.clone();
+        if let Some(d) = kept.deployment.as_mut().filter(|d| d.state.is_active()) {
+            d.state = DeploymentState::Superseded;
+            d.message = format!("superseded by version {}", next.version);
+        }
+        let kept_key = keys.version(&current.id, current.version);
+        let mut ops = vec![
+            TxnOp::put(job_key.as_str(), super::encode(&job_key, next)?, None),
+            TxnOp::put(kept_key.as_str(), super::encode(&kept_key, &kept)?, None),
+        ];
+        if let Some(old) = current.version.checked_sub(KEEP_VERSIONS) {
+            ops.push(TxnOp::delete(keys.version(&current.id, old), None));
+        }
+        let mut compares = vec![Compare::mod_revision(job_key.as_str(), CompareOp::Equal, mod_revision)];
+        compares.extend(extra);
+        let resp = self.txn_adding_data(Txn::new().when(compares).and_then(ops)).await?;
+        Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
     /// The kept earlier versions of `job`, oldest first (the current one is the job record).

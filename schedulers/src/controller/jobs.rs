@@ -12,6 +12,7 @@
 use super::{queue::WorkQueue, ControllerConfig, Object, Reconciled};
 use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
+use omega::deployment::DeploymentState;
 use omega::model::{now_ms, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release};
 use omega::store::Store;
@@ -43,11 +44,22 @@ pub async fn reconcile(
         let active = matches!(j.state, JobState::Pending | JobState::Running);
         match (j.kind, active) {
             (JobKind::Service, true) => {
+                // A deployment decides about the replicas of the version it rolls out (a new replica that
+                // ends failed fails the deployment; it is not simply started again).
+                let rolling = j
+                    .deployment
+                    .as_ref()
+                    .filter(|d| d.version == j.version && (d.state.is_active() || d.state == DeploymentState::Failed))
+                    .map(|d| d.version);
                 for t in snapshot.tasks_of(j) {
-                    if matches!(t.value.state, TaskState::Failed | TaskState::Lost | TaskState::Succeeded) {
+                    if matches!(t.value.state, TaskState::Failed | TaskState::Lost | TaskState::Succeeded)
+                        && !(rolling == Some(t.value.version) && t.value.state != TaskState::Lost)
+                    {
                         replace.push(replacement(t));
                     }
                 }
+                let rolled = super::deployments::reconcile(store, snapshot, fence, job, queue).await?;
+                done.deployments.add(rolled);
             }
             (JobKind::Batch, true) => {
                 // Every change to a task of the job brings it here: a job with pending work is answered from the
@@ -143,6 +155,9 @@ pub(super) async fn collect_jobs(
         let range = DeleteOptions::new().with_range(omega::keys::prefix_end(tasks.as_bytes()));
         g.write(TxnOp::delete(tasks.as_str(), Some(range)), tasks.len() * 2);
         g.delete(&keys.status(id)).delete(&keys.owner(id));
+        let versions = keys.versions_of(id);
+        let range = DeleteOptions::new().with_range(omega::keys::prefix_end(versions.as_bytes()));
+        g.write(TxnOp::delete(versions.as_str(), Some(range)), versions.len() * 2);
         groups.push(g);
     }
     let ids: Vec<&str> = jobs.iter().map(|j| j.value.id.as_str()).collect();

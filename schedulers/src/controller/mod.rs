@@ -27,6 +27,7 @@
 //! notice could have missed.
 
 mod compaction;
+mod deployments;
 pub mod disruption;
 mod jobs;
 mod metrics;
@@ -83,6 +84,7 @@ pub struct Reconciled {
     pub collected_jobs: usize,
     pub collected_nodes: usize,
     pub collected_orphans: usize,
+    pub deployments: deployments::Rolled,
 }
 
 impl Reconciled {
@@ -93,6 +95,7 @@ impl Reconciled {
         self.collected_jobs += other.collected_jobs;
         self.collected_nodes += other.collected_nodes;
         self.collected_orphans += other.collected_orphans;
+        self.deployments.add(other.deployments);
     }
 
     fn any(&self) -> bool {
@@ -102,6 +105,7 @@ impl Reconciled {
             + self.collected_jobs
             + self.collected_nodes
             + self.collected_orphans
+            + self.deployments.total()
             > 0
     }
 }

@@ -104,6 +104,16 @@ fn render(d: &JobDescription, snapshot: &CellSnapshot) -> String {
         .add("State", units::name(&job.state))
         .add("Submitted", units::when(job.submitted_at_ms))
         .add("Tasks", format!("{} placed of {} ({})", d.tasks.placed, d.tasks.total, d.tasks.describe()));
+    if job.version > 0 || job.deployment.is_some() {
+        f.add("Version", format!("{}{}", job.version, if job.stable { " (stable)" } else { "" }));
+    }
+    if let Some(dep) = &job.deployment {
+        let mut line = format!("version {}: {}", dep.version, dep.state);
+        if !dep.message.is_empty() {
+            line.push_str(&format!(" ({})", dep.message));
+        }
+        f.add("Rollout", line);
+    }
     let r = job.resources;
     f.add(
         "Resources",

@@ -10,4 +10,5 @@ pub mod nodes;
 pub mod schedulers;
 pub mod submit;
 pub mod tasks;
+pub mod versions;
 pub mod watch;

@@ -48,6 +48,22 @@ pub struct WaitOutput {
     pub status: Option<JobStatus>,
 }
 
+/// What `omctl submit` of an existing job's file would do.
+#[derive(Serialize)]
+pub struct UpdatePlan {
+    pub current_version: u32,
+    /// Empty: nothing changed.
+    pub changes: Vec<omega::deployment::FieldChange>,
+    /// The replicas would be kept and relabelled (only count, priority or policies changed).
+    pub in_place: bool,
+    /// Replicas of the current version that would be replaced.
+    pub replaced: u32,
+    pub canaries: u32,
+    pub max_parallel: u32,
+    /// Why the submission would be refused (a batch job, a finished job).
+    pub refused: Option<String>,
+}
+
 /// `omctl submit --dry-run FILE -o json`.
 #[derive(Serialize)]
 pub struct DryRunOutput {
@@ -59,6 +75,8 @@ pub struct DryRunOutput {
     /// The cell revision the plan was made on.
     pub revision: i64,
     pub already_exists: bool,
+    /// When the job exists: what submitting the file would change (a new version), or why it would be refused.
+    pub update: Option<UpdatePlan>,
     /// Live instances of the job's scheduler.
     pub scheduler_instances: usize,
     pub nodes: usize,
@@ -85,6 +103,13 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<Code> {
         return dry_run(cli, job, &source).await;
     }
     let store = crate::connect::connect(cli).await?;
+    if let Some((current, rev)) = store.get_json::<Job>(&store.keys().job(&job.id)).await? {
+        // An existing service takes the file as its next version; anything else is refused with why.
+        if let Some(why) = super::versions::refuse(&current, &job, &source) {
+            return Err(user(why));
+        }
+        return super::versions::submit(cli, &store, &current, rev, &job, args.wait.then_some(args.timeout)).await;
+    }
     let revision = match store.submit_job(&job, store.limits().max_ops()).await {
         Ok(rev) => rev,
         Err(e) => return Err(failed(&store, &job, &source, e).await),
@@ -260,6 +285,25 @@ async fn dry_run(cli: &Cli, job: Job, source: &str) -> anyhow::Result<Code> {
     let (kvs, revision) = store.list(&keys.cell_prefix(), DEFAULT_PAGE_SIZE, None).await?;
     let mut snapshot = CellSnapshot::from_kvs(keys, &kvs, revision);
     let already_exists = snapshot.jobs.contains_key(job.id.as_str());
+    let update = match snapshot.jobs.get(job.id.as_str()) {
+        Some(current) => {
+            let current = &current.value;
+            let next = omega::deployment::next_version(current, &job, 0);
+            let policy = job.update.unwrap_or_default();
+            let in_place = omega::deployment::runs_same(current, &job);
+            let running = snapshot.tasks_of(current).filter(|t| t.value.state != TaskState::Killed).count() as u32;
+            Some(UpdatePlan {
+                current_version: current.version,
+                changes: omega::deployment::diff(current, &job),
+                in_place,
+                replaced: if in_place { 0 } else { running },
+                canaries: next.deployment.map_or(0, |d| d.canaries),
+                max_parallel: policy.max_parallel,
+                refused: super::versions::refuse(current, &job, source),
+            })
+        }
+        None => None,
+    };
     if already_exists {
         // Plan the file's job as new: tasks of the existing job with the same name would otherwise count as
         // its own (anti-affinity, spread). Their resources stay claimed in the ledgers, as they are.
@@ -272,6 +316,7 @@ async fn dry_run(cli: &Cli, job: Job, source: &str) -> anyhow::Result<Code> {
     }
     let mut out = plan(&snapshot, job);
     out.already_exists = already_exists;
+    out.update = update;
     emit(cli.output, &out, || render_plan(&out))?;
     Ok(Code::Ok)
 }
@@ -296,6 +341,7 @@ fn plan(snapshot: &CellSnapshot, job: Job) -> DryRunOutput {
         job_file: omega::job_spec::to_yaml(&job),
         revision: snapshot.revision,
         already_exists: snapshot.jobs.contains_key(job.id.as_str()),
+        update: None,
         scheduler_instances: snapshot.schedulers.values().filter(|i| i.value.scheduler == job.scheduler).count(),
         nodes: table.nodes(),
         schedulable_nodes: table.entries.len(),
@@ -366,10 +412,33 @@ fn render_plan(p: &DryRunOutput) -> String {
         n => format!("{} ({})", p.job.scheduler, plural(n, "instance")),
     };
     f.add("Scheduler", scheduler);
-    if p.already_exists {
-        f.add("Note", format!("a job named {} already exists: submitting this file would fail", p.job.id));
+    match &p.update {
+        Some(UpdatePlan { refused: Some(why), .. }) => {
+            f.add("Note", format!("submitting this file would fail: {why}"));
+        }
+        Some(u) if u.changes.is_empty() => {
+            f.add("Update", format!("unchanged from version {}: submitting would change nothing", u.current_version));
+        }
+        Some(u) => {
+            let how = if u.in_place {
+                "its replicas run the same containers and would be kept (relabelled)".to_string()
+            } else if u.canaries > 0 {
+                format!(
+                    "{} canaries would start beside the {} running replicas, then wait for `omctl promote`",
+                    u.canaries, u.replaced
+                )
+            } else {
+                format!("{} running replicas would be replaced, {} at a time, each old one stopped once a new one is healthy", u.replaced, u.max_parallel)
+            };
+            f.add("Update", format!("version {} -> {}: {how}", u.current_version, u.current_version + 1));
+        }
+        None => {}
     }
     out.push_str(&f.render(2));
+    if let Some(u) = p.update.as_ref().filter(|u| !u.changes.is_empty()) {
+        out.push_str("\n  Changes:\n");
+        out.push_str(&super::versions::render_changes(&u.changes));
+    }
     out
 }
 

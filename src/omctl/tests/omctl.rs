@@ -44,12 +44,15 @@ async fn submit_list_describe_tasks_and_nodes() {
 
     let run = omctl(&etcd, &["submit", &web]).await.ok();
     assert!(run.stdout.contains("job web submitted: 3 tasks for scheduler service"), "{run:?}");
-    let again = omctl(&etcd, &["submit", &web]).await;
-    assert_eq!(again.code, 1, "{again:?}");
-    assert!(again.stderr.contains("job web already exists"), "{again:?}");
+    // The same service file again is the same version: nothing is written.
+    let again = omctl(&etcd, &["submit", &web]).await.ok();
+    assert!(again.stdout.contains("job web: unchanged (version 0); nothing submitted"), "{again:?}");
 
     // Another job from stdin, placed in part by hand.
     omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("batch-a", 2, "1"))).await.ok();
+    let again = omctl_with_input(&etcd, &["submit", "-"], Some(&batch_file("batch-a", 2, "1"))).await;
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("job batch-a already exists and only services take new versions"), "{again:?}");
     place(&store, &[("batch-a/0", &node_name(1))]).await;
 
     let jobs = omctl(&etcd, &["jobs"]).await.ok();
