@@ -144,9 +144,10 @@ pub fn check_pairs<'a>(keys: &Keys, kvs: impl IntoIterator<Item = (&'a [u8], &'a
                 report.jobs += 1;
                 serde_json::from_slice(value).map(|v| drop(jobs.insert(j.to_string(), v)))
             }
-            Some(Key::Live(_) | Key::Owner(_) | Key::Scheduler(_) | Key::Status(_) | Key::Submission(_)) | None => {
-                Ok(())
-            }
+            Some(
+                Key::Live(_) | Key::Owner(_) | Key::Scheduler(_) | Key::Status(_) | Key::Submission(_) | Key::Drain(_),
+            )
+            | None => Ok(()),
         };
         if let Err(e) = result {
             report.violations.push(undecodable(e));

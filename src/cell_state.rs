@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Job, JobOwner, Liveness, Node, SchedulerInstance, Task, TaskState};
+use crate::model::{Allocation, Drain, Job, JobOwner, Liveness, Node, SchedulerInstance, Task, TaskState};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
 use etcd_client::KeyValue;
@@ -63,6 +63,8 @@ pub struct CellSnapshot {
     pub owners: Map<JobOwner>,
     /// `<scheduler>/<instance>` -> a live scheduler instance.
     pub schedulers: Map<SchedulerInstance>,
+    /// Node -> its drain, while one is recorded.
+    pub drains: Map<Drain>,
     /// Node -> ids of the tasks holding resources there (derived from `tasks`; for anti-affinity, spread and
     /// choosing preemption victims without scanning every task).
     pub node_tasks: imbl::HashMap<Name, imbl::HashSet<Name>>,
@@ -105,6 +107,7 @@ impl CellSnapshot {
             }
             Some(Key::Owner(job)) => put(&mut self.owners, job, key, value, mod_revision),
             Some(Key::Scheduler(name)) => put(&mut self.schedulers, name, key, value, mod_revision),
+            Some(Key::Drain(node)) => put(&mut self.drains, node, key, value, mod_revision),
             Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => true,
         };
         if !ok {
@@ -126,6 +129,7 @@ impl CellSnapshot {
             }
             Some(Key::Owner(job)) => drop(self.owners.remove(job)),
             Some(Key::Scheduler(name)) => drop(self.schedulers.remove(name)),
+            Some(Key::Drain(node)) => drop(self.drains.remove(node)),
             Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => {}
         }
     }
@@ -281,7 +285,7 @@ impl CellObject {
     /// The object a key of the cell belongs to (`None` for keys no per-object consumer follows).
     pub fn of(key: Key<'_>) -> Option<CellObject> {
         match key {
-            Key::Node(n) | Key::Live(n) | Key::Alloc(n) => Some(CellObject::Node(n.to_string())),
+            Key::Node(n) | Key::Live(n) | Key::Alloc(n) | Key::Drain(n) => Some(CellObject::Node(n.to_string())),
             Key::Job(j) | Key::Owner(j) => Some(CellObject::Job(j.to_string())),
             Key::Task(t) => Some(CellObject::Task(t.to_string())),
             Key::Scheduler(_) | Key::Assignment { .. } | Key::Status(_) | Key::Submission(_) => None,

@@ -12,6 +12,7 @@
 //! | `<prefix>cell/jobs/<job>`             | [`crate::model::Job`]                  |
 //! | `<prefix>cell/tasks/<job>/<index>`    | [`crate::model::Task`]                 |
 //! | `<prefix>cell/owners/<job>`           | [`crate::model::JobOwner`], lease-bound|
+//! | `<prefix>cell/drains/<node>`          | [`crate::model::Drain`], while a node is drained |
 //! | `<prefix>cell/schedulers/<name>/<id>` | [`crate::model::SchedulerInstance`], lease-bound |
 //! | `<prefix>status/<job>`                | [`crate::model::JobStatus`]            |
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
@@ -48,6 +49,8 @@ pub enum Key<'a> {
     Owner(&'a str),
     /// A live scheduler instance, by `<scheduler>/<instance>`.
     Scheduler(&'a str),
+    /// A node being drained.
+    Drain(&'a str),
     /// A job's placement status (pending reasons), outside the cached range.
     Status(&'a str),
     /// A submission in progress (a job written in several transactions), outside the cached range.
@@ -113,6 +116,9 @@ impl Keys {
     }
     pub fn owner(&self, job: &str) -> String {
         format!("{}cell/owners/{job}", self.prefix)
+    }
+    pub fn drain(&self, node: &str) -> String {
+        format!("{}cell/drains/{node}", self.prefix)
     }
     pub fn schedulers_prefix(&self) -> String {
         format!("{}cell/schedulers/", self.prefix)
@@ -185,6 +191,7 @@ impl Keys {
                 "tasks" => name.contains('/').then_some(Key::Task(name)),
                 "owners" => Some(Key::Owner(name)),
                 "schedulers" => name.contains('/').then_some(Key::Scheduler(name)),
+                "drains" => Some(Key::Drain(name)),
                 _ => None,
             };
         }
@@ -253,6 +260,7 @@ mod tests {
         assert_eq!(k.parse(&k.owner("j")), Some(Key::Owner("j")));
         assert_eq!(k.parse(&k.scheduler("batch", "b-1")), Some(Key::Scheduler("batch/b-1")));
         assert_eq!(k.parse(&k.status("j")), Some(Key::Status("j")));
+        assert_eq!(k.parse(&k.drain("n1")), Some(Key::Drain("n1")));
         assert_eq!(k.parse(&k.submission("j")), Some(Key::Submission("j")));
         assert!(!k.submission("j").starts_with(&k.cell_prefix()));
         assert!(!k.status("j").starts_with(&k.cell_prefix()));

@@ -515,6 +515,54 @@ impl Task {
     }
 }
 
+/// A node being drained, at `<prefix>cell/drains/<node>`: what the controller migrates off it, and by when.
+///
+/// Migrate-first: each service replica on the node gets a replacement placed elsewhere, and the old one is
+/// stopped only once its replacement is healthy (at most the job's `update.max_parallel` at a time). At the
+/// deadline whatever is still on the node is stopped: services are handed back to their schedulers, batch
+/// tasks end as on a lost node. A deadline means what it says (nomad #9902).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub node: String,
+    pub started_ms: u64,
+    pub deadline_ms: u64,
+    pub state: DrainState,
+    /// Old task -> its replacement, while the replacement is not yet healthy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub migrations: BTreeMap<String, String>,
+    /// Replicas moved so far (replacement healthy, old one stopped).
+    #[serde(default)]
+    pub moved: u32,
+    /// Tasks stopped at the deadline.
+    #[serde(default)]
+    pub forced: u32,
+    /// Tasks still on the node when last looked at.
+    #[serde(default)]
+    pub remaining: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainState {
+    Draining,
+    /// Nothing is left on the node.
+    Complete,
+    /// `omctl drain --undo` during the drain: replacements not yet healthy are stopped, the record removed.
+    Cancelled,
+}
+
+impl std::fmt::Display for DrainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DrainState::Draining => "draining",
+            DrainState::Complete => "complete",
+            DrainState::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// A task's process as its agent saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunInfo {

@@ -288,3 +288,61 @@ async fn a_version_that_never_turns_healthy_is_reverted_and_the_old_replicas_nev
     let report = audit::audit(&store).await.unwrap();
     assert!(report.is_ok(), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_migrates_first_and_its_deadline_stops_what_is_left() {
+    let (etcd, store) = start_etcd().await;
+    let ep = etcd.endpoint();
+    let _cell = cell(&ep, "deploy-drain", 3);
+    let _batch = Proc::start(
+        "omega-scheduler",
+        &["--etcd", &ep, "--kind", "batch", "--instance", "deploy-drain-b"],
+        "deploy-drain-b",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let web = web_file(dir.path(), "web", "web:1", 6, "");
+    assert!(omctl(&ep, &["submit", &web, "--wait", "--timeout", "120s"]).status.success());
+    let mut crunch = Job::new("crunch", JobKind::Batch, 1, Resources::new(100, 1 << 20));
+    crunch.duration_ms = Some(3_600_000);
+    store.create_job(&crunch, 128).await.unwrap();
+    let (node, before) = wait_for("web and crunch running", 120, async || {
+        let ts = tasks(&store, "web").await;
+        let c = tasks(&store, "crunch").await;
+        let node = c.first().filter(|t| t.state == TaskState::Running)?.node.clone()?;
+        (ts.iter().filter(|t| t.state == TaskState::Running).count() == 6).then_some((node, ts))
+    })
+    .await;
+    let on_node: Vec<String> =
+        before.iter().filter(|t| t.node.as_deref() == Some(node.as_str())).map(|t| t.id.clone()).collect();
+    let (min_running, armed) = track_min_running(store.clone(), "web");
+    wait_for("the tracker to see the 6 replicas", 30, async || {
+        armed.store(true, Ordering::SeqCst);
+        (min_running.load(Ordering::SeqCst) == 6).then_some(())
+    })
+    .await;
+
+    // The batch task holds the node until the deadline; the service replicas move first.
+    let out = omctl(&ep, &["drain", &node, "--deadline", "12s", "--wait", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let drain = &report["drain"];
+    assert_eq!(drain["state"], "complete", "{report}");
+    assert_eq!(drain["moved"].as_u64(), Some(on_node.len() as u64), "{report}");
+    assert_eq!(drain["forced"].as_u64(), Some(1), "the batch task was stopped at the deadline: {report}");
+    assert!(text(&out).contains("moved"), "progress is shown: {}", text(&out));
+
+    let ts = tasks(&store, "web").await;
+    let l = live(&ts);
+    assert_eq!(l.iter().filter(|t| t.state == TaskState::Running).count(), 6);
+    assert!(l.iter().all(|t| t.node.as_deref() != Some(node.as_str())), "nothing of web left on {node}");
+    let lowest = min_running.load(Ordering::SeqCst);
+    assert!(lowest >= 6, "running replicas fell to {lowest}: a replica stopped before its replacement served");
+    eprintln!("drain of {node}: {} replicas moved, lowest running count {lowest} of 6", on_node.len());
+    let c = &tasks(&store, "crunch").await[0];
+    assert_eq!(c.state, TaskState::Lost, "a batch task that never restarts ends lost at the deadline");
+    assert!(c.reason.as_deref().unwrap_or("").contains("drain deadline"), "{c:?}");
+    let report = audit::audit(&store).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    let out = omctl(&ep, &["drain", &node, "--undo"]);
+    assert!(out.status.success() && text(&out).contains("schedulable again"), "{}", text(&out));
+}

@@ -81,10 +81,14 @@ after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.
     Watch(WatchArgs),
     /// List live scheduler instances, what each is, the jobs they own, their attempts, transactions and conflicts.
     Schedulers,
-    /// Drain a node: no new placements there, and its service tasks move to other nodes.
+    /// Drain a node: no new placements there, and its service tasks move to other nodes, migrating first.
     #[command(long_about = "Drain a node: mark its ledger unschedulable (so no scheduler can commit a claim there) \
-and hand its service tasks back to their scheduler, which places them elsewhere; the node's agent stops their \
-containers. Batch tasks are left to finish. --undo makes the node schedulable again.")]
+and move its service replicas away, migrating first: the controller starts a replacement elsewhere for each (at \
+most the job's update.max_parallel at a time) and stops the old one only once its replacement is healthy. Batch \
+tasks are left to finish. At --deadline whatever is still on the node is stopped: services go back to their \
+scheduler, batch tasks end as on a lost node. --wait shows progress until the drain completes. --force stops \
+the services at once instead (no migration first). --undo makes the node schedulable again and cancels a drain \
+in progress (replacements not yet healthy are stopped).")]
     Drain(DrainArgs),
     /// Print a task's log (stdout and stderr); with -f, follow it until the task ends.
     #[command(long_about = "Print a task's log, as its container wrote it to stdout and stderr, streamed from the \
@@ -118,6 +122,15 @@ pub struct RevertArgs {
 pub struct DrainArgs {
     /// The node's name.
     pub node: String,
+    /// Stop whatever is still on the node this long after the drain starts.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Hand the services back to their schedulers at once, without migrating them first.
+    #[arg(long)]
+    pub force: bool,
+    /// Show progress until the drain completes.
+    #[arg(long)]
+    pub wait: bool,
     /// Make the node schedulable again.
     #[arg(long)]
     pub undo: bool,

@@ -46,6 +46,7 @@ pub fn describe(keys: &Keys, key: &str, prev: Option<&[u8]>, new: Option<&[u8]>)
         Some(Key::Status(j)) => ("status", j, status(j, decoded(new), new.is_some())),
         Some(Key::Assignment { node, task }) => ("assign", task, assignment(node, task, decoded(new), new.is_some())),
         Some(Key::Submission(job)) => ("submission", job, submission(job, decoded(new), new.is_some())),
+        Some(Key::Drain(n)) => ("drain", n, drain(n, decoded(new), new.is_some())),
         None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
     };
     let text = if undecodable { format!("{key}: value is not JSON") } else { text };
@@ -225,5 +226,20 @@ mod tests {
         assert_eq!(gone.text, "task web/2 deleted");
         let junk = describe(&keys, &keys.job("x"), None, Some(b"{not json"));
         assert!(junk.text.contains("not JSON"), "{}", junk.text);
+    }
+}
+
+fn drain(node: &str, new: Option<omega::model::Drain>, present: bool) -> String {
+    match new {
+        Some(d) => format!(
+            "drain of node {node}: {} ({} moved, {} migrating, {} left){}",
+            d.state,
+            d.moved,
+            d.migrations.len(),
+            d.remaining,
+            if d.message.is_empty() { String::new() } else { format!(": {}", d.message) }
+        ),
+        None if present => format!("drain of node {node} written (undecodable)"),
+        None => format!("drain of node {node} removed"),
     }
 }

@@ -9,4 +9,4 @@ pub mod cancel;
 pub mod drain;
 
 pub use cancel::{cancel_job, CancelReport};
-pub use drain::{drain_node, undrain_node, DrainReport};
+pub use drain::{drain_node, start_drain, undrain_node, DrainReport};

@@ -29,6 +29,7 @@
 mod compaction;
 mod deployments;
 pub mod disruption;
+mod drains;
 mod jobs;
 mod metrics;
 mod nodes;
@@ -85,6 +86,7 @@ pub struct Reconciled {
     pub collected_nodes: usize,
     pub collected_orphans: usize,
     pub deployments: deployments::Rolled,
+    pub drains: drains::Drained,
 }
 
 impl Reconciled {
@@ -96,6 +98,9 @@ impl Reconciled {
         self.collected_nodes += other.collected_nodes;
         self.collected_orphans += other.collected_orphans;
         self.deployments.add(other.deployments);
+        self.drains.started += other.drains.started;
+        self.drains.moved += other.drains.moved;
+        self.drains.forced += other.drains.forced;
     }
 
     fn any(&self) -> bool {
@@ -106,6 +111,9 @@ impl Reconciled {
             + self.collected_nodes
             + self.collected_orphans
             + self.deployments.total()
+            + self.drains.started
+            + self.drains.moved
+            + self.drains.forced
             > 0
     }
 }
@@ -335,7 +343,13 @@ async fn reconcile(
             continue;
         }
         let result = if is_nodes {
-            nodes.reconcile(store, snapshot, config, fence, &ids, queue).await
+            match nodes.reconcile(store, snapshot, config, fence, &ids, queue).await {
+                Ok(mut d) => drains::reconcile(store, snapshot, fence, &ids, queue).await.map(|drained| {
+                    d.drains = drained;
+                    d
+                }),
+                Err(e) => Err(e),
+            }
         } else {
             jobs::reconcile(store, snapshot, config, fence, &ids, queue).await
         };

@@ -646,7 +646,7 @@ async fn drain_stops_placements_and_moves_services_away() {
     let (n0, n1) = (node_name(0), node_name(1));
     place(&store, &[("svc/0", n0.as_str()), ("svc/1", n1.as_str()), ("crunch/0", n0.as_str())]).await;
 
-    let out = omctl(&etcd, &["drain", &n0, "-o", "json"]).await.ok().json();
+    let out = omctl(&etcd, &["drain", &n0, "--force", "-o", "json"]).await.ok().json();
     assert_eq!(out["schedulable"], false);
     assert_eq!(out["moved"], serde_json::json!(["svc/0"]));
     assert_eq!(out["left_running"], serde_json::json!(["crunch/0"]));
