@@ -193,8 +193,13 @@ async fn cancelling_a_running_task_stops_its_container_within_the_grace_period()
     let seen = snap.tasks.get("sleeper/0").unwrap().clone();
     assert_eq!(seen.value.state, TaskState::Running);
     let cancelled = Instant::now();
-    let kill =
-        Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: running.run.clone() };
+    let kill = Release {
+        task: seen,
+        state: TaskState::Killed,
+        reason: Some("cancelled".into()),
+        run: running.run.clone(),
+        event: None,
+    };
     release(&store, &[kill]).await.unwrap();
     let client = daemon.client().await;
     let grace = Duration::from_secs(2);
@@ -241,9 +246,12 @@ async fn a_restarted_agent_adopts_running_containers_and_never_starts_a_task_twi
     agent.stop().await;
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
     let seen = snap.tasks.get("long/0").unwrap().clone();
-    release(&store, &[Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: None }])
-        .await
-        .unwrap();
+    release(
+        &store,
+        &[Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: None, event: None }],
+    )
+    .await
+    .unwrap();
     let agent = RunningAgent::start(&store, &daemon, logs.path()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !client.list().await.unwrap().is_empty() {
