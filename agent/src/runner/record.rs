@@ -6,6 +6,7 @@
 use super::{container_id, Run, TaskRunner};
 use crate::error::Result;
 use crate::supervisor::{stop_requested, Backoff};
+use omega::events::EventKind;
 use omega::model::{now_ms, RunInfo, Task, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use std::time::Duration;
@@ -21,7 +22,9 @@ pub(super) enum Written {
 }
 
 impl TaskRunner {
-    /// Writes `running` for `run`, retried until it lands or the task is no longer ours.
+    /// Writes `running` for `run`, retried until it lands or the task is no longer ours. The task's timeline
+    /// gains `Started`, except for a run the `Restarted` just before it announced: a crash loop then stays one
+    /// coalesced `Restarted` instead of alternating with starts that never coalesce.
     pub(super) async fn record_running(&self, run: &Run, stop: &mut watch::Receiver<bool>) -> Result<Written> {
         let info = RunInfo {
             container: run.container.clone(),
@@ -30,6 +33,8 @@ impl TaskRunner {
             restarts: run.number,
             ..Default::default()
         };
+        let a = self.a();
+        let started = format!("on {}, placement {}, run {}", a.node, a.placement, run.number);
         self.write_own(stop, |t| {
             if t.state == TaskState::Running && t.run.as_ref() == Some(&info) {
                 return None;
@@ -37,16 +42,22 @@ impl TaskRunner {
             let mut new = t.clone();
             new.state = TaskState::Running;
             new.run = Some(info.clone());
+            let announced = run.number > 0 && t.events.last().is_some_and(|e| e.kind == EventKind::Restarted);
+            if !announced {
+                new.record_event(EventKind::Started, started.clone(), now_ms());
+            }
             Some(new)
         })
         .await
     }
 
-    /// Writes that run `next` is the current one and not yet started, before anything of it exists.
+    /// Writes that run `next` is the current one and not yet started, before anything of it exists. The
+    /// timeline gains `Restarted` with `why` (no restart counter in it, so a crash loop coalesces).
     pub(super) async fn record_restart(
         &self,
         next: u32,
         reason: String,
+        why: String,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Written> {
         let a = self.a();
@@ -60,6 +71,7 @@ impl TaskRunner {
             new.state = TaskState::Running;
             new.run = Some(info.clone());
             new.reason = Some(reason.clone());
+            new.record_event(EventKind::Restarted, why.clone(), now_ms());
             Some(new)
         })
         .await
@@ -89,11 +101,13 @@ impl TaskRunner {
 
     /// Releases the task into its final state, retried until etcd takes it. An unknown outcome is settled by
     /// reading the task again: if it is no longer ours, the end is recorded (ours landed, or someone else's).
+    /// `event` goes into the task's timeline with the release.
     pub(super) async fn record_end(
         &self,
         state: TaskState,
         reason: Option<String>,
         info: RunInfo,
+        event: (EventKind, String),
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Written> {
         self.until_written(stop, "recording the task's end", || async {
@@ -101,7 +115,13 @@ impl TaskRunner {
             if !self.ours(&seen.value) {
                 return Ok(Attempt::Settled(Written::NotOurs));
             }
-            let r = Release { task: seen, state, reason: reason.clone(), run: Some(info.clone()) };
+            let r = Release {
+                task: seen,
+                state,
+                reason: reason.clone(),
+                run: Some(info.clone()),
+                event: Some(event.clone()),
+            };
             Ok(match release(&self.store, &[r]).await?.first().copied() {
                 Some(ReleaseOutcome::Done { .. }) => Attempt::Settled(Written::Done),
                 Some(ReleaseOutcome::TaskChanged) => Attempt::Changed,
