@@ -480,7 +480,7 @@ impl TaskRunner {
                 0 => format!("restarting after {} (restart {next})", end.describe()),
                 max => format!("restarting after {} (restart {next} of {max})", end.describe()),
             };
-            match self.record_restart(next, reason, format!("after {}", end.describe()), stop).await? {
+            match self.record_restart(&run, reason, format!("after {}", end.describe()), stop).await? {
                 Written::Done => {}
                 Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
             }

@@ -6,8 +6,9 @@
 use super::{container_id, Run, TaskRunner};
 use crate::error::Result;
 use crate::supervisor::{stop_requested, Backoff};
+use omega::cell_state::Versioned;
 use omega::events::EventKind;
-use omega::model::{now_ms, RunInfo, Task, TaskState};
+use omega::model::{now_ms, Assignment, RunInfo, Task, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -33,8 +34,7 @@ impl TaskRunner {
             restarts: run.number,
             ..Default::default()
         };
-        let a = self.a();
-        let started = format!("on {}, placement {}, run {}", a.node, a.placement, run.number);
+        let started = started(self.a(), run.number);
         self.write_own(stop, |t| {
             if t.state == TaskState::Running && t.run.as_ref() == Some(&info) {
                 return None;
@@ -44,23 +44,25 @@ impl TaskRunner {
             new.run = Some(info.clone());
             let announced = run.number > 0 && t.events.last().is_some_and(|e| e.kind == EventKind::Restarted);
             if !announced {
-                new.record_event(EventKind::Started, started.clone(), now_ms());
+                new.record_event(EventKind::Started, started.clone(), run.started_at_ms);
             }
             Some(new)
         })
         .await
     }
 
-    /// Writes that run `next` is the current one and not yet started, before anything of it exists. The
-    /// timeline gains `Restarted` with `why` (no restart counter in it, so a crash loop coalesces).
+    /// Writes that the run after `ended` is the current one and not yet started, before anything of it
+    /// exists. The timeline gains `Restarted` with `why` (no restart counter in it, so a crash loop
+    /// coalesces), after `ended`'s `Started` if its `running` was never written (it exited at once).
     pub(super) async fn record_restart(
         &self,
-        next: u32,
+        ended: &Run,
         reason: String,
         why: String,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Written> {
         let a = self.a();
+        let next = ended.number + 1;
         let info =
             RunInfo { container: container_id(&a.task, a.placement, next), restarts: next, ..Default::default() };
         self.write_own(stop, |t| {
@@ -71,6 +73,9 @@ impl TaskRunner {
             new.state = TaskState::Running;
             new.run = Some(info.clone());
             new.reason = Some(reason.clone());
+            if t.state == TaskState::Assigned {
+                new.record_event(EventKind::Started, started(a, ended.number), known_or_now(ended.started_at_ms));
+            }
             new.record_event(EventKind::Restarted, why.clone(), now_ms());
             Some(new)
         })
@@ -115,6 +120,17 @@ impl TaskRunner {
             if !self.ours(&seen.value) {
                 return Ok(Attempt::Settled(Written::NotOurs));
             }
+            let ran = info.started_at_ms > 0 || info.exit_code.is_some();
+            let seen = if seen.value.state == TaskState::Assigned && ran {
+                // The run ended before its `running` was written (it exited at once): its start joins the
+                // timeline in this write, ahead of its end. Only the timeline differs from what was read; the
+                // release still compares the revision read.
+                let mut t = (*seen.value).clone();
+                t.record_event(EventKind::Started, started(self.a(), info.restarts), known_or_now(info.started_at_ms));
+                Versioned::new(t, seen.mod_revision)
+            } else {
+                seen
+            };
             let r = Release {
                 task: seen,
                 state,
@@ -157,6 +173,20 @@ impl TaskRunner {
                 _ = stop_requested(stop) => return Ok(Written::Stopped),
             }
         }
+    }
+}
+
+/// The `Started` event's message: where, which placement, which run.
+fn started(a: &Assignment, run: u32) -> String {
+    format!("on {}, placement {}, run {}", a.node, a.placement, run)
+}
+
+/// A run's start time, or now when it is not known (an exit collected after a crash, its start never written).
+fn known_or_now(started_at_ms: u64) -> u64 {
+    if started_at_ms > 0 {
+        started_at_ms
+    } else {
+        now_ms()
     }
 }
 
