@@ -24,7 +24,7 @@ pub enum EventKind {
     Unhealthy,
     /// Restarted in place by its agent (message: why).
     Restarted,
-    /// Exited; the message holds the code.
+    /// Exited; the message holds the code (or, when there is none, why: it could not start, or vanished).
     Exited,
     /// Killed by the kernel for exceeding its memory limit.
     OomKilled,

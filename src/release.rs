@@ -13,6 +13,7 @@
 
 use crate::cell_state::Versioned;
 use crate::error::{Error, Result};
+use crate::events::EventKind;
 use crate::model::{now_ms, Allocation, RunInfo, Task, TaskState};
 use crate::store::{decode, encode, Store};
 use crate::txn::{Group, Outcome, Sender};
@@ -28,6 +29,10 @@ pub struct Release {
     pub reason: Option<String>,
     /// What the agent learned about the process, if anything (replaces the task's `run`).
     pub run: Option<RunInfo>,
+    /// What happened, for the task's timeline (kind and message): the release is the write that records it,
+    /// so the event costs nothing (see [`crate::events`]). The caller says it, since only the caller knows
+    /// whether a release to `pending` is a lost node, a drain or a replacement.
+    pub event: Option<(EventKind, String)>,
 }
 
 /// What became of one release.
@@ -279,6 +284,9 @@ fn updated(r: &Release) -> Task {
         t.run = Some(run.clone());
     }
     t.updated_at_ms = now_ms();
+    if let Some((kind, message)) = &r.event {
+        t.record_event(*kind, message.clone(), t.updated_at_ms);
+    }
     t
 }
 

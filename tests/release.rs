@@ -3,6 +3,7 @@
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
+use omega::events::EventKind;
 use omega::model::{Allocation, RunInfo, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use omega::resources::Resources;
@@ -38,6 +39,7 @@ async fn a_finished_task_frees_its_node_once() {
         state: TaskState::Succeeded,
         reason: None,
         run: Some(run),
+        event: Some((EventKind::Exited, "code 0".into())),
     };
     // a/2 is still pending: cancelling it only writes its state.
     let cancel = Release {
@@ -45,6 +47,7 @@ async fn a_finished_task_frees_its_node_once() {
         state: TaskState::Killed,
         reason: Some("cancelled".into()),
         run: None,
+        event: Some((EventKind::Stopped, "cancelled".into())),
     };
     let out = release(&store, &[done.clone(), cancel]).await.unwrap();
     assert!(out.iter().all(|o| matches!(o, ReleaseOutcome::Done { .. })), "{out:?}");
@@ -58,15 +61,23 @@ async fn a_finished_task_frees_its_node_once() {
         .is_none());
     let (t0, _) = store.get_json::<omega::model::Task>(&store.keys().task("a/0")).await.unwrap().unwrap();
     assert_eq!(t0.state, TaskState::Succeeded);
-    assert_eq!(t0.run.unwrap().exit_code, Some(0));
+    assert_eq!(t0.run.as_ref().unwrap().exit_code, Some(0));
+    // Each release recorded its event in the same write, on either path (held resources or not).
+    let kinds = |t: &omega::model::Task| t.events.iter().map(|e| (e.kind, e.message.clone())).collect::<Vec<_>>();
+    assert_eq!(kinds(&t0), [(EventKind::Exited, "code 0".to_string())]);
+    let (t2, _) = store.get_json::<omega::model::Task>(&store.keys().task("a/2")).await.unwrap().unwrap();
+    assert_eq!(kinds(&t2), [(EventKind::Stopped, "cancelled".to_string())]);
     // The same release again (stale task) does nothing.
     assert_eq!(release(&store, &[done]).await.unwrap(), vec![ReleaseOutcome::TaskChanged]);
     let (again, _) = store.get_json::<Allocation>(&store.keys().alloc(&node_name(0))).await.unwrap().unwrap();
     assert_eq!(again.used, TASK);
     assert!(audit::audit(&store).await.unwrap().is_ok());
-    assert!(release(&store, &[Release { task: seen, state: TaskState::Running, reason: None, run: None }])
-        .await
-        .is_err());
+    assert!(release(
+        &store,
+        &[Release { task: seen, state: TaskState::Running, reason: None, run: None, event: None }]
+    )
+    .await
+    .is_err());
 }
 
 /// Claims and releases race on the same few nodes; the ledgers stay exact.
@@ -95,6 +106,7 @@ async fn releases_racing_claims_keep_ledgers_exact() {
             state: TaskState::Succeeded,
             reason: None,
             run: None,
+            event: None,
         })
         .collect();
     let claims: Vec<Claim> = (0..150)
@@ -231,7 +243,13 @@ async fn releasing_thousands_of_tasks_takes_few_round_trips() {
     let releases: Vec<Release> = snap
         .tasks
         .values()
-        .map(|t| Release { task: t.clone(), state: TaskState::Killed, reason: Some("cancelled".into()), run: None })
+        .map(|t| Release {
+            task: t.clone(),
+            state: TaskState::Killed,
+            reason: Some("cancelled".into()),
+            run: None,
+            event: None,
+        })
         .collect();
     assert_eq!(releases.len(), 2000);
     let before = store.revision().await.unwrap();

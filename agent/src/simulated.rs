@@ -17,6 +17,7 @@
 use etcd_client::{PutOptions, Txn, TxnOp};
 use futures_util::FutureExt;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
+use omega::events::EventKind;
 use omega::keys::{Key, Keys};
 use omega::lease::{LeaseKeeper, Register};
 use omega::model::{now_ms, Allocation, Assignment, JobKind, Liveness, Node, RunInfo, Task, TaskState};
@@ -311,6 +312,8 @@ impl SimulatedNodes {
                         ..Default::default()
                     });
                     running.updated_at_ms = now_ms();
+                    let on = format!("on {}, placement {}, run 0 (simulated)", sim.node, sim.placement);
+                    running.record_event(EventKind::Started, on, running.updated_at_ms);
                     starts.push((seen.clone(), running));
                 }
                 Phase::Running(Some(until)) if until <= now && t.state == TaskState::Running => {
@@ -322,6 +325,7 @@ impl SimulatedNodes {
                         state: TaskState::Succeeded,
                         reason: None,
                         run: Some(run),
+                        event: Some((EventKind::Exited, "code 0".into())),
                     });
                 }
                 _ => {}

@@ -10,6 +10,7 @@ use daemon::{TestDaemon, IMAGE};
 use omega::audit;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer};
+use omega::events::EventKind;
 use omega::model::{Job, JobKind, Node, Task, TaskState};
 use omega::proto::logs::logs_client::LogsClient;
 use omega::proto::logs::TailRequest;
@@ -169,6 +170,7 @@ async fn a_task_over_its_memory_limit_fails_as_oom_and_cpu_limits_reach_the_cgro
     let run = t.run.clone().unwrap();
     assert!(run.oom_killed, "{run:?}");
     assert!(t.reason.as_deref().unwrap_or("").contains("OOM"), "{:?}", t.reason);
+    assert_eq!(t.events.last().map(|e| e.kind), Some(EventKind::OomKilled), "{:?}", t.events);
 
     // A 500-millicore task: its quota is in the container's cgroup on the host.
     submit_and_place(&store, &cache, job("capped", &["sleep", "60"], 500, 64 << 20)).await;
@@ -193,8 +195,13 @@ async fn cancelling_a_running_task_stops_its_container_within_the_grace_period()
     let seen = snap.tasks.get("sleeper/0").unwrap().clone();
     assert_eq!(seen.value.state, TaskState::Running);
     let cancelled = Instant::now();
-    let kill =
-        Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: running.run.clone() };
+    let kill = Release {
+        task: seen,
+        state: TaskState::Killed,
+        reason: Some("cancelled".into()),
+        run: running.run.clone(),
+        event: None,
+    };
     release(&store, &[kill]).await.unwrap();
     let client = daemon.client().await;
     let grace = Duration::from_secs(2);
@@ -241,9 +248,12 @@ async fn a_restarted_agent_adopts_running_containers_and_never_starts_a_task_twi
     agent.stop().await;
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
     let seen = snap.tasks.get("long/0").unwrap().clone();
-    release(&store, &[Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: None }])
-        .await
-        .unwrap();
+    release(
+        &store,
+        &[Release { task: seen, state: TaskState::Killed, reason: Some("cancelled".into()), run: None, event: None }],
+    )
+    .await
+    .unwrap();
     let agent = RunningAgent::start(&store, &daemon, logs.path()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !client.list().await.unwrap().is_empty() {
@@ -268,6 +278,14 @@ async fn a_failing_task_is_restarted_per_policy_then_left_failed() {
     assert_eq!((run.exit_code, run.restarts), (Some(3), 2), "two restarts, then left failed");
     assert_eq!(t.reason.as_deref(), Some("exited with code 3"));
     assert_eq!(t.placements, 1, "restarts happen on the node, not as new placements");
+    let events: Vec<(EventKind, &str, u32)> = t.events.iter().map(|e| (e.kind, e.message.as_str(), e.count)).collect();
+    let started = format!("on {NODE}, placement 1, run 0");
+    let expected = [
+        (EventKind::Started, started.as_str(), 1),
+        (EventKind::Restarted, "after exit 3", 2),
+        (EventKind::Exited, "code 3", 1),
+    ];
+    assert_eq!(events, expected, "the timeline");
     // Three runs wrote to one log.
     let text = std::fs::read_to_string(omega_agent::agent::log_path(logs.path(), "flaky/0")).unwrap();
     assert_eq!(text.matches("attempt").count(), 3, "{text}");

@@ -230,6 +230,9 @@ async fn a_job_that_opts_out_keeps_running_through_the_cut() {
     .await;
     let handed_back = wait_task(&store, "stop/0", 60, |t| t.state == TaskState::Pending).await;
     assert!(handed_back.reason.as_deref().unwrap_or("").contains("fenced"), "{handed_back:?}");
+    let lost = handed_back.events.last().map(|e| (e.kind, e.message.as_str()));
+    let said = "node node-k cut off from etcd; its agent stopped the task";
+    assert_eq!(lost, Some((omega::events::EventKind::Lost, said)), "{handed_back:?}");
     eventually("the fenced container removed", 60, || async {
         let listed = client.list().await.ok()?;
         listed.iter().all(|c| c.id != stopped.id).then_some(())

@@ -83,7 +83,8 @@ async fn simulated_nodes_run_tasks_to_completion_and_stop_removed_ones() {
     let snap = cache.wait_for_revision(store.revision().await.unwrap(), Duration::from_secs(10)).await.unwrap();
     let victim = snap.tasks.get("web/0").unwrap().clone();
     let stopped_before = stats.stopped.load(Ordering::Relaxed);
-    let kill = Release { task: victim, state: TaskState::Killed, reason: Some("cancelled".into()), run: None };
+    let kill =
+        Release { task: victim, state: TaskState::Killed, reason: Some("cancelled".into()), run: None, event: None };
     release(&store, &[kill]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats.stopped.load(Ordering::Relaxed) == stopped_before {

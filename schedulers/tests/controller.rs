@@ -1,6 +1,7 @@
 //! Failure and recovery with real processes: node hosts, schedulers and controller replicas on one etcd.
 
 use omega::audit;
+use omega::events::EventKind;
 use omega::model::{Job, JobKind, JobState, Task, TaskState};
 use omega::resources::Resources;
 use omega::store::Store;
@@ -189,6 +190,10 @@ async fn batch_jobs_are_marked_finished() {
     let t = &tasks(&store, "pinned").await[0];
     assert_eq!(t.state, TaskState::Lost);
     assert!(t.reason.as_deref().unwrap_or("").contains("node d-000 lost"), "{:?}", t.reason);
+    // Its timeline: started by its (simulated) node, then lost with it, in the controller's release.
+    let events: Vec<(EventKind, &str)> = t.events.iter().map(|e| (e.kind, e.message.as_str())).collect();
+    let started = (EventKind::Started, "on d-000, placement 1, run 0 (simulated)");
+    assert_eq!(events, [started, (EventKind::Lost, "node d-000 lost")], "{t:?}");
     assert!(audit::audit(&store).await.unwrap().is_ok());
 }
 

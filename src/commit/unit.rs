@@ -7,6 +7,7 @@
 use super::{Claim, Committer};
 use crate::cell_state::{CellSnapshot, Versioned};
 use crate::error::Result;
+use crate::events::EventKind;
 use crate::model::{now_ms, Allocation, Assignment, Task, TaskState};
 use crate::store::{decode, encode};
 use crate::txn::Group;
@@ -127,6 +128,13 @@ impl Unit {
                 )
             });
             evicted.updated_at_ms = now;
+            // The victim's timeline says it in the eviction's own write.
+            let with_gang = if on == claims[*owner].node { "" } else { "with its gang " };
+            evicted.record_event(
+                EventKind::Preempted,
+                format!("{with_gang}by {} (priority {})", by.id, by.priority),
+                now,
+            );
             g.put(&task_key, encode(&task_key, &evicted)?);
             g.delete(&keys.assignment(&on, &victim.value.id));
             g.read(&task_key);

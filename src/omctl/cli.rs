@@ -18,7 +18,8 @@ violations; 3 etcd cannot be reached (or a request to it failed); 4 `submit --wa
 pending; 5 `logs -f`: the task did not succeed; 6 etcd is out of space (it refuses every write until an operator \
 compacts, defragments and disarms its alarm; the message gives the commands).",
     after_help = "Examples:\n  omctl submit web.yaml --wait\n  omctl jobs\n  omctl job web\n  \
-omctl tasks --job web --state pending\n  omctl nodes -o json\n  omctl watch --prefix-kind tasks\n  omctl cancel web"
+omctl tasks --job web --state pending\n  omctl events --job web -f\n  omctl nodes -o json\n  \
+omctl watch --prefix-kind tasks\n  omctl cancel web"
 )]
 pub struct Cli {
     /// etcd endpoints, comma-separated.
@@ -54,7 +55,7 @@ replaces anything a failed attempt left and completes.")]
     Submit(SubmitArgs),
     /// List jobs: kind, scheduler, priority, state, placed tasks, why the rest are pending.
     Jobs(JobsArgs),
-    /// Describe one job: its spec, state, tasks, scheduling status and preemptions.
+    /// Describe one job: its spec, state, tasks, scheduling status, preemptions and recent events.
     Job(JobArgs),
     /// List tasks, optionally of one job, in one state, or on one node.
     Tasks(TasksArgs),
@@ -102,6 +103,12 @@ its final state and exit code on standard error, and exit 0 if it succeeded or 5
 history ID` lists the kept ones; default: the version before the current). Replicas still running that version \
 are kept, the others are replaced as in any rollout, without a canary phase.")]
     Revert(RevertArgs),
+    /// List what happened to tasks (started, restarted, exited, preempted, lost, ...); -f follows new events.
+    #[command(long_about = "List the events tasks keep (each task keeps its last 16, with repeats coalesced into \
+one event with a count, for as long as the task exists), sorted by time, with where each placed task is placed \
+now. --job lists one job's. With -f, print them, then each new event as it is recorded (a coalesced repeat \
+again with its new count) until Ctrl-C; with -o json each event is one JSON object per line (NDJSON).")]
+    Events(EventsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +123,16 @@ pub struct RevertArgs {
     pub id: String,
     /// The version to go back to.
     pub version: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Only events of this job's tasks.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Keep printing new events as they are recorded.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
 }
 
 #[derive(Args, Debug)]

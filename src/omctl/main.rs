@@ -3,7 +3,7 @@
 //! It reads and writes the cell's etcd directly through the `omega` library: `submit` parses a job file
 //! (`omega::job_spec`) and writes the job with its pending tasks; read commands take one consistent cut of
 //! the cell; `cancel` releases tasks through `omega::release`; `audit` runs `omega::audit`; `watch` follows
-//! changes through `omega::watcher`. See `omctl --help` for the commands and exit codes.
+//! changes through `omega::watcher`, and `events` the tasks' timelines the same way. See `omctl --help` for the commands and exit codes.
 
 mod cell;
 mod cli;
@@ -12,6 +12,7 @@ mod connect;
 mod exit;
 mod output;
 mod summary;
+mod timeline;
 mod units;
 
 use clap::Parser;
@@ -68,5 +69,6 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Drain(args) => commands::drain::run(cli, args).await,
         Command::Promote(args) => commands::versions::promote(cli, &args.id).await,
         Command::Revert(args) => commands::versions::revert(cli, &args.id, args.version).await,
+        Command::Events(args) => commands::events::run(cli, args).await,
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::cell_state::Versioned;
 use crate::error::{Error, Result};
+use crate::events::EventKind;
 use crate::keys;
 use crate::model::{Job, JobState, Task, TaskState};
 use crate::release::{release, Release, ReleaseOutcome};
@@ -56,7 +57,13 @@ pub async fn cancel_job(store: &Store, id: &str) -> Result<CancelReport> {
             if t.value.state.is_terminal() {
                 done += 1;
             } else {
-                releases.push(Release { task: t, state: TaskState::Killed, reason: Some(REASON.into()), run: None });
+                releases.push(Release {
+                    task: t,
+                    state: TaskState::Killed,
+                    reason: Some(REASON.into()),
+                    run: None,
+                    event: Some((EventKind::Stopped, REASON.into())),
+                });
             }
         }
         if round == 0 {

@@ -11,6 +11,7 @@
 
 use crate::cell_state::Versioned;
 use crate::error::{Error, Result};
+use crate::events::EventKind;
 use crate::keys;
 use crate::model::{now_ms, Allocation, Drain, DrainState, Job, JobKind, Task, TaskState};
 use crate::release::{release, Release, ReleaseOutcome};
@@ -107,6 +108,7 @@ pub async fn drain_node(store: &Store, node: &str) -> Result<DrainReport> {
                 state: TaskState::Pending,
                 reason: Some(format!("node {node} drained; moving")),
                 run: None,
+                event: Some((EventKind::Stopped, format!("moved off draining node {node}"))),
             });
         } else {
             out.left_running.push(task.id);

@@ -56,6 +56,7 @@ use crate::preemption::Victims;
 use crate::runners::Runners;
 use crate::supervisor::stop_requested;
 use omega::cell_state::Versioned;
+use omega::events::EventKind;
 use omega::failpoint;
 use omega::model::{now_ms, Assignment, Job, OnDisconnect, RunInfo, Task, TaskState};
 use omega::store::Store;
@@ -479,7 +480,7 @@ impl TaskRunner {
                 0 => format!("restarting after {} (restart {next})", end.describe()),
                 max => format!("restarting after {} (restart {next} of {max})", end.describe()),
             };
-            match self.record_restart(next, reason, stop).await? {
+            match self.record_restart(&run, reason, format!("after {}", end.describe()), stop).await? {
                 Written::Done => {}
                 Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
             }
@@ -536,7 +537,8 @@ impl TaskRunner {
              expire",
             a.node
         );
-        match self.record_end(state, Some(reason), info, stop).await? {
+        let event = (EventKind::Lost, format!("node {} cut off from etcd; its agent stopped the task", a.node));
+        match self.record_end(state, Some(reason), info, event, stop).await? {
             Written::Done => tracing::info!(task = a.task, %state, "fenced task handed back"),
             Written::NotOurs => {
                 tracing::info!(task = a.task, "fenced task already released elsewhere (the controller)")
@@ -556,7 +558,16 @@ impl TaskRunner {
         info: RunInfo,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Step> {
-        match self.record_end(state, reason, info, stop).await? {
+        // The timeline says how the process ended: its code, the OOM kill, or why there is no code.
+        let event = match (info.oom_killed, info.exit_code) {
+            (true, code) => {
+                let code = code.map(|c| format!(" (code {c})")).unwrap_or_default();
+                (EventKind::OomKilled, format!("exceeded its memory limit{code}"))
+            }
+            (false, Some(code)) => (EventKind::Exited, format!("code {code}")),
+            (false, None) => (EventKind::Exited, reason.clone().unwrap_or_else(|| "no exit code".into())),
+        };
+        match self.record_end(state, reason, info, event, stop).await? {
             Written::Done => tracing::info!(task = self.a().task, %state, "task finished"),
             Written::NotOurs | Written::Stopped => {
                 tracing::info!(task = self.a().task, "its end was already recorded elsewhere")

@@ -6,7 +6,9 @@
 use super::{container_id, Run, TaskRunner};
 use crate::error::Result;
 use crate::supervisor::{stop_requested, Backoff};
-use omega::model::{now_ms, RunInfo, Task, TaskState};
+use omega::cell_state::Versioned;
+use omega::events::EventKind;
+use omega::model::{now_ms, Assignment, RunInfo, Task, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -21,7 +23,9 @@ pub(super) enum Written {
 }
 
 impl TaskRunner {
-    /// Writes `running` for `run`, retried until it lands or the task is no longer ours.
+    /// Writes `running` for `run`, retried until it lands or the task is no longer ours. The task's timeline
+    /// gains `Started`, except for a run the `Restarted` just before it announced: a crash loop then stays one
+    /// coalesced `Restarted` instead of alternating with starts that never coalesce.
     pub(super) async fn record_running(&self, run: &Run, stop: &mut watch::Receiver<bool>) -> Result<Written> {
         let info = RunInfo {
             container: run.container.clone(),
@@ -30,6 +34,7 @@ impl TaskRunner {
             restarts: run.number,
             ..Default::default()
         };
+        let started = started(self.a(), run.number);
         self.write_own(stop, |t| {
             if t.state == TaskState::Running && t.run.as_ref() == Some(&info) {
                 return None;
@@ -37,19 +42,27 @@ impl TaskRunner {
             let mut new = t.clone();
             new.state = TaskState::Running;
             new.run = Some(info.clone());
+            let announced = run.number > 0 && t.events.last().is_some_and(|e| e.kind == EventKind::Restarted);
+            if !announced {
+                new.record_event(EventKind::Started, started.clone(), run.started_at_ms);
+            }
             Some(new)
         })
         .await
     }
 
-    /// Writes that run `next` is the current one and not yet started, before anything of it exists.
+    /// Writes that the run after `ended` is the current one and not yet started, before anything of it
+    /// exists. The timeline gains `Restarted` with `why` (no restart counter in it, so a crash loop
+    /// coalesces), after `ended`'s `Started` if its `running` was never written (it exited at once).
     pub(super) async fn record_restart(
         &self,
-        next: u32,
+        ended: &Run,
         reason: String,
+        why: String,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Written> {
         let a = self.a();
+        let next = ended.number + 1;
         let info =
             RunInfo { container: container_id(&a.task, a.placement, next), restarts: next, ..Default::default() };
         self.write_own(stop, |t| {
@@ -60,6 +73,10 @@ impl TaskRunner {
             new.state = TaskState::Running;
             new.run = Some(info.clone());
             new.reason = Some(reason.clone());
+            if t.state == TaskState::Assigned {
+                new.record_event(EventKind::Started, started(a, ended.number), known_or_now(ended.started_at_ms));
+            }
+            new.record_event(EventKind::Restarted, why.clone(), now_ms());
             Some(new)
         })
         .await
@@ -89,11 +106,13 @@ impl TaskRunner {
 
     /// Releases the task into its final state, retried until etcd takes it. An unknown outcome is settled by
     /// reading the task again: if it is no longer ours, the end is recorded (ours landed, or someone else's).
+    /// `event` goes into the task's timeline with the release.
     pub(super) async fn record_end(
         &self,
         state: TaskState,
         reason: Option<String>,
         info: RunInfo,
+        event: (EventKind, String),
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Written> {
         self.until_written(stop, "recording the task's end", || async {
@@ -101,7 +120,24 @@ impl TaskRunner {
             if !self.ours(&seen.value) {
                 return Ok(Attempt::Settled(Written::NotOurs));
             }
-            let r = Release { task: seen, state, reason: reason.clone(), run: Some(info.clone()) };
+            let ran = info.started_at_ms > 0 || info.exit_code.is_some();
+            let seen = if seen.value.state == TaskState::Assigned && ran {
+                // The run ended before its `running` was written (it exited at once): its start joins the
+                // timeline in this write, ahead of its end. Only the timeline differs from what was read; the
+                // release still compares the revision read.
+                let mut t = (*seen.value).clone();
+                t.record_event(EventKind::Started, started(self.a(), info.restarts), known_or_now(info.started_at_ms));
+                Versioned::new(t, seen.mod_revision)
+            } else {
+                seen
+            };
+            let r = Release {
+                task: seen,
+                state,
+                reason: reason.clone(),
+                run: Some(info.clone()),
+                event: Some(event.clone()),
+            };
             Ok(match release(&self.store, &[r]).await?.first().copied() {
                 Some(ReleaseOutcome::Done { .. }) => Attempt::Settled(Written::Done),
                 Some(ReleaseOutcome::TaskChanged) => Attempt::Changed,
@@ -137,6 +173,20 @@ impl TaskRunner {
                 _ = stop_requested(stop) => return Ok(Written::Stopped),
             }
         }
+    }
+}
+
+/// The `Started` event's message: where, which placement, which run.
+fn started(a: &Assignment, run: u32) -> String {
+    format!("on {}, placement {}, run {}", a.node, a.placement, run)
+}
+
+/// A run's start time, or now when it is not known (an exit collected after a crash, its start never written).
+fn known_or_now(started_at_ms: u64) -> u64 {
+    if started_at_ms > 0 {
+        started_at_ms
+    } else {
+        now_ms()
     }
 }
 

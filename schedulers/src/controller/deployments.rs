@@ -18,6 +18,7 @@ use super::{queue::WorkQueue, Object};
 use etcd_client::{Compare, CompareOp, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
 use omega::deployment::{self, DeploymentState};
+use omega::events::EventKind;
 use omega::model::{now_ms, Job, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release};
 use omega::store::Store;
@@ -153,6 +154,7 @@ pub async fn reconcile(
                     state: TaskState::Killed,
                     reason: Some(format!("retired: {why}")),
                     run: None,
+                    event: Some((EventKind::Stopped, format!("retired: {why}"))),
                 })
             })
             .collect();

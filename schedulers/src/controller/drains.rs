@@ -13,6 +13,7 @@
 use super::{queue::WorkQueue, Object};
 use etcd_client::{Compare, CompareOp, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
+use omega::events::EventKind;
 use omega::model::{now_ms, Drain, DrainState, Job, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
@@ -95,7 +96,8 @@ async fn step(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Version
                     (None, Some(j)) => (j.value.state_after_node_loss(), format!("node {node} drain deadline passed")),
                     (None, None) => (TaskState::Killed, format!("node {node} drain deadline passed")),
                 };
-                Release { task: (*t).clone(), state, reason: Some(reason), run: None }
+                let event = Some((EventKind::Stopped, reason.clone()));
+                Release { task: (*t).clone(), state, reason: Some(reason), run: None, event }
             })
             .collect();
         let outcomes = release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;
@@ -124,11 +126,13 @@ async fn step(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Version
         match snapshot.tasks.get(new.as_str()) {
             Some(r) if counts(&job.value, &r.value, now) => {
                 let to = r.value.node.clone().unwrap_or_default();
+                let why = format!("migrated to {new} on {to}: node {node} drained");
                 retire.push(Release {
                     task: (*old_task).clone(),
                     state: TaskState::Killed,
-                    reason: Some(format!("migrated to {new} on {to}: node {node} drained")),
+                    reason: Some(why.clone()),
                     run: None,
+                    event: Some((EventKind::Stopped, why)),
                 });
             }
             Some(r) if !r.value.state.is_terminal() => *in_flight.entry(job.value.id.clone()).or_default() += 1,
@@ -231,6 +235,7 @@ async fn cancel(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Versi
             state: TaskState::Killed,
             reason: Some(format!("drain of node {} undone; the replica it replaced stays", d.value.node)),
             run: None,
+            event: Some((EventKind::Stopped, format!("drain of node {} undone", d.value.node))),
         })
         .collect();
     release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;

@@ -13,6 +13,7 @@ use super::{queue::WorkQueue, ControllerConfig, Object, Reconciled};
 use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
 use omega::deployment::DeploymentState;
+use omega::events::EventKind;
 use omega::model::{now_ms, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release};
 use omega::store::Store;
@@ -128,11 +129,13 @@ pub fn has_tasks(snapshot: &CellSnapshot, job: &str) -> bool {
 }
 
 fn replacement(t: &Versioned<Task>) -> Release {
+    let why = format!("replacing a replica that ended {}", t.value.state);
     Release {
         task: t.clone(),
         state: TaskState::Pending,
-        reason: Some(format!("replacing a replica that ended {}", t.value.state)),
+        reason: Some(why.clone()),
         run: None,
+        event: Some((EventKind::Rescheduled, why)),
     }
 }
 

@@ -15,6 +15,7 @@ use super::disruption::{Change, Decision, Disruption, Health, NodeView, Scope};
 use super::{metrics, queue::WorkQueue, ControllerConfig, Reconciled};
 use etcd_client::{Compare, CompareOp};
 use omega::cell_state::CellSnapshot;
+use omega::events::EventKind;
 use omega::model::{Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release, ReleaseOutcome};
 use omega::store::Store;
@@ -118,6 +119,7 @@ impl NodeReconciler {
                     state: after_loss(snapshot, &task.value),
                     reason: Some(format!("node {node} lost (its agent stopped renewing its lease)")),
                     run: None,
+                    event: Some((EventKind::Lost, format!("node {node} lost"))),
                 });
                 for release in tasks {
                     lost.push(release);

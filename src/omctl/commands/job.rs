@@ -1,9 +1,11 @@
-//! `omctl job ID`: one job in full: spec, state, tasks, the scheduler's status, preemptions.
+//! `omctl job ID`: one job in full: spec, state, tasks, the scheduler's status, preemptions, and its tasks'
+//! recent events (like `kubectl describe`'s).
 
 use crate::cell::{self, TaskCounts};
 use crate::cli::{Cli, JobArgs};
 use crate::exit::{user, Code};
 use crate::output::{emit, Fields, Table};
+use crate::timeline::{self, EventRow};
 use crate::units;
 use omega::cell_state::{CellSnapshot, Versioned};
 use omega::model::{Job, JobOwner, JobStatus, RestartMode, SchedulerInstance, Task};
@@ -12,6 +14,8 @@ use std::fmt::Write as _;
 
 /// Tasks listed in the human description; the rest are counted (all are in JSON).
 const MAX_TASK_ROWS: usize = 50;
+/// Events listed in the human description, the newest; the earlier are counted (all are in JSON).
+const MAX_EVENT_ROWS: usize = 20;
 
 /// `omctl job ID -o json`.
 #[derive(Serialize)]
@@ -29,6 +33,8 @@ pub struct JobDescription {
     pub preemptions: Preemptions,
     /// Every task record, by index.
     pub task_list: Vec<Task>,
+    /// The tasks' events, oldest first (as `omctl events --job ID` lists them).
+    pub events: Vec<EventRow>,
 }
 
 /// Both sides of preemption, as far as this job's tasks record them.
@@ -75,6 +81,7 @@ pub async fn run(cli: &Cli, args: &JobArgs) -> anyhow::Result<Code> {
         pending_reason,
         status,
         owner,
+        events: timeline::of_tasks(&tasks),
         task_list: tasks,
     };
     emit(cli.output, &desc, || render(&desc, &read.snapshot))?;
@@ -215,6 +222,19 @@ fn render(d: &JobDescription, snapshot: &CellSnapshot) -> String {
         }
         for e in &p.evicted {
             let _ = writeln!(out, "  {} ({}) was {}", e.task, e.state, e.reason);
+        }
+    }
+
+    out.push_str("\nEvents:\n");
+    if d.events.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        let earlier = d.events.len().saturating_sub(MAX_EVENT_ROWS);
+        if earlier > 0 {
+            let _ = writeln!(out, "  ({earlier} earlier; `omctl events --job {}` lists them all)", job.id);
+        }
+        for line in timeline::table(&d.events[earlier..], omega::model::now_ms()).lines() {
+            let _ = writeln!(out, "  {line}");
         }
     }
     out

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod cancel;
 pub mod drain;
+pub mod events;
 pub mod job;
 pub mod jobs;
 pub mod logs;

@@ -533,6 +533,9 @@ async fn describe_shows_both_sides_of_a_preemption() {
     assert!(victim.stdout.contains("low/0 (pending) was preempted by high/0"), "{}", victim.stdout);
     let json = omctl(&etcd, &["job", "low", "-o", "json"]).await.ok().json();
     assert_eq!(json["preemptions"]["evicted"][0]["task"], "low/0");
+    // The eviction's write put it in the victim's timeline too.
+    let last = json["events"].as_array().and_then(|e| e.last()).cloned().unwrap_or_default();
+    assert_eq!((&last["kind"], &last["message"]), (&"preempted".into(), &"by high/0 (priority 50)".into()), "{json}");
     let json = omctl(&etcd, &["job", "high", "-o", "json"]).await.ok().json();
     assert_eq!(json["preemptions"]["evicted_others"][0]["victims"][0], "low/0");
 }
