@@ -27,8 +27,9 @@ fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// A cell: `nodes` simulated nodes (4 CPU, 8 GiB), one service scheduler, the controller.
-fn cell(etcd: &str, name: &str, nodes: usize) -> Vec<Proc> {
+/// A cell: `nodes` simulated nodes (4 CPU, 8 GiB), one service scheduler, the controller (serving metrics on
+/// `metrics`).
+fn cell_with_metrics(etcd: &str, name: &str, nodes: usize, metrics: &str) -> Vec<Proc> {
     let n = nodes.to_string();
     let prefix = format!("{name}-n");
     vec![
@@ -40,10 +41,14 @@ fn cell(etcd: &str, name: &str, nodes: usize) -> Vec<Proc> {
         Proc::start("omega-scheduler", &["--etcd", etcd, "--kind", "service", "--instance", name], name),
         Proc::start(
             "omega-controller",
-            &["--etcd", etcd, "--instance", &format!("{name}-ctl"), "--grace", "1s"],
+            &["--etcd", etcd, "--instance", &format!("{name}-ctl"), "--grace", "1s", "--metrics-addr", metrics],
             &format!("{name}-ctl"),
         ),
     ]
+}
+
+fn cell(etcd: &str, name: &str, nodes: usize) -> Vec<Proc> {
+    cell_with_metrics(etcd, name, nodes, &support::metrics_addr())
 }
 
 /// The job file of service `web`: `replicas` replicas of `image`, updated 2 at a time, counting a replica
@@ -124,7 +129,8 @@ fn track_min_running(store: Store, job: &str) -> (Arc<AtomicUsize>, Arc<std::syn
 async fn rolling_update_canary_promote_and_revert_through_omctl() {
     let (etcd, store) = start_etcd().await;
     let ep = etcd.endpoint();
-    let _cell = cell(&ep, "deploy-roll", 4);
+    let metrics = support::metrics_addr();
+    let _cell = cell_with_metrics(&ep, "deploy-roll", 4, &metrics);
     let dir = tempfile::tempdir().unwrap();
 
     let v0 = web_file(dir.path(), "v0", "web:1", 10, "");
@@ -217,6 +223,18 @@ async fn rolling_update_canary_promote_and_revert_through_omctl() {
     assert!(lowest >= 8, "running replicas fell to {lowest}");
     let report = audit::audit(&store).await.unwrap();
     assert!(report.is_ok(), "{report:?}");
+
+    // The controller's metrics: rollouts, the retired and started replicas, the replicas' health per job.
+    support::scrape_when_up(&metrics).await;
+    wait_for("the rollout metrics", 30, async || {
+        let text = omega_testkit::metrics::scrape(&metrics).await;
+        let ok = omega_testkit::metrics::metric(&text, "omega_controller_rollouts_succeeded_total") >= 4.0
+            && omega_testkit::metrics::metric_where(&text, "omega_job_replicas_healthy", "job=\"web\"") == 10.0
+            && omega_testkit::metrics::metric(&text, "omega_controller_rollouts_in_progress") == 0.0
+            && omega_testkit::metrics::metric(&text, "omega_controller_rollout_replicas_retired_total") >= 20.0;
+        ok.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

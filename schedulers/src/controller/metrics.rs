@@ -20,12 +20,65 @@ pub fn reconciled(done: &Reconciled) {
         ("omega_controller_collected_jobs_total", done.collected_jobs),
         ("omega_controller_collected_nodes_total", done.collected_nodes),
         ("omega_controller_collected_orphans_total", done.collected_orphans),
+        ("omega_controller_rollout_replicas_started_total", done.deployments.created),
+        ("omega_controller_rollout_replicas_retired_total", done.deployments.retired),
+        ("omega_controller_rollouts_succeeded_total", done.deployments.succeeded),
+        ("omega_controller_rollouts_failed_total", done.deployments.failed),
+        ("omega_controller_rollbacks_total", done.deployments.reverts),
+        ("omega_controller_drain_replicas_moved_total", done.drains.moved),
+        ("omega_controller_drain_tasks_forced_total", done.drains.forced),
     ];
     for (name, n) in counters {
         if n > 0 {
             metrics::counter!(name).increment(n as u64);
         }
     }
+}
+
+/// The services' replicas by health and the rollouts in progress, per job. Returns the jobs it labelled, so
+/// that a job that went away is set to zero on the next call (a gauge cannot be unregistered).
+pub fn services(
+    snapshot: &omega::cell_state::CellSnapshot,
+    labelled_before: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    use omega::model::{JobKind, TaskState};
+    let mut labelled = std::collections::BTreeSet::new();
+    let (mut rolling, mut draining) = (0u32, 0u32);
+    for job in snapshot.jobs.values().filter(|j| j.value.kind == JobKind::Service && !j.value.state.is_final()) {
+        let j = &job.value;
+        let has_checks = !j.checks.is_empty();
+        let (mut healthy, mut unhealthy) = (0u32, 0u32);
+        for t in snapshot.tasks_of(j).filter(|t| t.value.state == TaskState::Running) {
+            if t.value.is_healthy(has_checks) {
+                healthy += 1;
+            } else {
+                unhealthy += 1;
+            }
+        }
+        let in_progress = j.deployment.as_ref().is_some_and(|d| d.state.is_active() && d.version == j.version);
+        rolling += u32::from(in_progress);
+        metrics::gauge!("omega_job_replicas_healthy", "job" => j.id.clone()).set(f64::from(healthy));
+        metrics::gauge!("omega_job_replicas_unhealthy", "job" => j.id.clone()).set(f64::from(unhealthy));
+        metrics::gauge!("omega_job_replicas_wanted", "job" => j.id.clone()).set(f64::from(j.tasks));
+        metrics::gauge!("omega_job_rollout_in_progress", "job" => j.id.clone()).set(f64::from(u8::from(in_progress)));
+        labelled.insert(j.id.clone());
+    }
+    for gone in labelled_before.difference(&labelled) {
+        for name in [
+            "omega_job_replicas_healthy",
+            "omega_job_replicas_unhealthy",
+            "omega_job_replicas_wanted",
+            "omega_job_rollout_in_progress",
+        ] {
+            metrics::gauge!(name, "job" => gone.clone()).set(0.0);
+        }
+    }
+    for d in snapshot.drains.values() {
+        draining += u32::from(d.value.state == omega::model::DrainState::Draining);
+    }
+    metrics::gauge!("omega_controller_rollouts_in_progress").set(f64::from(rolling));
+    metrics::gauge!("omega_controller_drains_in_progress").set(f64::from(draining));
+    labelled
 }
 
 /// Nodes registered and down, as this leader sees them.

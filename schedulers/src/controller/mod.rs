@@ -76,6 +76,9 @@ pub struct ControllerConfig {
 /// How often the leader checks the cap on finished tasks (a walk over every job).
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 
+/// How often the leader publishes the services' health and rollouts (a walk over the service jobs).
+const SERVICES_EVERY: Duration = Duration::from_secs(2);
+
 /// Counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Reconciled {
@@ -215,6 +218,8 @@ async fn lead(
     metrics::leading(true);
     let mut next_resync = Instant::now();
     let mut next_retention = Instant::now() + RETENTION_EVERY;
+    let mut next_services = Instant::now();
+    let mut labelled = std::collections::BTreeSet::new();
     // Runs while this replica leads; aborted when `lead` returns.
     let compactor = config.compact_every.map(|every| AbortOnDrop(tokio::spawn(compaction::run(store.clone(), every))));
     let _compactor = compactor;
@@ -227,6 +232,10 @@ async fn lead(
             enqueue_all(&snapshot, &mut queue);
             nodes.retain(&snapshot);
             next_resync = Instant::now() + config.resync;
+        }
+        if Instant::now() >= next_services {
+            next_services = Instant::now() + SERVICES_EVERY;
+            labelled = metrics::services(&snapshot, &labelled);
         }
         if let Some(cap) = config.keep_finished_tasks.filter(|_| Instant::now() >= next_retention) {
             next_retention = Instant::now() + RETENTION_EVERY;
