@@ -38,7 +38,8 @@
 //!   right even for a wait started after an agent restart. `/tasks/oom` events, which a background
 //!   subscription records, are the second source (a containerd on another host, or a cgroup we cannot
 //!   read). A container counts as OOM-killed if any of its processes was, as the CRI plugin reports it.
-//! - **Network**: containers get their own network namespace with only loopback (no CNI here).
+//! - **Network**: containers share the node's network namespace (host networking, no CNI): a task's ports are
+//!   the node's, and the node's `/etc/resolv.conf` and `/etc/hosts` are bound in read-only (`spec.rs`).
 //! - No call that goes to the network unwraps: every failure is an [`Error`] naming the call and the id.
 
 mod cgroup;
