@@ -14,6 +14,8 @@
 //! wait:   tasks.wait -> exit status, time; OOM kill from the container's memory cgroup (and /tasks/oom events)
 //! stop:   tasks.kill(SIGTERM) -> grace -> tasks.kill(SIGKILL, all) -> the exit
 //! remove: tasks.kill(SIGKILL) if alive -> tasks.delete (retried) -> containers.delete -> snapshots.remove
+//! exec:   containers.get (its process spec) -> tasks.exec -> tasks.start -> tasks.wait (bounded; SIGKILL past
+//!         it) -> tasks.delete_process                                      (exec health checks, `exec.rs`)
 //! ```
 //!
 //! Choices worth knowing:
@@ -44,6 +46,7 @@
 
 mod cgroup;
 mod error;
+mod exec;
 mod lifecycle;
 mod spec;
 mod unpack;
@@ -67,6 +70,7 @@ use tonic::Request;
 
 use cgroup::watch_oom_events;
 pub use error::{Error, Result};
+pub use exec::ExecOutcome;
 use wait::Waiter;
 
 /// The gRPC header containerd reads the namespace from.
