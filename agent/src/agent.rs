@@ -308,6 +308,21 @@ pub fn should_restart(job: &Job, failed: bool, restarts_so_far: u32) -> bool {
     wanted && (unlimited || restarts_so_far < policy.max_restarts)
 }
 
+/// Why a task restarts, as its record says: `restarting after exit 1 (restart 2 of 3)`; `after` is what
+/// ended the run.
+pub fn restart_reason(job: &Job, after: &str, next: u32) -> String {
+    match job.restart.max_restarts {
+        0 => format!("restarting after {after} (restart {next})"),
+        max => format!("restarting after {after} (restart {next} of {max})"),
+    }
+}
+
+/// The wait before the next run: the policy's backoff, doubled for each restart so far, at most a minute.
+pub fn restart_backoff(job: &Job, restarts_so_far: u32) -> Duration {
+    Duration::from_millis(job.restart.backoff_ms.saturating_mul(1 << restarts_so_far.min(6)))
+        .min(Duration::from_secs(60))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

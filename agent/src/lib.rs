@@ -4,6 +4,7 @@
 //! - [`runner`]: one task's life on the node, a state machine an agent crash cannot make run a task twice.
 //! - [`supervisor`]: starts a failed runner again, with backoff, until its work is done.
 //! - [`runners`]: which runners are alive (what preemption waits on).
+//! - [`health`]: probing a running task's health checks (http, tcp, exec) and deciding its health from them.
 //! - [`fence`]: an agent cut off from etcd stops its tasks before its lease can expire.
 //! - [`preemption`]: a preempting task starts only once the tasks it evicted are gone from the node.
 //! - [`daemon`]: a private containerd (the local cell's, and the tests').
@@ -19,6 +20,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod error;
 pub mod fence;
+pub mod health;
 pub mod image;
 pub mod logs;
 pub mod preemption;

@@ -13,14 +13,32 @@
 //!
 //! Unlike a real agent they do not fence themselves when cut off from etcd ([`crate::fence`] says why: their
 //! tasks run nowhere, and every write they make is guarded by the task's revision).
+//!
+//! **Health**, so that scale tests can exercise what reads it (rolling updates, ...). A task runs its own
+//! version's spec (the job in the cache when the versions match, else that version fetched once with
+//! `Store::job_version` and kept), and when that spec has checks its simulated run follows one rule:
+//! - health `starting` is written with `running` (no write of its own);
+//! - if some check is `type: exec` whose command's first word is `false` (`["false"]`, `["/bin/false", ...]`),
+//!   the run turns `unhealthy` (message `<check> check: \`<command>\` exited with 1`, an `unhealthy` event) once
+//!   that check's `grace + interval x unhealthy_threshold` has passed; with its `restart: true`, it is then
+//!   restarted as a real agent would (after the policy's backoff, counting `run.restarts`: a new run,
+//!   `starting` again, reason `restarting after unhealthy: ...`, a `restarted` event) while the job's restart
+//!   policy allows, and ends `failed` (`unhealthy: ...`) once it does not; with `restart: false` it stays
+//!   unhealthy;
+//! - otherwise it turns `healthy` (a `healthy` event) once the longest `interval x healthy_threshold` of its
+//!   checks has passed.
+//!
+//! One write per transition, as a real agent makes.
 
+use crate::agent::{restart_backoff, restart_reason, should_restart};
 use etcd_client::{PutOptions, Txn, TxnOp};
 use futures_util::FutureExt;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
 use omega::events::EventKind;
+use omega::health::{Health, HealthCheck, HealthStatus, Probe};
 use omega::keys::{Key, Keys};
 use omega::lease::{LeaseKeeper, Register};
-use omega::model::{now_ms, Allocation, Assignment, JobKind, Liveness, Node, RunInfo, Task, TaskState};
+use omega::model::{now_ms, Allocation, Assignment, Job, JobKind, Liveness, Node, RunInfo, Task, TaskState};
 use omega::release::{release, update_tasks, Release};
 use omega::resources::Resources;
 use omega::store::{encode, Store};
@@ -96,6 +114,10 @@ enum Phase {
     Starting(Instant),
     /// Running; finishes at this time (`None`: until stopped).
     Running(Option<Instant>),
+    /// Stopped as unhealthy; the next run is recorded at this time, with this reason.
+    Restarting(Instant, String),
+    /// Unhealthy with its restarts spent: ends `failed` with this reason.
+    Failing(String),
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +125,57 @@ struct SimTask {
     node: String,
     placement: u32,
     phase: Phase,
+    /// The one health transition the current run still makes.
+    health: Option<SimHealth>,
+}
+
+/// A simulated run's health transition: at `at`, to `status`.
+#[derive(Clone, Debug)]
+struct SimHealth {
+    at: Instant,
+    status: HealthStatus,
+    /// The failing check's message (unhealthy), or the checks passing (healthy).
+    message: String,
+    /// Unhealthy, and the failing check restarts its task.
+    restart: bool,
+}
+
+/// Specs by (job, version), for tasks of a version other than the cached job's.
+type Specs = HashMap<(String, u32), Arc<Job>>;
+
+/// The health transition a simulated run of `job` makes (see the module doc for the rule), if it has checks.
+fn simulated_health(job: &Job, started: Instant) -> Option<SimHealth> {
+    let ms = |ms: u64| Duration::from_millis(ms);
+    if let Some(failing) = job.checks.iter().find(|c| fails_in_simulation(c)) {
+        let after =
+            ms(failing.grace_ms) + ms(failing.interval_ms.saturating_mul(u64::from(failing.unhealthy_threshold)));
+        let command = match &failing.probe {
+            Probe::Exec { command } => command.join(" "),
+            _ => String::new(),
+        };
+        return Some(SimHealth {
+            at: started + after,
+            status: HealthStatus::Unhealthy,
+            message: format!("{} check: `{command}` exited with 1", failing.name),
+            restart: failing.restart,
+        });
+    }
+    let after = job.checks.iter().map(|c| ms(c.interval_ms.saturating_mul(u64::from(c.healthy_threshold)))).max()?;
+    let names: Vec<&str> = job.checks.iter().map(|c| c.name.as_str()).collect();
+    Some(SimHealth {
+        at: started + after,
+        status: HealthStatus::Healthy,
+        message: format!("passing: {}", names.join(", ")),
+        restart: false,
+    })
+}
+
+/// Whether a check fails on a simulated node: an exec check whose command's first word is `false`.
+fn fails_in_simulation(check: &HealthCheck) -> bool {
+    match &check.probe {
+        Probe::Exec { command } => command.first().is_some_and(|w| w.rsplit('/').next() == Some("false")),
+        _ => false,
+    }
 }
 
 /// The simulated host.
@@ -212,6 +285,7 @@ impl SimulatedNodes {
         let keys = self.store.keys().clone();
         let mut watcher = Watcher::new(self.store.clone(), keys.assignments_prefix(), 5000);
         let mut tasks: HashMap<String, SimTask> = HashMap::new();
+        let mut specs = Specs::new();
         let mut tick = tokio::time::interval(self.options.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -220,7 +294,7 @@ impl SimulatedNodes {
                 _ = &mut shutdown => break,
                 event = watcher.next() => self.on_watch(&keys, event, &mut tasks),
                 _ = tick.tick() => {
-                    if let Err(e) = self.advance(&cache.snapshot(), &mut tasks).await {
+                    if let Err(e) = self.advance(&cache.snapshot(), &mut tasks, &mut specs).await {
                         tracing::warn!(error = %e, "writing simulated task transitions failed; will retry");
                     }
                 }
@@ -235,6 +309,7 @@ impl SimulatedNodes {
             node: node.to_string(),
             placement: a.placement,
             phase: Phase::Starting(now + self.options.start_delay),
+            health: None,
         };
         match event {
             WatchEvent::Reset { kvs, .. } => {
@@ -290,10 +365,20 @@ impl SimulatedNodes {
         Some((node.to_string(), task.to_string(), a))
     }
 
-    /// Writes the transitions that are due: starts (assigned -> running) and finishes (-> succeeded).
-    async fn advance(&self, snapshot: &CellSnapshot, tasks: &mut HashMap<String, SimTask>) -> anyhow::Result<()> {
+    /// Writes the transitions that are due: starts (assigned -> running), health transitions, restarts of
+    /// unhealthy runs, and ends (-> succeeded; -> failed once an unhealthy task's restarts are spent).
+    async fn advance(
+        &self,
+        snapshot: &CellSnapshot,
+        tasks: &mut HashMap<String, SimTask>,
+        specs: &mut Specs,
+    ) -> anyhow::Result<()> {
         let now = Instant::now();
-        let mut starts: Vec<(Versioned<Task>, Task)> = Vec::new();
+        if !specs.is_empty() {
+            specs.retain(|(job, _), _| snapshot.jobs.contains_key(job.as_str()));
+        }
+        // Writes that keep the task's resources, each with what its simulated task becomes once written.
+        let mut updates: Vec<(Versioned<Task>, Task, Next)> = Vec::new();
         let mut finishes: Vec<Release> = Vec::new();
         for (id, sim) in tasks.iter() {
             // Act only on the record this assignment belongs to (the cache may lag the assignment watch).
@@ -302,21 +387,19 @@ impl SimulatedNodes {
             if t.node.as_deref() != Some(sim.node.as_str()) || t.placements != sim.placement {
                 continue;
             }
-            match sim.phase {
-                Phase::Starting(at) if at <= now && t.state == TaskState::Assigned => {
-                    let mut running = (**t).clone();
-                    running.state = TaskState::Running;
-                    running.run = Some(RunInfo {
-                        container: format!("sim-{}-p{}", id.replace('/', "-"), sim.placement),
-                        started_at_ms: now_ms(),
-                        ..Default::default()
-                    });
-                    running.updated_at_ms = now_ms();
-                    let on = format!("on {}, placement {}, run 0 (simulated)", sim.node, sim.placement);
-                    running.record_event(EventKind::Started, on, running.updated_at_ms);
-                    starts.push((seen.clone(), running));
+            let restarts = t.run.as_ref().map_or(0, |r| r.restarts);
+            match &sim.phase {
+                Phase::Starting(at) if *at <= now && t.state == TaskState::Assigned => {
+                    let Some(job) = self.spec(snapshot, specs, t).await else { continue };
+                    let running = started(t, sim, 0, &job);
+                    let next = Next::Run {
+                        until: self.duration_of(&job).map(|d| now + d),
+                        health: simulated_health(&job, now),
+                        first: true,
+                    };
+                    updates.push((seen.clone(), running, next));
                 }
-                Phase::Running(Some(until)) if until <= now && t.state == TaskState::Running => {
+                Phase::Running(Some(until)) if *until <= now && t.state == TaskState::Running => {
                     let mut run = t.run.clone().unwrap_or_default();
                     run.finished_at_ms = Some(now_ms());
                     run.exit_code = Some(0);
@@ -328,19 +411,81 @@ impl SimulatedNodes {
                         event: Some((EventKind::Exited, "code 0".into())),
                     });
                 }
+                Phase::Running(_) if t.state == TaskState::Running => {
+                    let Some(h) = sim.health.as_ref().filter(|h| h.at <= now) else { continue };
+                    let mut new = (**t).clone();
+                    let at_ms = now_ms();
+                    let (kind, message) = match h.status {
+                        HealthStatus::Unhealthy => (EventKind::Unhealthy, h.message.clone()),
+                        _ => (EventKind::Healthy, String::new()),
+                    };
+                    new.health = Some(Health { status: h.status, since_ms: at_ms, message });
+                    new.record_event(kind, h.message.clone(), at_ms);
+                    new.updated_at_ms = at_ms;
+                    let mut then = None;
+                    if h.status == HealthStatus::Unhealthy && h.restart {
+                        let Some(job) = self.spec(snapshot, specs, t).await else { continue };
+                        let why = format!("unhealthy: {}", h.message);
+                        then = Some(if should_restart(&job, true, restarts) {
+                            let reason = restart_reason(&job, &why, restarts + 1);
+                            Phase::Restarting(now + restart_backoff(&job, restarts), reason)
+                        } else {
+                            Phase::Failing(why)
+                        });
+                    }
+                    updates.push((seen.clone(), new, Next::Health(then)));
+                }
+                Phase::Restarting(at, reason) if *at <= now && t.state == TaskState::Running => {
+                    let Some(job) = self.spec(snapshot, specs, t).await else { continue };
+                    let mut running = started(t, sim, restarts + 1, &job);
+                    running.reason = Some(reason.clone());
+                    // The event says why without the restart counter, so repeats coalesce.
+                    let why = reason.split(" (restart ").next().unwrap_or(reason).trim_start_matches("restarting ");
+                    running.record_event(EventKind::Restarted, why, now_ms());
+                    let next = Next::Run {
+                        until: self.duration_of(&job).map(|d| now + d),
+                        health: simulated_health(&job, now),
+                        first: false,
+                    };
+                    updates.push((seen.clone(), running, next));
+                }
+                Phase::Failing(reason) if t.state == TaskState::Running => {
+                    let mut run = t.run.clone().unwrap_or_default();
+                    run.finished_at_ms = Some(now_ms());
+                    finishes.push(Release {
+                        task: seen.clone(),
+                        state: TaskState::Failed,
+                        reason: Some(reason.clone()),
+                        run: Some(run),
+                        event: Some((EventKind::Exited, reason.clone())),
+                    });
+                }
                 _ => {}
             }
         }
-        if !starts.is_empty() {
-            let out = update_tasks(&self.store, &starts).await?;
-            for ((seen, _), result) in starts.iter().zip(out) {
+        if !updates.is_empty() {
+            let writes: Vec<(Versioned<Task>, Task)> =
+                updates.iter().map(|(seen, new, _)| (seen.clone(), new.clone())).collect();
+            let out = update_tasks(&self.store, &writes).await?;
+            for ((seen, _, next), result) in updates.into_iter().zip(out) {
                 if result.is_none() {
                     continue;
                 }
-                self.stats.started.fetch_add(1, Ordering::Relaxed);
-                let until = self.duration_of(snapshot, &seen.value).map(|d| now + d);
-                if let Some(sim) = tasks.get_mut(&seen.value.id) {
-                    sim.phase = Phase::Running(until);
+                let Some(sim) = tasks.get_mut(&seen.value.id) else { continue };
+                match next {
+                    Next::Run { until, health, first } => {
+                        if first {
+                            self.stats.started.fetch_add(1, Ordering::Relaxed);
+                        }
+                        sim.phase = Phase::Running(until);
+                        sim.health = health;
+                    }
+                    Next::Health(then) => {
+                        sim.health = None;
+                        if let Some(phase) = then {
+                            sim.phase = phase;
+                        }
+                    }
                 }
             }
         }
@@ -356,15 +501,68 @@ impl SimulatedNodes {
         Ok(())
     }
 
+    /// The spec `task` runs: the cached job when it is the task's version, else that version read from etcd
+    /// once and kept (while its job exists). `None` while neither is to be had (try again next tick).
+    async fn spec(&self, snapshot: &CellSnapshot, specs: &mut Specs, task: &Task) -> Option<Arc<Job>> {
+        if let Some(job) = snapshot.jobs.get(task.job.as_str()).filter(|j| j.value.version == task.version) {
+            return Some(job.value.clone());
+        }
+        let key = (task.job.clone(), task.version);
+        if let Some(job) = specs.get(&key) {
+            return Some(job.clone());
+        }
+        match self.store.job_version(&task.job, task.version).await {
+            Ok(Some(job)) => {
+                let job = Arc::new(job);
+                specs.insert(key, job.clone());
+                Some(job)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(job = task.job, version = task.version, error = %e, "reading a job version failed");
+                None
+            }
+        }
+    }
+
     /// How long a task runs: its job's `duration`, else the default for batch, else forever (services).
-    fn duration_of(&self, snapshot: &CellSnapshot, task: &Task) -> Option<Duration> {
-        let job = snapshot.jobs.get(task.job.as_str())?;
-        match (job.value.duration_ms, job.value.kind) {
+    fn duration_of(&self, job: &Job) -> Option<Duration> {
+        match (job.duration_ms, job.kind) {
             (Some(ms), _) => Some(Duration::from_millis(ms)),
             (None, JobKind::Batch) => Some(self.options.default_batch_duration),
             (None, JobKind::Service) => None,
         }
     }
+}
+
+/// What a simulated task becomes once its write lands.
+enum Next {
+    /// A run started (`first`: the placement's first, counted in the stats).
+    Run { until: Option<Instant>, health: Option<SimHealth>, first: bool },
+    /// A health transition was written; the phase that follows it, if it changes.
+    Health(Option<Phase>),
+}
+
+/// `task` running its run `run` from now, with health `starting` if `job` has checks.
+fn started(task: &Task, sim: &SimTask, run: u32, job: &Job) -> Task {
+    let at_ms = now_ms();
+    let mut running = task.clone();
+    running.state = TaskState::Running;
+    let mut container = format!("sim-{}-p{}", task.id.replace('/', "-"), sim.placement);
+    if run > 0 {
+        container.push_str(&format!("-r{run}"));
+    }
+    running.run = Some(RunInfo { container, started_at_ms: at_ms, restarts: run, ..Default::default() });
+    if !job.checks.is_empty() {
+        running.health = Some(Health { status: HealthStatus::Starting, since_ms: at_ms, message: String::new() });
+    }
+    running.updated_at_ms = at_ms;
+    if run == 0 {
+        // A restart's run is announced by its `Restarted` (so a crash loop coalesces).
+        let on = format!("on {}, placement {}, run 0 (simulated)", sim.node, sim.placement);
+        running.record_event(EventKind::Started, on, at_ms);
+    }
+    running
 }
 
 /// Writes the liveness keys of `nodes` bound to `lease`, in as few transactions as the op limit allows.

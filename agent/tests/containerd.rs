@@ -340,3 +340,55 @@ async fn a_wait_survives_a_containerd_restart() {
     assert_eq!(read_log(&d, &s.id), "slept\n");
     assert!(bounded("list", 10, c.list()).await.expect("list").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_in_the_container_and_the_container_shares_the_nodes_network() {
+    let d = bounded("starting containerd", 60, TestDaemon::start("exec")).await;
+    let c = d.client().await;
+    let s = spec(&d, "exec-0-p0", &["sh", "-c", "echo inside > /tmp/mark && exec sleep 3600"]);
+    bounded("run", 30, c.run(&s)).await.expect("run");
+    let out = d.dir.path().join("exec.out");
+    let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<String>>();
+    let exec = |args: Vec<String>, timeout: Duration| {
+        let (c, id, out) = (c.clone(), s.id.clone(), out.clone());
+        async move { bounded("exec", 30, c.exec(&id, &args, timeout, &out)).await }
+    };
+    // Its file system, and its output read back (the end of it), with its exit status.
+    let mark = exec(
+        cmd(&["sh", "-c", "until [ -s /tmp/mark ]; do sleep 0.05; done; cat /tmp/mark; exit 3"]),
+        Duration::from_secs(20),
+    );
+    let done = mark.await.expect("exec");
+    assert_eq!((done.code, done.output.as_str()), (Some(3), "inside"));
+    assert!(!out.exists(), "the output file is removed once read");
+    assert_eq!(exec(cmd(&["true"]), Duration::from_secs(20)).await.expect("exec").code, Some(0));
+    // Past its timeout it is killed.
+    let slow = exec(cmd(&["sleep", "60"]), Duration::from_millis(300)).await.expect("exec");
+    assert_eq!(slow.code, None);
+    // A command that cannot start is an error.
+    let err = exec(cmd(&["/no/such/program"]), Duration::from_secs(20)).await.expect_err("no such program");
+    eprintln!("exec of a missing program: {err}");
+
+    // The node's network: a listener on the node's loopback is reachable from inside, and names resolve with
+    // the node's resolver configuration.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    let accepted = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut conn, _) = listener.accept().expect("a connection from the container");
+        let mut got = String::new();
+        let _ = conn.read_to_string(&mut got);
+        got
+    });
+    let sent = exec(cmd(&["sh", "-c", &format!("echo hello | nc 127.0.0.1 {port}")]), Duration::from_secs(20));
+    assert_eq!(sent.await.expect("exec").code, Some(0));
+    assert_eq!(accepted.join().expect("the accepting thread").trim(), "hello");
+    let resolv = exec(cmd(&["cat", "/etc/resolv.conf"]), Duration::from_secs(20)).await.expect("exec");
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(!resolv.output.is_empty() && host.trim().ends_with(&resolv.output), "the node's resolv.conf: {resolv:?}");
+    let write = exec(cmd(&["sh", "-c", "echo x >> /etc/hosts"]), Duration::from_secs(20)).await.expect("exec");
+    assert_ne!(write.code, Some(0), "the node's files are bound read-only: {write:?}");
+
+    bounded("remove", 30, c.remove(&s.id)).await.expect("remove");
+    assert!(bounded("list", 10, c.list()).await.expect("list").is_empty());
+}

@@ -163,3 +163,74 @@ fn rss_mib() -> u64 {
         .unwrap_or(0)
         / 1024
 }
+
+/// Simulated nodes simulate health checks (the rule in `omega_agent::simulated`): an exec check running `false`
+/// turns a task unhealthy (and restarts it per the policy, then fails it), any other check turns it healthy;
+/// a task follows its own version's checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_nodes_simulate_health_checks() {
+    use omega::events::EventKind;
+    use omega::health::{HealthCheck, HealthStatus, Probe};
+    use omega::model::{RestartMode, RestartPolicy};
+
+    let (_etcd, store) = start_etcd().await;
+    let options = SimOptions { nodes: 3, lease_ttl: Duration::from_secs(5), ..Default::default() };
+    let sim = SimulatedNodes::register(store.clone(), options).await.unwrap();
+    let nodes = sim.node_names().to_vec();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(sim.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.unwrap();
+    let exec = |command: &str, restart: bool| HealthCheck {
+        interval_ms: 100,
+        unhealthy_threshold: 2,
+        restart,
+        ..HealthCheck::new("exec", Probe::Exec { command: vec![command.to_string()] })
+    };
+    let service = |id: &str, replicas: u32, check: HealthCheck| {
+        let mut job = Job::new(id, JobKind::Service, replicas, Resources::new(100, 1 << 20));
+        job.checks = vec![check];
+        job
+    };
+    let health = |t: &Task| t.health.as_ref().map(|h| h.status);
+    let kinds = |t: &Task, kind: EventKind| t.events.iter().filter(|e| e.kind == kind).count();
+
+    let good = service("good", 2, exec("true", true));
+    let mut sick = service("sick", 1, exec("false", true));
+    sick.restart = RestartPolicy { mode: RestartMode::OnFailure, max_restarts: 1, backoff_ms: 100 };
+    let reporting = service("reporting", 1, exec("/bin/false", false));
+    for job in [&good, &sick, &reporting] {
+        store.create_job(job, 128).await.unwrap();
+        place_all(&store, &cache, job, &nodes).await;
+    }
+    let done =
+        wait_for(&store, "good", "healthy replicas", |t| t.iter().all(|t| health(t) == Some(HealthStatus::Healthy)))
+            .await;
+    for t in &done {
+        assert_eq!((t.state, kinds(t, EventKind::Healthy)), (TaskState::Running, 1), "{t:?}");
+    }
+    let failed = wait_for(&store, "sick", "failed once restarts are spent", |t| t[0].state == TaskState::Failed).await;
+    let t = &failed[0];
+    assert_eq!(t.reason.as_deref(), Some("unhealthy: exec check: `false` exited with 1"), "{t:?}");
+    assert_eq!(t.run.as_ref().map(|r| r.restarts), Some(1), "one restart, as the policy allows");
+    assert_eq!((kinds(t, EventKind::Unhealthy), kinds(t, EventKind::Restarted)), (2, 1), "{:?}", t.events);
+    let reported = wait_for(&store, "reporting", "unhealthy", |t| health(&t[0]) == Some(HealthStatus::Unhealthy)).await;
+    assert_eq!(reported[0].state, TaskState::Running, "restart: false only reports");
+
+    // A task of version 0 follows version 0's checks while the job record is at version 1.
+    let v0 = service("versioned", 1, exec("false", false));
+    store.create_job(&v0, 128).await.unwrap();
+    let mut v1 = service("versioned", 1, exec("true", false));
+    (v1.version, v1.submitted_at_ms) = (1, v0.submitted_at_ms);
+    let mut kv = store.client().kv_client();
+    kv.put(store.keys().version("versioned", 0), serde_json::to_vec(&v0).unwrap(), None).await.unwrap();
+    kv.put(store.keys().job("versioned"), serde_json::to_vec(&v1).unwrap(), None).await.unwrap();
+    place_all(&store, &cache, &v0, &nodes).await;
+    let t = wait_for(&store, "versioned", "unhealthy", |t| health(&t[0]) == Some(HealthStatus::Unhealthy)).await;
+    assert_eq!(t[0].version, 0);
+
+    assert!(audit::audit(&store).await.unwrap().is_ok());
+    let _ = stop_tx.send(());
+    host.await.unwrap().unwrap();
+}

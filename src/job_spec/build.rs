@@ -1,8 +1,9 @@
 //! From the file as read to a job, with errors located in the file.
 
 use super::probe::{Probe, Seg, PROBE};
-use super::raw::{RawConstraint, RawJob};
+use super::raw::{CheckType, RawCheck, RawConstraint, RawJob};
 use super::JobSpecError;
+use crate::health::{HealthCheck, Probe as CheckProbe};
 use crate::model::{Constraint, Job, JobKind};
 use crate::resources::Resources;
 use serde::de::{DeserializeSeed, IgnoredAny};
@@ -252,7 +253,146 @@ impl Ctx<'_> {
             }
             job.update = Some(policy);
         }
+        job.checks = self.checks(raw.check, raw.checks)?;
         Ok(job)
+    }
+
+    /// `check:` (one) or `checks:` (a list), not both; every check complete for its type, names distinct.
+    fn checks(&self, one: Option<RawCheck>, many: Option<Vec<RawCheck>>) -> Result<Vec<HealthCheck>, JobSpecError> {
+        let raw: Vec<(Vec<Seg<'static>>, String, RawCheck)> = match (one, many) {
+            (Some(_), Some(_)) => {
+                let one_at = self.locate(&[Seg::Key("check")], 0);
+                let many_at = self.locate(&[Seg::Key("checks")], 0);
+                let (field, at) = if one_at > many_at { ("check", one_at) } else { ("checks", many_at) };
+                return Err(self.error(
+                    at,
+                    Some(field.to_string()),
+                    "give `check` (one check) or `checks` (a list), not both; put every check in `checks`",
+                ));
+            }
+            (Some(c), None) => vec![(vec![Seg::Key("check")], "check".to_string(), c)],
+            (None, Some(list)) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (vec![Seg::Key("checks"), Seg::Index(i)], format!("checks[{i}]"), c))
+                .collect(),
+            (None, None) => return Ok(Vec::new()),
+        };
+        let mut out: Vec<HealthCheck> = Vec::with_capacity(raw.len());
+        for (at, field, c) in raw {
+            let named = c.name.is_some();
+            let check = self.check(&at, &field, c)?;
+            if out.iter().any(|earlier| earlier.name == check.name) {
+                let (path, what) = if named {
+                    ([at.as_slice(), &[Seg::Key("name")]].concat(), format!("{field}.name"))
+                } else {
+                    (at.clone(), field.clone())
+                };
+                return Err(self.error_at(
+                    &path,
+                    what,
+                    format!(
+                        "a second check named `{}` (a check is named after its type unless it says `name`); give \
+                         each check its own `name`, since messages and events tell checks apart by it",
+                        check.name
+                    ),
+                ));
+            }
+            out.push(check);
+        }
+        Ok(out)
+    }
+
+    /// One check at `at` (the path of its mapping), `field` being that path as written in errors.
+    fn check(&self, at: &[Seg<'_>], field: &str, c: RawCheck) -> Result<HealthCheck, JobSpecError> {
+        let key = |k: &'static str| [at, &[Seg::Key(k)]].concat();
+        let Some(kind) = c.kind else {
+            return Err(self.error_at(
+                at,
+                format!("{field}.type"),
+                "missing `type`: `http` (a GET answered 2xx/3xx), `tcp` (a connection accepted) or `exec` (a command \
+                 in the task's container exits 0), e.g. `{type: http, port: 8080, path: /health}`",
+            ));
+        };
+        let not_for = |k: &'static str, which: &str| {
+            self.error_at(
+                &key(k),
+                format!("{field}.{k}"),
+                format!("`{k}` is only for {which} checks; this one is `type: {}`", kind.name()),
+            )
+        };
+        if kind != CheckType::Http {
+            if c.path.is_some() {
+                return Err(not_for("path", "http"));
+            }
+            if c.expect_status.is_some() {
+                return Err(not_for("expect_status", "http"));
+            }
+        }
+        if kind == CheckType::Exec && c.port.is_some() {
+            return Err(not_for("port", "http and tcp"));
+        }
+        if kind != CheckType::Exec && c.command.is_some() {
+            return Err(not_for("command", "exec"));
+        }
+        let port = |c: &RawCheck| {
+            c.port.ok_or_else(|| {
+                self.error_at(
+                    at,
+                    format!("{field}.port"),
+                    format!(
+                        "missing `port`: the task's port the {} check connects to on its node (tasks share the \
+                         node's network), e.g. `port: 8080`",
+                        kind.name()
+                    ),
+                )
+            })
+        };
+        let probe =
+            match kind {
+                CheckType::Http => CheckProbe::Http {
+                    port: port(&c)?,
+                    path: c.path.clone().unwrap_or_else(|| "/".to_string()),
+                    expect_status: c.expect_status,
+                },
+                CheckType::Tcp => CheckProbe::Tcp { port: port(&c)? },
+                CheckType::Exec => match c.command.clone() {
+                    Some(command) if !command.is_empty() => CheckProbe::Exec { command },
+                    Some(_) => return Err(self.error_at(
+                        &key("command"),
+                        format!("{field}.command"),
+                        "the command is empty; give the program and its arguments, e.g. `[\"cat\", \"/tmp/ready\"]`",
+                    )),
+                    None => {
+                        return Err(self.error_at(
+                            at,
+                            format!("{field}.command"),
+                            "missing `command`: what to run in the task's container (exit 0 passes), e.g. \
+                         `command: [\"cat\", \"/tmp/ready\"]`",
+                        ))
+                    }
+                },
+            };
+        let mut check = HealthCheck::new(c.name.as_deref().unwrap_or(kind.name()), probe);
+        if let Some(ms) = c.interval {
+            check.interval_ms = ms;
+        }
+        if let Some(ms) = c.timeout {
+            check.timeout_ms = ms;
+        }
+        if let Some(n) = c.healthy_threshold {
+            check.healthy_threshold = n;
+        }
+        if let Some(n) = c.unhealthy_threshold {
+            check.unhealthy_threshold = n;
+        }
+        if let Some(ms) = c.grace {
+            check.grace_ms = ms;
+        }
+        if let Some(restart) = c.restart {
+            check.restart = restart;
+        }
+        Ok(check)
     }
 
     fn constraint(&self, i: usize, raw: RawConstraint) -> Result<Constraint, JobSpecError> {

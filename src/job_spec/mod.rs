@@ -42,6 +42,13 @@
 //!   canary: 1               # default 0: new replicas run beside all old ones until `omctl promote`
 //!   auto_promote: false     # promote the canaries once they are healthy
 //!   auto_revert: true       # a failed update goes back to the last stable version
+//! checks:                   # optional; what the node's agent probes (healthy: every check passes)
+//!   - type: http            # http: GET 127.0.0.1:<port><path>, any 2xx/3xx passes | tcp | exec
+//!     port: 8080            # the task's port on its node (tasks share the node's network)
+//!     path: /health         # default /; `expect_status: 204` to want one status
+//!     interval: 5s          # default 10s; also timeout (2s), healthy_threshold (1),
+//!     unhealthy_threshold: 2  # unhealthy_threshold (3), grace (0s) and restart (true)
+//!   - {name: ready, type: exec, command: [cat, /tmp/ready], restart: false}
 //! ```
 //!
 //! A batch job counts `tasks` and may ask for `gang: true` (all its tasks are placed together or none is):
@@ -81,6 +88,13 @@
 //!   network trouble must not mean an outage and two copies for a while do no harm: its tasks run on through
 //!   the disconnect, and if it outlasts the lease a replacement runs beside them until the agent is back and
 //!   stops the old one.
+//! - **Health checks**: `check:` (one mapping) or `checks:` (a list), not both. A check is named after its
+//!   type unless it says `name` (two checks need two names: messages and events tell them apart by it).
+//!   After `unhealthy_threshold` consecutive failures (those within `grace` of the run's start do not count)
+//!   the task is unhealthy, and with `restart: true` (the default) its agent restarts it under the job's
+//!   restart policy; once the restarts are spent it ends `failed`, and a service replica is placed again,
+//!   preferably on another node. `restart: false` only reports. Fields of another type's check (`path` on a
+//!   `tcp` check, `port` on an `exec` one) are errors, not ignored.
 //! - **Anchors and aliases work; merge keys (`<<`) do not** (they are reported as an unknown field).
 //! - **Limits are checked before anything is written.** A file of at most 4 MiB, nested at most 32 levels deep,
 //!   checked by a linear scan before parsing, since the YAML parser's time grows with the square of the nesting

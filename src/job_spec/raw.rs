@@ -52,6 +52,10 @@ pub(super) struct RawJob {
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) duration: Option<u64>,
     #[serde(default)]
+    pub(super) check: Option<RawCheck>,
+    #[serde(default, deserialize_with = "de_checks")]
+    pub(super) checks: Option<Vec<RawCheck>>,
+    #[serde(default)]
     pub(super) update: Option<RawUpdate>,
 }
 
@@ -118,6 +122,57 @@ pub(super) struct RawRestart {
     pub(super) backoff: Option<u64>,
 }
 
+/// What a check probes (`type:`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CheckType {
+    Http,
+    Tcp,
+    Exec,
+}
+
+impl CheckType {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            CheckType::Http => "http",
+            CheckType::Tcp => "tcp",
+            CheckType::Exec => "exec",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a health check: a mapping with `type` (http, tcp or exec) and its fields, e.g. \
+                 `{type: http, port: 8080, path: /health}`"
+)]
+pub(super) struct RawCheck {
+    #[serde(default, deserialize_with = "de_check_name")]
+    pub(super) name: Option<String>,
+    #[serde(default, rename = "type", deserialize_with = "de_check_type")]
+    pub(super) kind: Option<CheckType>,
+    #[serde(default, deserialize_with = "de_port")]
+    pub(super) port: Option<u16>,
+    #[serde(default, deserialize_with = "de_http_path")]
+    pub(super) path: Option<String>,
+    #[serde(default, deserialize_with = "de_status")]
+    pub(super) expect_status: Option<u16>,
+    #[serde(default, deserialize_with = "de_list")]
+    pub(super) command: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "de_positive_duration")]
+    pub(super) interval: Option<u64>,
+    #[serde(default, deserialize_with = "de_positive_duration")]
+    pub(super) timeout: Option<u64>,
+    #[serde(default, deserialize_with = "de_threshold")]
+    pub(super) healthy_threshold: Option<u32>,
+    #[serde(default, deserialize_with = "de_threshold")]
+    pub(super) unhealthy_threshold: Option<u32>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) grace: Option<u64>,
+    #[serde(default, deserialize_with = "de_bool")]
+    pub(super) restart: Option<bool>,
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Field readers. Each checks its value while serde_norway still knows where the value is, so that the error
 // carries its line and column.
@@ -164,6 +219,10 @@ scalar_field!(de_on_disconnect, OnDisconnect, "`stop` or `keep_running`", on_dis
 scalar_field!(de_cpu, u64, "a CPU quantity such as `500m` or `2`", cpu_request);
 scalar_field!(de_memory, u64, "a memory quantity such as `512Mi`", memory_request);
 scalar_field!(de_duration, u64, "a duration such as `2s` or `500ms`", parse_duration_ms);
+scalar_field!(de_positive_duration, u64, "a duration such as `10s` or `500ms`", positive_duration);
+scalar_field!(de_check_name, String, "a check name such as `ready`", |s| checked_name("check", s));
+scalar_field!(de_check_type, CheckType, "`http`, `tcp` or `exec`", check_type);
+scalar_field!(de_http_path, String, "an HTTP path such as `/health`", http_path);
 
 fn checked_name(what: &str, s: &str) -> Result<String, String> {
     validate_name(what, s).map(|()| s.to_string()).map_err(|e| e.to_string())
@@ -218,6 +277,39 @@ fn on_disconnect(s: &str) -> Result<OnDisconnect, String> {
             "unknown `{s}`, expected `stop` (the default: stopped before the node's lease can expire) or \
              `keep_running` (runs on through a disconnect; a replacement may overlap it)"
         )),
+    }
+}
+
+fn check_type(s: &str) -> Result<CheckType, String> {
+    match s {
+        "http" => Ok(CheckType::Http),
+        "tcp" => Ok(CheckType::Tcp),
+        "exec" => Ok(CheckType::Exec),
+        _ => Err(format!(
+            "unknown check type `{s}`, expected `http` (a GET answered 2xx/3xx), `tcp` (a connection accepted) or \
+             `exec` (a command in the task's container exits 0)"
+        )),
+    }
+}
+
+/// The path of an HTTP check: it goes into the request line as written, so it must be one word.
+fn http_path(s: &str) -> Result<String, String> {
+    if let Some(problem) = control(s, Allow::Nothing) {
+        Err(format!("the path {problem}"))
+    } else if !s.starts_with('/') {
+        Err(format!("path {} must start with `/`, e.g. `/health`", shown(s)))
+    } else if s.chars().any(char::is_whitespace) {
+        Err(format!("path {} contains whitespace; percent-encode it (`%20`)", shown(s)))
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// An interval or timeout: a probe every 0 ms, or one that must answer in 0 ms, is a mistake.
+fn positive_duration(s: &str) -> Result<u64, String> {
+    match parse_duration_ms(s)? {
+        0 => Err("must be more than 0, e.g. `10s` or `500ms`".to_string()),
+        ms => Ok(ms),
     }
 }
 
@@ -299,6 +391,24 @@ fn de_max_restarts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Er
     Ok(Some(n as u32))
 }
 
+fn de_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    const EXPECTING: &str = "a port from 1 to 65535";
+    let n = d.deserialize_any(Int { expecting: EXPECTING, min: 1, max: u16::MAX.into() })?;
+    Ok(Some(n as u16))
+}
+
+fn de_status<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    const EXPECTING: &str = "an HTTP status from 100 to 599";
+    let n = d.deserialize_any(Int { expecting: EXPECTING, min: 100, max: 599 })?;
+    Ok(Some(n as u16))
+}
+
+fn de_threshold<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    const EXPECTING: &str = "a number of consecutive probes from 1 to 1000";
+    let n = d.deserialize_any(Int { expecting: EXPECTING, min: 1, max: 1000 })?;
+    Ok(Some(n as u32))
+}
+
 struct Bool;
 
 impl<'de> Visitor<'de> for Bool {
@@ -366,6 +476,26 @@ impl<'de> Visitor<'de> for Constraints {
 
 fn de_constraints<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawConstraint>>, D::Error> {
     d.deserialize_seq(Constraints).map(Some)
+}
+
+struct Checks;
+
+impl<'de> Visitor<'de> for Checks {
+    type Value = Vec<RawCheck>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of health checks, e.g. `[{type: tcp, port: 8080}]` (one check may be given as `check:`)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawCheck>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+fn de_checks<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawCheck>>, D::Error> {
+    d.deserialize_seq(Checks).map(Some)
 }
 
 /// The `env` mapping. Read by hand so that a bad or repeated name is reported at the name itself (YAML forbids

@@ -1,5 +1,6 @@
 //! Rendering a job back into the job-file format.
 
+use crate::health::{HealthCheck, Probe};
 use crate::model::{Constraint, Job, JobKind, OnDisconnect, RestartMode};
 use crate::units;
 use serde::Serialize;
@@ -67,6 +68,7 @@ pub fn to_yaml(job: &Job) -> String {
             auto_promote: u.auto_promote,
             auto_revert: u.auto_revert,
         }),
+        checks: job.checks.iter().map(render_check).collect(),
     };
     serde_norway::to_string(&out).expect("a job always renders as YAML")
 }
@@ -106,6 +108,8 @@ struct OutJob<'a> {
     on_disconnect: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checks: Vec<OutCheck<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     update: Option<OutUpdate>,
 }
@@ -119,6 +123,65 @@ struct OutUpdate {
     canary: u32,
     auto_promote: bool,
     auto_revert: bool,
+}
+
+/// A check with only what differs from the defaults written (its name only when it is not its type's).
+#[derive(Serialize)]
+struct OutCheck<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expect_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    healthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unhealthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restart: Option<bool>,
+}
+
+/// `value` when it is not the default (what the file need not say).
+fn differs<T: PartialEq>(value: T, default: T) -> Option<T> {
+    (value != default).then_some(value)
+}
+
+fn render_check(c: &HealthCheck) -> OutCheck<'_> {
+    let defaults = HealthCheck::new(&c.name, c.probe.clone());
+    let (kind, port, path, expect_status, command) = match &c.probe {
+        Probe::Http { port, path, expect_status } => {
+            ("http", Some(*port), (path != "/").then_some(path.as_str()), *expect_status, None)
+        }
+        Probe::Tcp { port } => ("tcp", Some(*port), None, None, None),
+        Probe::Exec { command } => ("exec", None, None, None, Some(command.as_slice())),
+    };
+    OutCheck {
+        name: (c.name != kind).then_some(c.name.as_str()),
+        kind,
+        port,
+        path,
+        expect_status,
+        command,
+        interval: differs(c.interval_ms, defaults.interval_ms).map(render_duration),
+        timeout: differs(c.timeout_ms, defaults.timeout_ms).map(render_duration),
+        healthy_threshold: differs(c.healthy_threshold, defaults.healthy_threshold),
+        unhealthy_threshold: differs(c.unhealthy_threshold, defaults.unhealthy_threshold),
+        grace: differs(c.grace_ms, defaults.grace_ms).map(render_duration),
+        restart: differs(c.restart, defaults.restart),
+    }
 }
 
 #[derive(Serialize)]

@@ -28,6 +28,7 @@ impl Ctx<'_> {
             ("args", stored(&job.args)),
             ("constraints", stored(&job.constraints)),
             ("image", stored(&job.image)),
+            ("checks", stored(&job.checks)),
         ]
         .into_iter()
         .max_by_key(|(_, size)| *size)

@@ -117,6 +117,7 @@ fn documented_examples_parse() {
     assert_eq!(examples.len(), 2);
     let web = parse_job("web.yaml", &examples[0]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((web.tasks, web.constraints.len(), web.env["PORT"].as_str()), (3, 2, "8080"));
+    assert_eq!((web.checks.len(), web.checks[1].name.as_str(), web.checks[0].unhealthy_threshold), (2, "ready", 2));
     let train = parse_job("train.yaml", &examples[1]).unwrap_or_else(|e| panic!("{e}"));
     assert!(train.gang && train.resources == Resources::new(4000, 16 << 30));
 }
@@ -462,4 +463,103 @@ fn update_block_parses_renders_and_is_checked() {
     let batch = "name: b\nkind: batch\ntasks: 1\nresources: {cpu: 1, memory: 1Mi}\nimage: x\nupdate: {canary: 1}\n";
     let e = err(batch);
     assert!(e.to_string().contains("only for services"), "{e}");
+}
+
+#[test]
+fn checks_parse_with_their_defaults() {
+    use crate::health::{HealthCheck, Probe};
+    let text = format!(
+        "{MINIMAL}checks:\n  - type: http\n    port: 8080\n    path: /health\n    expect_status: 204\n    \
+         interval: 5s\n    timeout: 500ms\n    healthy_threshold: 2\n    unhealthy_threshold: 4\n    grace: 30s\n    \
+         restart: false\n  - {{type: tcp, port: 5432}}\n  - {{name: ready, type: exec, command: [cat, /tmp/ready]}}\n"
+    );
+    let job = parse_job("t.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let http = HealthCheck {
+        name: "http".into(),
+        probe: Probe::Http { port: 8080, path: "/health".into(), expect_status: Some(204) },
+        interval_ms: 5000,
+        timeout_ms: 500,
+        healthy_threshold: 2,
+        unhealthy_threshold: 4,
+        grace_ms: 30_000,
+        restart: false,
+    };
+    let tcp = HealthCheck::new("tcp", Probe::Tcp { port: 5432 });
+    let exec = HealthCheck::new("ready", Probe::Exec { command: strs(&["cat", "/tmp/ready"]) });
+    assert_eq!(job.checks, vec![http, tcp, exec]);
+    assert_eq!(
+        (job.checks[1].interval_ms, job.checks[1].timeout_ms, job.checks[1].unhealthy_threshold, job.checks[1].restart),
+        (10_000, 2_000, 3, true),
+        "the defaults"
+    );
+
+    // One check may be given as a mapping; an http check's path defaults to `/`.
+    let one = parse_job("t.yaml", &format!("{MINIMAL}check: {{type: http, port: 80}}\n")).unwrap();
+    assert_eq!(
+        one.checks,
+        vec![HealthCheck::new("http", Probe::Http { port: 80, path: "/".into(), expect_status: None })]
+    );
+    assert!(parse_job("t.yaml", MINIMAL).unwrap().checks.is_empty());
+
+    // Rendered back as a list with only what differs from the defaults, and read back the same.
+    let yaml = to_yaml(&job);
+    assert!(yaml.contains("checks:\n"), "{yaml}");
+    assert!(!yaml.contains("name: http") && yaml.contains("name: ready"), "{yaml}");
+    assert!(yaml.contains("interval: 5s") && yaml.contains("grace: 30s") && yaml.contains("restart: false"), "{yaml}");
+    let mut back = parse_job("rendered.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    back.submitted_at_ms = job.submitted_at_ms;
+    assert_eq!(back, job, "{yaml}");
+    let yaml = to_yaml(&one);
+    assert!(yaml.contains("checks:\n- type: http\n  port: 80\n"), "{yaml}");
+}
+
+#[test]
+fn bad_checks_point_at_the_line_and_field() {
+    // Both forms.
+    let text = format!("{MINIMAL}check: {{type: tcp, port: 1}}\nchecks: [{{type: tcp, port: 2}}]\n");
+    assert_err(&text, Some(7), Some("checks"), &["not both"]);
+    // What a check lacks is pointed at the check itself.
+    let text = format!("{MINIMAL}checks:\n  - {{type: tcp, port: 1}}\n  - port: 2\n");
+    assert_err(&text, Some(8), Some("checks[1].type"), &["missing `type`", "`http`"]);
+    let text = format!("{MINIMAL}checks:\n  - type: http\n    path: /x\n");
+    assert_err(&text, Some(7), Some("checks[0].port"), &["missing `port`", "node's network"]);
+    assert_err(&format!("{MINIMAL}check: {{type: tcp}}\n"), Some(6), Some("check.port"), &["missing `port`"]);
+    assert_err(&format!("{MINIMAL}check:\n  type: exec\n"), Some(6), Some("check.command"), &["missing `command`"]);
+    let text = format!("{MINIMAL}check:\n  type: exec\n  command: []\n");
+    assert_err(&text, Some(8), Some("check.command"), &["empty"]);
+    // Bad values point at the value.
+    let text = format!("{MINIMAL}checks:\n  - type: grpc\n");
+    assert_err(&text, Some(7), Some("checks[0].type"), &["unknown check type `grpc`", "`exec`"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 70000\n");
+    assert_err(&text, Some(8), Some("checks[0].port"), &["1 to 65535"]);
+    let text = format!("{MINIMAL}checks:\n  - {{type: http, port: 80, path: health}}\n");
+    assert_err(&text, Some(7), Some("checks[0].path"), &["must start with `/`"]);
+    let text = format!("{MINIMAL}checks:\n  - {{type: http, port: 80, expect_status: 700}}\n");
+    assert_err(&text, Some(7), Some("checks[0].expect_status"), &["100 to 599"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    interval: 0s\n");
+    assert_err(&text, Some(9), Some("checks[0].interval"), &["more than 0"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    timeout: soon\n");
+    assert_err(&text, Some(9), Some("checks[0].timeout"), &["`soon`"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    unhealthy_threshold: 0\n");
+    assert_err(&text, Some(9), Some("checks[0].unhealthy_threshold"), &["1 to 1000"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    restart: yes\n");
+    assert_err(&text, Some(9), Some("checks[0].restart"), &["`true` or `false`"]);
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    intervall: 5s\n");
+    assert_err(&text, Some(9), Some("checks[0].intervall"), &["did you mean `interval`?"]);
+    assert_err(&format!("{MINIMAL}checks: {{type: tcp}}\n"), Some(6), Some("checks"), &["a list of health checks"]);
+    // Fields of another type's check are errors, at the field.
+    let text = format!("{MINIMAL}checks:\n  - type: tcp\n    port: 80\n    path: /x\n");
+    assert_err(&text, Some(9), Some("checks[0].path"), &["only for http checks", "`type: tcp`"]);
+    let text = format!("{MINIMAL}checks:\n  - type: exec\n    command: [\"true\"]\n    port: 80\n");
+    assert_err(&text, Some(9), Some("checks[0].port"), &["only for http and tcp checks"]);
+    let text = format!("{MINIMAL}checks:\n  - type: http\n    port: 80\n    command: [x]\n");
+    assert_err(&text, Some(9), Some("checks[0].command"), &["only for exec checks"]);
+    // Two checks with one name.
+    let text = format!("{MINIMAL}checks:\n  - {{type: tcp, port: 1}}\n  - {{type: tcp, port: 2}}\n");
+    assert_err(&text, Some(8), Some("checks[1]"), &["a second check named `tcp`", "`name`"]);
+    let text =
+        format!("{MINIMAL}checks:\n  - {{name: a, type: tcp, port: 1}}\n  - name: a\n    type: tcp\n    port: 2\n");
+    assert_err(&text, Some(8), Some("checks[1].name"), &["a second check named `a`"]);
+    let text = format!("{MINIMAL}checks:\n  - {{name: 'a b', type: tcp, port: 1}}\n");
+    assert_err(&text, Some(7), Some("checks[0].name"), &["check name"]);
 }

@@ -163,18 +163,20 @@ pub fn place_in<'a>(
     let mut last: Option<usize> = None;
     for task in pending {
         let request = task.value.resources;
+        let avoid = score::last_node(&task.value);
         let reusable = last.filter(|&i| {
             matches!(options.strategy, Strategy::BinPack | Strategy::FirstFit)
+                && avoid != Some(candidates[i].name)
                 && feasible::dynamic_reject(job, &candidates[i], request).is_none()
         });
-        let mut chosen = reusable.or_else(|| best(&candidates, job, request, options, &group_tasks, rng));
+        let mut chosen = reusable.or_else(|| best(&candidates, job, request, avoid, options, &group_tasks, rng));
         if chosen.is_none() && !full_scan {
             // Nothing in the sample: look at every node before giving up.
             sync_back(table, &candidates);
             candidates = candidates_all(table, job, &job_on_node);
             full_scan = true;
             last = None;
-            chosen = best(&candidates, job, request, options, &group_tasks, rng);
+            chosen = best(&candidates, job, request, avoid, options, &group_tasks, rng);
         }
         match chosen {
             Some(i) => {
@@ -264,11 +266,13 @@ fn sync_back(table: &mut NodeTable<'_>, candidates: &[Candidate<'_>]) {
     }
 }
 
-/// The index of a node chosen at random among the `top_k` best-scoring feasible candidates.
+/// The index of a node chosen at random among the `top_k` best-scoring feasible candidates; `avoid` (the node
+/// the task last ran on) scores last.
 fn best(
     candidates: &[Candidate<'_>],
     job: &Job,
     request: Resources,
+    avoid: Option<&str>,
     options: &PlacementOptions,
     group_tasks: &HashMap<&str, u32>,
     rng: &mut impl Rng,
@@ -280,12 +284,15 @@ fn best(
         if feasible::dynamic_reject(job, c, request).is_some() {
             continue;
         }
-        let s = match options.strategy {
+        let mut s = match options.strategy {
             Strategy::BinPack => score::bin_pack(c, request),
             Strategy::Spread => score::spread(c, request, group_tasks, job.spread.is_some()),
             // Every node with room is as good: the first `top_k` from the sample's random start, one at random.
             Strategy::FirstFit => 0.0,
         };
+        if avoid == Some(c.name) {
+            s -= score::LAST_NODE_PENALTY;
+        }
         if top.len() == k && s <= top[k - 1].0 {
             continue;
         }

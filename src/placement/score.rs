@@ -6,6 +6,7 @@
 //! then towards balanced and less-used nodes, so a node or zone failure takes few replicas with it.
 
 use super::feasible::Candidate;
+use crate::model::{Task, TaskState};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -52,6 +53,25 @@ pub fn spread(c: &Candidate<'_>, request: Resources, group_tasks: &HashMap<&str,
     let least_used = 100.0 * (1.0 - (cpu + mem) / 2.0);
     let group = if spread_label { group_tasks.get(c.spread_value).copied().unwrap_or(0) } else { 0 };
     -1000.0 * group as f64 - 100.0 * c.job_tasks as f64 + balance + least_used
+}
+
+/// What the node a task last ran on loses from its score: more than any two packing or spread scores can
+/// differ by, so it is chosen only when no other node fits.
+pub const LAST_NODE_PENALTY: f64 = 1e12;
+
+/// The node a pending task was last placed on, which it should leave alone if it can.
+///
+/// A task handed back to `pending` keeps the `node` of its last placement (a release changes only its state),
+/// and `placements > 0` says it had one. Whatever sent it back (it failed there, turned unhealthy until its
+/// restarts were spent, was evicted, or its node was lost), trying the same node first would mostly repeat
+/// it: a bad disk, a port someone else holds, a node that keeps dropping out. Like Nomad's rescheduling
+/// penalty, the node is not forbidden, only last: a cell with nowhere else to go still runs the task.
+pub fn last_node(task: &Task) -> Option<&str> {
+    if task.state == TaskState::Pending && task.placements > 0 {
+        task.node.as_deref()
+    } else {
+        None
+    }
 }
 
 /// How far below the best score a node still counts as "as good" (for the random pick among near-equals).

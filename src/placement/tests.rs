@@ -382,3 +382,51 @@ fn first_fit_starts_anywhere_and_fills_each_node_it_takes() {
     let nodes = nodes_of(&p);
     assert!(nodes.iter().all(|n| n == &nodes[0]), "four 1-cpu tasks fill one empty 4-cpu node: {nodes:?}");
 }
+
+#[test]
+fn a_task_handed_back_avoids_the_node_it_last_ran_on() {
+    let mut cell = Cell::new();
+    for n in ["a", "b", "c"] {
+        cell.node(n, 4000, 16 * GI, "z");
+    }
+    // b is the fullest (the best fit), a the emptiest (spread's pick), c in between, and the service's other
+    // replica is on b: each strategy's favourite is a node the task failed on once, and c its second choice.
+    let filler = cell.job(&job("filler", JobKind::Batch, 3, 1000, GI));
+    cell.run(&filler[0], "b");
+    cell.run(&filler[1], "b");
+    cell.run(&filler[2], "c");
+    let back = |cell: &mut Cell, j: &Job, node: &str| {
+        let mut t = Task::pending(j, 0);
+        t.placements = 1;
+        t.node = Some(node.into());
+        t.reason = Some("replacing a replica that ended failed".into());
+        cell.put(cell.keys.task(&t.id), &t);
+        vec![cell.snap.tasks.get(t.id.as_str()).unwrap().clone()]
+    };
+    let batch = job("batch", JobKind::Batch, 1, 1000, GI);
+    cell.job(&batch);
+    let pending = back(&mut cell, &batch, "b");
+    let service = job("svc", JobKind::Service, 2, 1000, GI);
+    let replicas = cell.job(&service);
+    cell.run(&replicas[1], "b");
+    let pending_service = back(&mut cell, &service, "a");
+    for seed in 0..16 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let p = place(&cell.snap, &batch, &pending, &PlacementOptions::batch(), &mut rng);
+        assert_eq!(nodes_of(&p), ["c"], "the fullest node but b, where it failed");
+        let p = place(&cell.snap, &service, &pending_service, &PlacementOptions::service(), &mut rng);
+        assert_eq!(nodes_of(&p), ["c"], "the emptiest node but a, where it failed");
+    }
+    // A task never placed has no last node, whatever its record says.
+    let mut fresh = (*pending[0].value).clone();
+    fresh.placements = 0;
+    assert_eq!(score::last_node(&fresh), None);
+    assert_eq!(score::last_node(&pending[0].value), Some("b"));
+
+    // Where nothing else fits, the last node still takes it.
+    let big = job("big", JobKind::Service, 1, 3500, GI);
+    cell.job(&big);
+    let pending_big = back(&mut cell, &big, "a");
+    let p = place(&cell.snap, &big, &pending_big, &PlacementOptions::service(), &mut rng());
+    assert_eq!(nodes_of(&p), ["a"], "a is the only node with 3.5 free cores");
+}

@@ -14,6 +14,8 @@
 //! wait:   tasks.wait -> exit status, time; OOM kill from the container's memory cgroup (and /tasks/oom events)
 //! stop:   tasks.kill(SIGTERM) -> grace -> tasks.kill(SIGKILL, all) -> the exit
 //! remove: tasks.kill(SIGKILL) if alive -> tasks.delete (retried) -> containers.delete -> snapshots.remove
+//! exec:   containers.get (its process spec) -> tasks.exec -> tasks.start -> tasks.wait (bounded; SIGKILL past
+//!         it) -> tasks.delete_process                                      (exec health checks, `exec.rs`)
 //! ```
 //!
 //! Choices worth knowing:
@@ -38,11 +40,13 @@
 //!   right even for a wait started after an agent restart. `/tasks/oom` events, which a background
 //!   subscription records, are the second source (a containerd on another host, or a cgroup we cannot
 //!   read). A container counts as OOM-killed if any of its processes was, as the CRI plugin reports it.
-//! - **Network**: containers get their own network namespace with only loopback (no CNI here).
+//! - **Network**: containers share the node's network namespace (host networking, no CNI): a task's ports are
+//!   the node's, and the node's `/etc/resolv.conf` and `/etc/hosts` are bound in read-only (`spec.rs`).
 //! - No call that goes to the network unwraps: every failure is an [`Error`] naming the call and the id.
 
 mod cgroup;
 mod error;
+mod exec;
 mod lifecycle;
 mod spec;
 mod unpack;
@@ -66,6 +70,7 @@ use tonic::Request;
 
 use cgroup::watch_oom_events;
 pub use error::{Error, Result};
+pub use exec::ExecOutcome;
 use wait::Waiter;
 
 /// The gRPC header containerd reads the namespace from.

@@ -1,12 +1,18 @@
 //! The OCI runtime spec runc is given: the image's process settings with the caller's overrides, and the
 //! limits the scheduler placed the task with (CPU quota and shares, memory with no swap beyond it), so a
 //! container cannot take more of the node than it was given.
+//!
+//! Containers share the node's network namespace (Nomad's host networking; there is no CNI here): a task's
+//! ports are its node's ports, so what it serves is reachable at the node's address, and the agent probes
+//! its health checks at `127.0.0.1:<port>`. Every other namespace (pid, ipc, uts, mount, cgroup) is the
+//! container's own. The node's `/etc/resolv.conf` and `/etc/hosts` are bound in read-only, so names resolve
+//! inside as they do on the node.
 
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder,
-    RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
+    LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use super::cgroup::swap_accounting;
@@ -18,6 +24,8 @@ pub(super) const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runti
 /// CFS period for the CPU quota, microseconds (the kernel's and Docker's default).
 const CPU_PERIOD_US: u64 = 100_000;
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The node's files a container reads them from, bound in read-only (they are the network's, which it shares).
+const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
 
 impl Containerd {
     pub(super) fn build_spec(&self, spec: &ContainerSpec, image: &ResolvedImage) -> Result<Spec> {
@@ -110,7 +118,7 @@ impl Containerd {
             .cgroups_path(PathBuf::from(self.cgroup_path(id)))
             .resources(resources.build().map_err(spec_err)?);
         if let Some(namespaces) = default_linux.namespaces() {
-            linux = linux.namespaces(namespaces.clone());
+            linux = linux.namespaces(host_network(namespaces));
         }
         if let Some(masked) = default_linux.masked_paths() {
             linux = linux.masked_paths(masked.clone());
@@ -119,8 +127,28 @@ impl Containerd {
             linux = linux.readonly_paths(readonly.clone());
         }
         oci.set_linux(Some(linux.build().map_err(spec_err)?));
+        let mut mounts = oci.mounts().clone().unwrap_or_default();
+        for file in HOST_FILES.iter().filter(|f| Path::new(f).exists()) {
+            mounts.push(read_only_bind(file).map_err(spec_err)?);
+        }
+        oci.set_mounts(Some(mounts));
         Ok(oci)
     }
+}
+
+/// The namespaces a container gets: every default one but the network's, which it shares with the node.
+fn host_network(defaults: &[LinuxNamespace]) -> Vec<LinuxNamespace> {
+    defaults.iter().filter(|ns| ns.typ() != LinuxNamespaceType::Network).cloned().collect()
+}
+
+/// `path` of the node at the same place in the container, read-only.
+fn read_only_bind(path: &str) -> std::result::Result<Mount, oci_spec::OciSpecError> {
+    MountBuilder::default()
+        .destination(path)
+        .typ("bind")
+        .source(path)
+        .options(["rbind", "ro", "nosuid", "nodev", "noexec"].map(String::from).to_vec())
+        .build()
 }
 
 pub(super) fn check_spec(spec: &ContainerSpec) -> Result<()> {
@@ -176,6 +204,21 @@ mod tests {
     fn file_uris_are_escaped() {
         assert_eq!(file_uri(Path::new("/var/log/omega/a-1.log")), "file:///var/log/omega/a-1.log");
         assert_eq!(file_uri(Path::new("/tmp/a b%.log")), "file:///tmp/a%20b%25.log");
+    }
+
+    #[test]
+    fn containers_share_the_nodes_network_and_nothing_else() {
+        let defaults = Spec::default().linux().clone().unwrap_or_default().namespaces().clone().unwrap_or_default();
+        assert!(defaults.iter().any(|ns| ns.typ() == LinuxNamespaceType::Network), "the default has its own");
+        let kept: Vec<LinuxNamespaceType> = host_network(&defaults).iter().map(|ns| ns.typ()).collect();
+        assert_eq!(kept.len(), defaults.len() - 1, "{kept:?}");
+        assert!(!kept.contains(&LinuxNamespaceType::Network));
+        for own in [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Ipc] {
+            assert!(kept.contains(&own), "{own:?} stays the container's own: {kept:?}");
+        }
+        let bind = read_only_bind("/etc/hosts").unwrap();
+        assert_eq!(bind.destination(), Path::new("/etc/hosts"));
+        assert!(bind.options().as_ref().is_some_and(|o| o.iter().any(|o| o == "ro")), "{bind:?}");
     }
 
     #[test]

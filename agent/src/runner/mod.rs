@@ -5,7 +5,7 @@
 //!            +-------------------------------- restart policy: record run R+1, then delete run R -----+
 //!            v                                                                                       |
 //! discover -> start(R) -> running(R) -> exited(R) -> end recorded (release) -> task deleted -> container removed
-//!     |                        |                                                              (done)
+//!     |                        |   ^ health checks: unhealthy (restart: true) -> stopped -+    (done)
 //!     |                        +--> fenced (the agent lost etcd and stopped it) -> etcd back -> handed back
 //!     |                             (release to pending / lost, unless the controller did it) -> removed
 //!     +--> stop (the assignment is gone): SIGTERM, grace, SIGKILL, remove
@@ -41,6 +41,18 @@
 //! Containers of runs older than R are removed (their exits are counted); containers of other placements
 //! belong to other runners or to the agent's sweep of leftovers.
 //!
+//! **The spec a task runs is its version's** (`store.spec_for`): a task of an older version of the job keeps
+//! that version's image, command and checks, through restarts and agent restarts, until an update replaces
+//! the task itself.
+//!
+//! **Health checks** ([`crate::health`]): while a run is `running` its job's checks are probed, and its
+//! health is written to the task record on a transition only (`starting` goes with `running`; `healthy` and
+//! `unhealthy` each with an event of their own kind), through the same guarded writes as the rest. A check
+//! with `restart: true` turning unhealthy stops the run (SIGTERM, grace, SIGKILL) and counts as a failed exit
+//! under the restart policy: the next run, or the end (`failed`, `unhealthy: <check>: <why>`) once the
+//! restarts are spent. An agent that dies after stopping such a run finds it exited, and counts that exit as
+//! the failure it was.
+//!
 //! Failpoints ([`omega::failpoint`]) mark each step boundary, so tests can kill the real agent exactly there.
 //! A runner that fails (etcd or containerd unreachable) is started again by its supervisor
 //! ([`crate::supervisor`]), with backoff, from `discover`: the same path as after a crash. What the runner
@@ -48,22 +60,23 @@
 
 mod record;
 
-use crate::agent::{log_path, should_restart, AgentConfig};
+use crate::agent::{log_path, restart_backoff, restart_reason, should_restart, AgentConfig};
 use crate::containerd::{ContainerInfo, ContainerSpec, Containerd, Error as ContainerdError, Exit, TaskPhase};
 use crate::error::{Error, Result};
 use crate::fence::{fence_container, FenceSignal, KEEP_RUNNING, LABEL_FENCED, LABEL_ON_DISCONNECT};
+use crate::health::{Monitor, Probes};
 use crate::preemption::Victims;
 use crate::runners::Runners;
 use crate::supervisor::stop_requested;
 use omega::cell_state::Versioned;
 use omega::events::EventKind;
 use omega::failpoint;
+use omega::health::HealthStatus;
 use omega::model::{now_ms, Assignment, Job, OnDisconnect, RunInfo, Task, TaskState};
 use omega::store::Store;
 use record::Written;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 pub const LABEL_TASK: &str = "omega.task";
@@ -92,6 +105,11 @@ pub fn container_id(task_id: &str, placement: u32, run: u32) -> String {
     format!("{}-p{placement}-r{run}", task_id.replace('/', "-"))
 }
 
+/// Where an exec check's output goes while it runs: beside the task's log, as `<job>/<index>.check`.
+fn check_output_path(log_dir: &std::path::Path, task_id: &str) -> std::path::PathBuf {
+    log_path(log_dir, task_id).with_extension("check")
+}
+
 /// The placement and run a container id names, for a container of `task_id`: `<task>-p<P>-r<R>`, or
 /// `<task>-p<P>` (agents before runs were numbered: one container per placement, taken as run 0).
 pub fn parse_container_id(task_id: &str, id: &str) -> Option<(u32, u32)> {
@@ -103,18 +121,24 @@ pub fn parse_container_id(task_id: &str, id: &str) -> Option<(u32, u32)> {
 }
 
 /// How a run ended.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum End {
     Exited(Exit),
     /// Its process is gone with no exit status (containerd lost the task, e.g. the machine rebooted).
     Vanished,
+    /// Stopped by its agent because a check (with `restart: true`) turned unhealthy; the message names the
+    /// check and its failure. The exit is the stopped process's, when seen.
+    Unhealthy {
+        exit: Option<Exit>,
+        message: String,
+    },
 }
 
 impl End {
     fn failed(&self) -> bool {
         match self {
             End::Exited(e) => e.code != 0 || e.oom_killed,
-            End::Vanished => true,
+            End::Vanished | End::Unhealthy { .. } => true,
         }
     }
 
@@ -123,6 +147,7 @@ impl End {
             End::Exited(e) if e.oom_killed => "an OOM kill".to_string(),
             End::Exited(e) => format!("exit {}", e.code),
             End::Vanished => "its process vanished".to_string(),
+            End::Unhealthy { message, .. } => format!("unhealthy: {message}"),
         }
     }
 }
@@ -138,10 +163,12 @@ struct Run {
 
 enum Step {
     Start(u32),
-    /// `recorded`: the record already says this run started (nothing to write before waiting).
+    /// `recorded`: the record already says this run started (nothing to write before waiting), with this
+    /// health.
     Running {
         run: Run,
         recorded: bool,
+        health: Option<HealthStatus>,
     },
     Exited(Run, End),
     /// The agent's fence stopped (or is stopping) this run; its exit, if seen, is not the task's own end.
@@ -179,7 +206,9 @@ impl TaskRunner {
             loop {
                 step = match step {
                     Step::Start(n) => self.start(&job, n, &mut stop).await?,
-                    Step::Running { run, recorded } => self.running(run, recorded, &mut stop).await?,
+                    Step::Running { run, recorded, health } => {
+                        self.running(&job, run, recorded, health, &mut stop).await?
+                    }
                     Step::Exited(run, end) => self.exited(&job, run, end, &mut stop).await?,
                     Step::Fenced(run, exit) => self.fenced(&job, run, exit, &mut stop).await?,
                     Step::End { container, state, reason, info } => {
@@ -248,10 +277,12 @@ impl TaskRunner {
         if !self.ours(&task.value) {
             return Ok(None);
         }
-        let Some((job, _)) = self.store.get_json::<Job>(&self.store.keys().job(&a.job)).await? else {
+        // The task's own version of the job: an older version's task runs that version's spec.
+        let Some(job) = self.store.spec_for(&task.value).await? else {
             return Err(Error::JobMissing { job: a.job.clone(), task: a.task.clone() });
         };
         let (current, started) = self.recorded_run(&task.value);
+        let health = task.value.health.as_ref().map(|h| h.status).filter(|_| started);
         let recorded_start = task.value.run.as_ref().map(|r| r.started_at_ms).filter(|_| started).unwrap_or(0);
         let mut found = None;
         for (run, c) in self.containers(current).await? {
@@ -281,11 +312,11 @@ impl TaskRunner {
             Some(c) => match c.task {
                 TaskPhase::Alive | TaskPhase::Unknown => {
                     tracing::info!(task = a.task, container = c.id, "adopting a running container");
-                    Step::Running { run: run(&c, c.pid), recorded: started }
+                    Step::Running { run: run(&c, c.pid), recorded: started, health }
                 }
                 TaskPhase::Exited => {
                     tracing::info!(task = a.task, container = c.id, "collecting the exit of a container that ended");
-                    Step::Running { run: run(&c, c.pid), recorded: true }
+                    Step::Running { run: run(&c, c.pid), recorded: true, health }
                 }
                 TaskPhase::Created | TaskPhase::None if started => {
                     let pid = task.value.run.as_ref().and_then(|r| r.pid);
@@ -403,14 +434,23 @@ impl TaskRunner {
         }
         failpoint::hit(failpoints::AFTER_START).await;
         let run = Run { number, container: id, pid: Some(pid), started_at_ms };
-        Ok(Step::Running { run, recorded: false })
+        Ok(Step::Running { run, recorded: false, health: None })
     }
 
-    /// Records `running` (unless the record has it), and waits for the exit or a stop.
-    async fn running(&self, mut run: Run, recorded: bool, stop: &mut watch::Receiver<bool>) -> Result<Step> {
+    /// Records `running` (unless the record has it; with health `starting` when the job has checks), then
+    /// waits for the exit or a stop, probing the job's checks meanwhile and writing each health transition.
+    async fn running(
+        &self,
+        job: &Job,
+        mut run: Run,
+        recorded: bool,
+        mut health: Option<HealthStatus>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Step> {
         let container = run.container.clone();
         let wait = self.containerd.wait(&container);
         tokio::pin!(wait);
+        let checked = !job.checks.is_empty();
         if !recorded {
             if run.started_at_ms == 0 {
                 run.started_at_ms = now_ms();
@@ -418,8 +458,8 @@ impl TaskRunner {
             let mut stop_writing = stop.clone();
             tokio::select! {
                 biased;
-                written = self.record_running(&run, &mut stop_writing) => match written? {
-                    Written::Done => {}
+                written = self.record_running(&run, checked, &mut stop_writing) => match written? {
+                    Written::Done => health = checked.then_some(HealthStatus::Starting),
                     Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
                 },
                 // It ended before etcd took `running` (etcd slow or away): the end is what matters.
@@ -427,10 +467,61 @@ impl TaskRunner {
                 _ = stop_requested(stop) => return Ok(Step::Stop),
             }
         }
-        tokio::select! {
-            exit = &mut wait => self.observed(run, exit).await,
-            _ = stop_requested(stop) => Ok(Step::Stop),
+        let mut monitor = Monitor::new(&job.checks, run.started_at_ms, health);
+        let output = check_output_path(&self.config.log_dir, &self.a().task);
+        let probes = Probes { containerd: &self.containerd, container: &container, output: &output };
+        loop {
+            tokio::select! {
+                biased;
+                exit = &mut wait => return self.observed(run, exit).await,
+                _ = stop_requested(stop) => return Ok(Step::Stop),
+                verdict = monitor.next(&probes), if !monitor.is_empty() => {
+                    if let Some(health) = verdict.health {
+                        let kind = match health.status {
+                            HealthStatus::Unhealthy => EventKind::Unhealthy,
+                            _ => EventKind::Healthy,
+                        };
+                        tracing::info!(task = self.a().task, container, health = %health.status,
+                            message = verdict.event, "health changed");
+                        // Raced against the exit, as `running` is: a write that cannot land (etcd away, the
+                        // node fenced) must not keep the runner from seeing the run end.
+                        let written = tokio::select! {
+                            biased;
+                            exit = &mut wait => return self.observed(run, exit).await,
+                            written = self.record_health(&health, kind, &verdict.event, stop) => written?,
+                        };
+                        match written {
+                            Written::Done => monitor.recorded(health.status),
+                            Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
+                        }
+                    }
+                    if let Some(message) = verdict.restart {
+                        return self.unhealthy(run, message).await;
+                    }
+                }
+            }
         }
+    }
+
+    /// Stops a run a check found unhealthy (SIGTERM, grace, SIGKILL): its end is a failure the restart
+    /// policy counts, unless the fence stopped it first.
+    async fn unhealthy(&self, run: Run, message: String) -> Result<Step> {
+        tracing::warn!(task = self.a().task, container = run.container, message, "unhealthy; stopping the run");
+        let exit = match self.containerd.stop(&run.container, self.config.grace).await? {
+            Some(exit) => Some(exit),
+            // It had exited already: its exit is kept until the task is deleted.
+            None => match self.containerd.wait(&run.container).await {
+                Ok(exit) => Some(exit),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let labels = self.containerd.labels(&run.container).await?.unwrap_or_default();
+        if labels.contains_key(LABEL_FENCED) {
+            return Ok(Step::Fenced(run, exit));
+        }
+        failpoint::hit(failpoints::AFTER_EXIT).await;
+        Ok(Step::Exited(run, End::Unhealthy { exit, message }))
     }
 
     async fn observed(&self, run: Run, exit: std::result::Result<Exit, ContainerdError>) -> Result<Step> {
@@ -450,6 +541,7 @@ impl TaskRunner {
             let exit = match end {
                 End::Exited(e) => Some(e),
                 End::Vanished => None,
+                End::Unhealthy { exit, .. } => exit,
             };
             return Ok(Step::Fenced(run, exit));
         }
@@ -461,9 +553,11 @@ impl TaskRunner {
     /// Applies the restart policy: the next run (recorded first), or the end.
     async fn exited(&self, job: &Job, run: Run, end: End, stop: &mut watch::Receiver<bool>) -> Result<Step> {
         let a = self.a();
-        let (exit_code, oom_killed, finished_at_ms) = match end {
-            End::Exited(e) => (Some(e.code), e.oom_killed, Some(e.finished_at_ms)),
-            End::Vanished => (None, false, Some(now_ms())),
+        let (exit_code, oom_killed, finished_at_ms) = match &end {
+            End::Exited(e) | End::Unhealthy { exit: Some(e), .. } => {
+                (Some(e.code), e.oom_killed, Some(e.finished_at_ms))
+            }
+            End::Vanished | End::Unhealthy { exit: None, .. } => (None, false, Some(now_ms())),
         };
         let info = RunInfo {
             container: run.container.clone(),
@@ -476,18 +570,14 @@ impl TaskRunner {
         };
         if should_restart(job, end.failed(), run.number) {
             let next = run.number + 1;
-            let reason = match job.restart.max_restarts {
-                0 => format!("restarting after {} (restart {next})", end.describe()),
-                max => format!("restarting after {} (restart {next} of {max})", end.describe()),
-            };
+            let reason = restart_reason(job, &end.describe(), next);
             match self.record_restart(&run, reason, format!("after {}", end.describe()), stop).await? {
                 Written::Done => {}
                 Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
             }
             failpoint::hit(failpoints::AFTER_RESTART_RECORDED).await;
             self.delete_container(&run.container).await?;
-            let backoff = Duration::from_millis(job.restart.backoff_ms.saturating_mul(1 << run.number.min(6)))
-                .min(Duration::from_secs(60));
+            let backoff = restart_backoff(job, run.number);
             tracing::info!(task = a.task, end = end.describe(), next, ?backoff, "restarting per policy");
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => return Ok(Step::Start(next)),
@@ -495,6 +585,7 @@ impl TaskRunner {
             }
         }
         let (state, reason) = match end {
+            End::Unhealthy { message, .. } => (TaskState::Failed, Some(format!("unhealthy: {message}"))),
             End::Exited(e) if e.oom_killed => {
                 (TaskState::Failed, Some("OOM-killed: exceeded its memory limit".to_string()))
             }

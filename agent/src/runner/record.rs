@@ -1,6 +1,7 @@
 //! What a task runner writes to etcd, each write guarded by the task's mod_revision and retried until it
-//! settles: `running` when a run starts, the next run before a restart, and the end (a release, which also
-//! frees the ledger and deletes the assignment). A write whose answer was lost is settled by reading the task
+//! settles: `running` when a run starts (with health `starting` when its job has checks), each health
+//! transition (with its event), the next run before a restart, and the end (a release, which also frees the
+//! ledger and deletes the assignment). A write whose answer was lost is settled by reading the task
 //! again: the record either already says what was written, or is no longer this assignment's.
 
 use super::{container_id, Run, TaskRunner};
@@ -8,6 +9,7 @@ use crate::error::Result;
 use crate::supervisor::{stop_requested, Backoff};
 use omega::cell_state::Versioned;
 use omega::events::EventKind;
+use omega::health::{Health, HealthStatus};
 use omega::model::{now_ms, Assignment, RunInfo, Task, TaskState};
 use omega::release::{release, update_task, Release, ReleaseOutcome};
 use std::time::Duration;
@@ -25,8 +27,14 @@ pub(super) enum Written {
 impl TaskRunner {
     /// Writes `running` for `run`, retried until it lands or the task is no longer ours. The task's timeline
     /// gains `Started`, except for a run the `Restarted` just before it announced: a crash loop then stays one
-    /// coalesced `Restarted` instead of alternating with starts that never coalesce.
-    pub(super) async fn record_running(&self, run: &Run, stop: &mut watch::Receiver<bool>) -> Result<Written> {
+    /// coalesced `Restarted` instead of alternating with starts that never coalesce. `checked`: the job has
+    /// checks, so the run's health starts as `starting` in the same write.
+    pub(super) async fn record_running(
+        &self,
+        run: &Run,
+        checked: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Written> {
         let info = RunInfo {
             container: run.container.clone(),
             pid: run.pid,
@@ -46,6 +54,31 @@ impl TaskRunner {
             if !announced {
                 new.record_event(EventKind::Started, started.clone(), run.started_at_ms);
             }
+            if checked {
+                new.health =
+                    Some(Health { status: HealthStatus::Starting, since_ms: now_ms(), message: String::new() });
+            }
+            Some(new)
+        })
+        .await
+    }
+
+    /// Writes a health transition of the current run, with its event (`kind`, saying `event`).
+    pub(super) async fn record_health(
+        &self,
+        health: &Health,
+        kind: EventKind,
+        event: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Written> {
+        self.write_own(stop, |t| {
+            let has = t.health.as_ref().is_some_and(|h| h.status == health.status && h.message == health.message);
+            if has {
+                return None;
+            }
+            let mut new = t.clone();
+            new.health = Some(health.clone());
+            new.record_event(kind, event, health.since_ms);
             Some(new)
         })
         .await
@@ -77,6 +110,10 @@ impl TaskRunner {
                 new.record_event(EventKind::Started, started(a, ended.number), known_or_now(ended.started_at_ms));
             }
             new.record_event(EventKind::Restarted, why.clone(), now_ms());
+            // The next run has passed no check yet (an unhealthy verdict stands until one has).
+            if let Some(h) = new.health.as_mut().filter(|h| h.status == HealthStatus::Healthy) {
+                *h = Health { status: HealthStatus::Starting, since_ms: now_ms(), message: String::new() };
+            }
             Some(new)
         })
         .await
