@@ -56,6 +56,9 @@ fn task(i: usize, revision: i64) -> Task {
         preempted: Vec::new(),
         run: None,
         updated_at_ms: 1_700_000_000_000 + revision as u64,
+        version: 0,
+        health: None,
+        events: Default::default(),
     }
 }
 
