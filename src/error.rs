@@ -18,6 +18,10 @@ pub enum Error {
     )]
     Unreachable { endpoints: String, waited: Duration, last_error: String },
 
+    /// A TLS file is missing or wrong, or etcd refused the handshake: one line naming the file and the problem.
+    #[error("TLS to etcd: {0}")]
+    Tls(String),
+
     /// A value stored in etcd is not what its key says it should be.
     #[error("cannot decode the value of {key}: {source}")]
     Decode { key: String, source: serde_json::Error },

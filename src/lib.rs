@@ -29,6 +29,7 @@ pub mod resources;
 pub mod shutdown;
 pub mod space;
 pub mod store;
+pub mod tls;
 pub mod txn;
 pub mod units;
 pub mod watcher;

@@ -43,6 +43,8 @@ pub struct StoreOptions {
     pub max_txn_ops: usize,
     /// Budget for one request's keys and values (etcd's default `--max-request-bytes` is 1.5 MiB).
     pub max_request_bytes: usize,
+    /// TLS to etcd (https endpoints); `None`: plain text.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for StoreOptions {
@@ -53,7 +55,15 @@ impl Default for StoreOptions {
             keep_alive: (Duration::from_secs(10), Duration::from_secs(5)),
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            tls: None,
         }
+    }
+}
+
+impl StoreOptions {
+    /// The defaults, with TLS when `tls` is given.
+    pub fn with_tls(tls: Option<crate::tls::TlsFiles>) -> Self {
+        StoreOptions { tls, ..StoreOptions::default() }
     }
 }
 
@@ -116,11 +126,15 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn connect_options(options: &StoreOptions) -> ConnectOptions {
-    ConnectOptions::new()
+fn connect_options(options: &StoreOptions) -> Result<ConnectOptions> {
+    let mut o = ConnectOptions::new()
         .with_connect_timeout(options.connect_timeout)
         .with_keep_alive(options.keep_alive.0, options.keep_alive.1)
-        .with_keep_alive_while_idle(true)
+        .with_keep_alive_while_idle(true);
+    if let Some(tls) = &options.tls {
+        o = o.with_tls(tls.load()?);
+    }
+    Ok(o)
 }
 
 impl Store {
@@ -147,10 +161,22 @@ impl Store {
         }
         for e in endpoints {
             check_endpoint(e)?;
+            if options.tls.is_some() && !e.starts_with("https://") {
+                return Err(Error::Tls(format!("endpoint {e} is not https:// but --cacert was given")));
+            }
+            if options.tls.is_none() && e.starts_with("https://") {
+                return Err(Error::Tls(format!(
+                    "endpoint {e} is https:// but no --cacert was given (the CA that signed etcd's certificate; \
+                     also --cert and --key when etcd requires client certificates)"
+                )));
+            }
         }
+        // A file that is missing or wrong is said before anything is tried.
+        connect_options(&options)?;
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
+        let mut refusals = 0u32;
         loop {
             attempt += 1;
             let last_error = match Self::try_connect(endpoints, &options).await {
@@ -171,7 +197,21 @@ impl Store {
                         space: Arc::new(Space::new(endpoints)),
                     });
                 }
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    // A refused handshake does not get better by retrying: say what it means. Twice in a row,
+                    // or when there is no time to try again: a connection closed by a restarting server
+                    // can look like a refusal once.
+                    let text = format!("{e:?}");
+                    if let Some(why) = crate::tls::explain(options.tls.as_ref(), &text) {
+                        refusals += 1;
+                        if refusals >= 2 || started.elapsed() + backoff > max_wait {
+                            return Err(Error::Tls(why));
+                        }
+                    } else {
+                        refusals = 0;
+                    }
+                    e.to_string()
+                }
             };
             let waited = started.elapsed();
             if waited + backoff > max_wait {
@@ -186,11 +226,11 @@ impl Store {
 
     async fn try_connect(endpoints: &[String], options: &StoreOptions) -> Result<(Client, Client)> {
         let mut client =
-            Client::connect(endpoints, Some(connect_options(options).with_timeout(options.request_timeout))).await?;
+            Client::connect(endpoints, Some(connect_options(options)?.with_timeout(options.request_timeout))).await?;
         // Connecting is lazy; a status call proves someone answers.
         let wait = options.connect_timeout;
         tokio::time::timeout(wait, client.status()).await.map_err(|_| Error::Timeout(wait, "etcd status".into()))??;
-        let stream_client = Client::connect(endpoints, Some(connect_options(options))).await?;
+        let stream_client = Client::connect(endpoints, Some(connect_options(options)?)).await?;
         Ok((client, stream_client))
     }
 
@@ -230,7 +270,9 @@ impl Store {
 
     /// The store's current revision.
     pub async fn revision(&self) -> Result<i64> {
-        let resp = self.client.kv_client().get("\0", Some(GetOptions::new().with_count_only())).await?;
+        // One key under the prefix that every component's etcd role may read: with authentication on, a read
+        // outside the cell's prefix is refused.
+        let resp = self.client.kv_client().get(self.keys.space_check(), Some(GetOptions::new().with_count_only())).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 

@@ -22,6 +22,8 @@ struct Args {
     etcd: Vec<String>,
     #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
     prefix: String,
+    #[command(flatten)]
+    tls: omega::tls::TlsArgs,
     /// This node's name (default: the host name).
     #[arg(long)]
     node: Option<String>,
@@ -104,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
         metrics::counter!("omega_agent_fenced_tasks_total").absolute(0);
     }
     let keys = Keys::new(&args.prefix)?;
-    let store = Store::connect_with_retry(&args.etcd, keys, Duration::from_secs(600)).await?;
+    let options = omega::store::StoreOptions::with_tls(args.tls.files()?);
+    let store = Store::connect_with(&args.etcd, keys, options, Duration::from_secs(600)).await?;
     let shutdown = omega::shutdown::signal();
 
     if let Some(n) = args.simulate {

@@ -90,6 +90,8 @@ pub struct Config {
     /// Key prefix of the cell in etcd.
     #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
     pub prefix: String,
+    #[command(flatten)]
+    pub tls: omega::tls::TlsArgs,
     /// Which scheduler this is.
     #[arg(long, value_enum)]
     pub kind: Kind,

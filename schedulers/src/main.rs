@@ -3,7 +3,7 @@ use clap::Parser;
 use metrics_exporter_prometheus::Matcher;
 use omega::cell_state::{CellState, CellStateOptions};
 use omega::keys::Keys;
-use omega::store::Store;
+use omega::store::{Store, StoreOptions};
 use omega_schedulers::config::Config;
 use omega_schedulers::instance;
 use omega_schedulers::scheduler::{Scheduler, FIRST_ATTEMPT_WAIT, FIRST_ATTEMPT_WAIT_BUCKETS};
@@ -36,7 +36,8 @@ async fn main() -> anyhow::Result<()> {
 
     let keys = Keys::new(&config.prefix)?;
     // Wait for etcd rather than fail: a scheduler may start before its store.
-    let store = Store::connect_with_retry(&config.etcd, keys, Duration::from_secs(600)).await?;
+    let options = StoreOptions::with_tls(config.tls.files()?);
+    let store = Store::connect_with(&config.etcd, keys, options, Duration::from_secs(600)).await?;
     let lock = config.lock.then(|| config.lock_name.clone());
     let metrics = config.metrics_addr.map(|a| a.to_string());
     let record = instance::record(&name, &instance_id, config.kind.scheduler_kind(), lock, metrics);

@@ -38,6 +38,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "OMEGA_MAX_TXN_OPS", default_value_t = omega::store::DEFAULT_MAX_TXN_OPS,
           value_parser = parse_max_txn_ops)]
     pub max_txn_ops: usize,
+    #[command(flatten)]
+    pub tls: omega::tls::TlsArgs,
     #[command(subcommand)]
     pub command: Command,
 }

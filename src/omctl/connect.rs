@@ -19,7 +19,8 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
     if endpoints.is_empty() {
         return Err(user("--etcd: no endpoint given; e.g. --etcd http://127.0.0.1:2379"));
     }
-    let options = StoreOptions { max_txn_ops: cli.max_txn_ops, ..StoreOptions::default() };
+    let tls = cli.tls.files().map_err(|e| user(e.to_string()))?;
+    let options = StoreOptions { max_txn_ops: cli.max_txn_ops, tls, ..StoreOptions::default() };
     match Store::connect_with(&endpoints, keys, options, cli.connect_timeout).await {
         Ok(store) => {
             // A submission says it itself, as its error.
@@ -32,6 +33,7 @@ pub async fn connect(cli: &Cli) -> anyhow::Result<Store> {
             Err(anyhow::Error::new(Unreachable { endpoints, waited, last_error: plain(&last_error) }))
         }
         Err(omega::Error::InvalidArgument(m)) => Err(user(format!("--etcd: {m}"))),
+        Err(e @ omega::Error::Tls(_)) => Err(user(e.to_string())),
         Err(e) => Err(anyhow::Error::new(Unreachable {
             endpoints: endpoints.join(","),
             waited: cli.connect_timeout,

@@ -109,6 +109,11 @@ pub fn user(message: impl Into<String>) -> anyhow::Error {
 
 /// The exit code for an error: a full etcd is 6, other etcd trouble anywhere in the chain 3, a request too
 /// large for etcd 1 (it is the request, not etcd), everything else 1.
+/// etcd's RBAC refused the request: this identity's role does not cover the key. Not an etcd failure.
+pub fn is_permission_denied(message: &str) -> bool {
+    message.contains("etcdserver: permission denied") || message.contains("auth: permission denied")
+}
+
 pub fn classify(err: &anyhow::Error) -> Code {
     for cause in err.chain() {
         if cause.is::<UserError>() {
@@ -124,6 +129,8 @@ pub fn classify(err: &anyhow::Error) -> Code {
             let message = e.to_string();
             return if message.contains("database space exceeded") {
                 Code::NoSpace
+            } else if is_permission_denied(&message) {
+                Code::User
             } else if message.contains("request is too large") || message.contains("too many operations") {
                 Code::User
             } else {
@@ -134,6 +141,7 @@ pub fn classify(err: &anyhow::Error) -> Code {
             return match e {
                 e if e.is_no_space() => Code::NoSpace,
                 e if e.is_request_too_large() || e.is_too_many_ops() => Code::User,
+                e if is_permission_denied(&e.to_string()) => Code::User,
                 omega::Error::Etcd(_)
                 | omega::Error::Unreachable { .. }
                 | omega::Error::Timeout(..)

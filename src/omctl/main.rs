@@ -43,7 +43,12 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let code = exit::classify(&e);
-            if code == Code::Etcd && !e.chain().any(|c| c.is::<exit::Unreachable>()) {
+            if exit::is_permission_denied(&format!("{e:#}")) {
+                eprintln!(
+                    "hint: etcd's access control refused this identity (the common name of --cert is its etcd user; \
+                     deploy/tls/grant-roles.sh says what each role may do)"
+                );
+            } else if code == Code::Etcd && !e.chain().any(|c| c.is::<exit::Unreachable>()) {
                 eprintln!("hint: etcd stopped answering; check that it is up at {}", cli.etcd.join(","));
             }
             code.into()

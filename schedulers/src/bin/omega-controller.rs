@@ -22,6 +22,8 @@ struct Args {
     etcd: Vec<String>,
     #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
     prefix: String,
+    #[command(flatten)]
+    tls: omega::tls::TlsArgs,
     /// This replica's name (default: host-pid).
     #[arg(long)]
     instance: Option<String>,
@@ -126,7 +128,8 @@ async fn main() -> anyhow::Result<()> {
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
-    let store = Store::connect_with_retry(&args.etcd, Keys::new(&args.prefix)?, Duration::from_secs(600)).await?;
+    let options = omega::store::StoreOptions::with_tls(args.tls.files()?);
+    let store = Store::connect_with(&args.etcd, Keys::new(&args.prefix)?, options, Duration::from_secs(600)).await?;
     let config = ControllerConfig {
         instance,
         lease_ttl: args.lease_ttl,
