@@ -17,6 +17,7 @@ requirements=(
   "runc              /usr/sbin/runc                                the OCI runtime containerd runs containers with"
   "umoci             /usr/bin/umoci                                building the tiny local test image (no registry is reachable)"
   "busybox-static    /bin/busybox                                  the test image's one binary"
+  "openssl           /usr/bin/openssl                              deploy/tls/: a cell's CA and certificates (and the secure tests' own)"
 )
 
 packages=()

@@ -6,6 +6,7 @@
 //! a running client.
 
 use crate::error::{Error, Result};
+use crate::tls::TlsFiles;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +28,39 @@ pub struct EtcdOptions {
     /// Client port; a free one is picked when `None`.
     pub client_port: Option<u16>,
     pub startup_timeout: Duration,
+    /// Serve clients (and peers) over TLS; `None`: plain http.
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS for an etcd of our own: https client and peer URLs with one certificate, as `deploy/tls/` makes them.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The server's (and peer's) certificate and key; valid for 127.0.0.1.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA clients' (and peers') certificates must be signed by.
+    pub ca: PathBuf,
+    /// `--client-cert-auth`: a client without such a certificate is refused (and, once auth is enabled, a
+    /// certificate's common name is its user).
+    pub client_cert_auth: bool,
+    /// What the readiness probe connects as (with client-cert auth, a certificate it accepts: root's).
+    pub probe: TlsFiles,
+}
+
+impl ServerTls {
+    /// The server certificate, CA and root identity in a directory `deploy/tls/make-cell-certs.sh` made.
+    pub fn from_cell_certs(dir: &Path) -> ServerTls {
+        ServerTls {
+            cert: dir.join("etcd.pem"),
+            key: dir.join("etcd-key.pem"),
+            ca: dir.join("ca.pem"),
+            client_cert_auth: true,
+            probe: TlsFiles {
+                ca: dir.join("ca.pem"),
+                identity: Some((dir.join("root.pem"), dir.join("root-key.pem"))),
+            },
+        }
+    }
 }
 
 /// The etcd binary: `$OMEGA_ETCD_BIN`, else `etcd` on `PATH`.
@@ -44,6 +78,7 @@ impl Default for EtcdOptions {
             data_dir: None,
             client_port: None,
             startup_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -116,9 +151,23 @@ impl EtcdProcess {
         Err(Error::Process(format!("etcd did not start: {last}")))
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The connect options a client of this server needs to be let in (the probe's identity with TLS).
+    pub fn client_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let tls = self.options.tls.as_ref()?;
+        tls.probe.load().ok().map(|t| etcd_client::ConnectOptions::new().with_tls(t))
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -169,7 +218,7 @@ impl EtcdProcess {
 
     /// This member's id in its cluster (what `status` reports as the leader).
     pub async fn member_id(&self) -> Result<u64> {
-        let mut c = etcd_client::Client::connect([self.endpoint()], None).await?;
+        let mut c = etcd_client::Client::connect([self.endpoint()], self.client_options()).await?;
         Ok(c.status().await?.header().map(|h| h.member_id()).unwrap_or(0))
     }
 
@@ -183,8 +232,8 @@ impl EtcdProcess {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), self.client_port);
+        let peer = format!("{}://127.0.0.1:{}", self.scheme(), self.peer_port);
         let cluster = self.initial_cluster.clone().unwrap_or_else(|| format!("{}={peer}", self.name));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let mut cmd = Command::new(&self.options.binary);
@@ -208,6 +257,14 @@ impl EtcdProcess {
             .arg("zap")
             .arg("--log-level")
             .arg("warn");
+        if let Some(tls) = &self.options.tls {
+            cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key).arg("--trusted-ca-file").arg(&tls.ca);
+            cmd.arg("--peer-cert-file").arg(&tls.cert).arg("--peer-key-file").arg(&tls.key);
+            cmd.arg("--peer-trusted-ca-file").arg(&tls.ca).arg("--peer-client-cert-auth");
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
         if let Some(n) = self.options.max_txn_ops {
             cmd.arg("--max-txn-ops").arg(n.to_string());
         }
@@ -241,8 +298,9 @@ impl EtcdProcess {
                     )));
                 }
             }
+            let options = self.client_options();
             let ready = async {
-                let mut c = etcd_client::Client::connect([endpoint.as_str()], None).await.ok()?;
+                let mut c = etcd_client::Client::connect([endpoint.as_str()], options).await.ok()?;
                 c.status().await.ok()
             };
             if tokio::time::timeout(Duration::from_secs(2), ready).await.ok().flatten().is_some() {
@@ -287,7 +345,7 @@ impl EtcdCluster {
         }
         let cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}://127.0.0.1:{}", m.name, m.scheme(), m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         for m in &mut members {
@@ -311,7 +369,7 @@ impl EtcdCluster {
             if m.child.is_none() {
                 continue;
             }
-            let Ok(mut c) = etcd_client::Client::connect([m.endpoint()], None).await else { continue };
+            let Ok(mut c) = etcd_client::Client::connect([m.endpoint()], m.client_options()).await else { continue };
             let Ok(status) = c.status().await else { continue };
             let leader = status.leader();
             for (i, other) in self.members.iter().enumerate() {

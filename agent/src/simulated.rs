@@ -283,7 +283,9 @@ impl SimulatedNodes {
         tokio::pin!(shutdown);
         let cache = CellState::start(self.store.clone(), CellStateOptions::default()).await?;
         let keys = self.store.keys().clone();
-        let mut watcher = Watcher::new(self.store.clone(), keys.assignments_prefix(), 5000);
+        // Only our nodes' assignments: less traffic, and all an agent's etcd role lets it read (`deploy/tls/`).
+        let ours = format!("{}{}-", keys.assignments_prefix(), self.options.name_prefix);
+        let mut watcher = Watcher::new(self.store.clone(), ours, 5000);
         let mut tasks: HashMap<String, SimTask> = HashMap::new();
         let mut specs = Specs::new();
         let mut tick = tokio::time::interval(self.options.tick);
