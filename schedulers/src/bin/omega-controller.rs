@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             .add_global_label("instance", instance.clone())
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
+        omega_schedulers::controller::metrics::describe();
     }
     let store = Store::connect_with_retry(&args.etcd, Keys::new(&args.prefix)?, Duration::from_secs(600)).await?;
     let config = ControllerConfig {
