@@ -212,6 +212,24 @@ fn fields(yaml: &str) -> Vec<(String, String)> {
     out
 }
 
+/// The rollout of a service's first version: nothing to replace, but it makes the version stable once every
+/// replica has been healthy (what `auto_revert` later goes back to).
+pub fn first(job: &Job, now_ms: u64) -> Deployment {
+    Deployment {
+        version: job.version,
+        state: DeploymentState::Running,
+        started_ms: now_ms,
+        progress_ms: now_ms,
+        canaries: 0,
+        promoted: false,
+        healthy: 0,
+        unhealthy: 0,
+        reverts: None,
+        adopt: None,
+        message: String::new(),
+    }
+}
+
 /// The record of a new version of `current` whose file says `spec`: the next version number, the current
 /// state and indexes carried over, and a deployment that rolls it out (or relabels, when only count,
 /// priority or policies changed).
@@ -305,9 +323,12 @@ pub fn plan(job: &Job, tasks: &[&Task], now_ms: u64) -> Step {
     let policy = job.update.unwrap_or_default();
     let has_checks = !job.checks.is_empty();
     if d.state == DeploymentState::Failed {
-        // Stays failed: the new replicas that do not serve are kept stopped, the old ones kept running.
-        for t in tasks.iter().filter(|t| t.version == job.version && healthy_since(t, has_checks).is_none()) {
-            step.retire.push((t.id.clone(), format!("deployment of version {} failed", job.version)));
+        // Stays failed: while old replicas serve, the new ones that do not are kept stopped. A first version
+        // has nothing older: its replicas stay, restarted and rescheduled like any service's.
+        if tasks.iter().any(|t| t.version != job.version) {
+            for t in tasks.iter().filter(|t| t.version == job.version && healthy_since(t, has_checks).is_none()) {
+                step.retire.push((t.id.clone(), format!("deployment of version {} failed", job.version)));
+            }
         }
         step.revert = policy.auto_revert && d.reverts.is_none();
         return step;

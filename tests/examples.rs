@@ -54,7 +54,7 @@ fn examples() -> BTreeMap<String, (String, Job)> {
 fn example_jobs_parse_and_round_trip() {
     let all = examples();
     let names: Vec<&str> = all.keys().map(String::as_str).collect();
-    for expected in ["filler", "gang", "hello", "oom", "urgent", "web", "web-ha"] {
+    for expected in ["api", "filler", "gang", "hello", "oom", "urgent", "web", "web-ha"] {
         assert!(names.contains(&expected), "deploy/examples/{expected}.yaml is missing; found {names:?}");
     }
     for (stem, (text, job)) in &all {
@@ -603,5 +603,25 @@ fn units_use_only_flags_the_programs_have() {
         assert_eq!(config["quota-backend-bytes"], 8u64 << 30);
         assert_eq!(config["auto-compaction-mode"], "revision");
         assert_eq!(config["initial-cluster-state"], "new");
+    }
+}
+
+/// deploy/examples/api-update/*.yaml are later versions of api.yaml: the same job, a change that replaces the
+/// replicas (the command), and an update policy that reverts by itself.
+#[test]
+fn update_examples_are_versions_of_api() {
+    let dir = repo().join("deploy/examples");
+    let api = parse_job("api.yaml", &std::fs::read_to_string(dir.join("api.yaml")).unwrap()).unwrap();
+    assert_eq!((api.kind, api.tasks, api.checks.len()), (JobKind::Service, 2, 1));
+    assert!(api.update.is_some_and(|u| u.auto_revert && u.max_parallel == 1));
+    for file in ["v1.yaml", "broken.yaml"] {
+        let path = dir.join("api-update").join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let next = parse_job(file, &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(next.id, "api", "{file} is a version of api");
+        let changes = omega::deployment::diff(&api, &next);
+        assert_eq!(changes.iter().map(|c| c.field.as_str()).collect::<Vec<_>>(), ["command"], "{file}: {changes:?}");
+        assert!(!omega::deployment::runs_same(&api, &next), "{file} replaces the replicas");
+        assert!(text.contains("What to watch"), "{file} says what to watch");
     }
 }

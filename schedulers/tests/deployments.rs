@@ -51,12 +51,13 @@ fn cell(etcd: &str, name: &str, nodes: usize) -> Vec<Proc> {
     cell_with_metrics(etcd, name, nodes, &support::metrics_addr())
 }
 
-/// The job file of service `web`: `replicas` replicas of `image`, updated 2 at a time, counting a replica
-/// after it ran for 1 s; `extra` lines appended (more `update:` fields).
+/// The job file of service `web`: `replicas` replicas of `image` with a check simulated nodes pass, updated 2
+/// at a time, counting a replica after it was healthy for 1 s; `extra` lines appended (more `update:` fields).
 fn web_file(dir: &std::path::Path, name: &str, image: &str, replicas: u32, extra: &str) -> String {
     let path = dir.join(format!("{name}.yaml"));
     let body = format!(
         "name: web\nkind: service\nreplicas: {replicas}\nresources: {{cpu: 100m, memory: 64Mi}}\nimage: {image}\n\
+         check: {{type: exec, command: [\"true\"], interval: 1s}}\n\
          update:\n  max_parallel: 2\n  min_healthy_time: 1s\n{extra}"
     );
     std::fs::write(&path, body).expect("write job file");
@@ -80,23 +81,23 @@ fn live(ts: &[Task]) -> Vec<&Task> {
     ts.iter().filter(|t| t.state != TaskState::Killed).collect()
 }
 
-/// Follows every change to the job's tasks and keeps the lowest number of running replicas seen at any
-/// revision once `armed` (the first rollout starts after the job is fully up).
-fn track_min_running(store: Store, job: &str) -> (Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>) {
+/// Follows every change to the job's tasks and keeps the lowest number of healthy replicas (running, and
+/// passing their checks when they have a health record) seen at any revision (start it once the job is up).
+fn track_min_running(store: Store, job: &str) -> Arc<AtomicUsize> {
     let min = Arc::new(AtomicUsize::new(usize::MAX));
-    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (m, a) = (min.clone(), armed.clone());
+    let m = min.clone();
     let prefix = store.keys().tasks_of_job(job);
     tokio::spawn(async move {
         let mut watcher = Watcher::new(store, prefix, 1000);
-        let mut state: BTreeMap<Vec<u8>, TaskState> = BTreeMap::new();
+        let serving = |t: &Task| t.is_healthy(t.health.is_some());
+        let mut state: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
         loop {
             match watcher.next().await {
                 WatchEvent::Reset { kvs, .. } => {
                     state = kvs
                         .iter()
                         .filter_map(|kv| {
-                            Some((kv.key().to_vec(), serde_json::from_slice::<Task>(kv.value()).ok()?.state))
+                            Some((kv.key().to_vec(), serving(&serde_json::from_slice::<Task>(kv.value()).ok()?)))
                         })
                         .collect();
                 }
@@ -105,7 +106,7 @@ fn track_min_running(store: Store, job: &str) -> (Arc<AtomicUsize>, Arc<std::syn
                         match c {
                             Change::Put(kv) => {
                                 if let Ok(t) = serde_json::from_slice::<Task>(kv.value()) {
-                                    state.insert(kv.key().to_vec(), t.state);
+                                    state.insert(kv.key().to_vec(), serving(&t));
                                 }
                             }
                             Change::Delete { key, .. } => {
@@ -116,13 +117,11 @@ fn track_min_running(store: Store, job: &str) -> (Arc<AtomicUsize>, Arc<std::syn
                 }
                 _ => continue,
             }
-            if a.load(Ordering::SeqCst) {
-                let running = state.values().filter(|s| **s == TaskState::Running).count();
-                m.fetch_min(running, Ordering::SeqCst);
-            }
+            let running = state.values().filter(|s| **s).count();
+            m.fetch_min(running, Ordering::SeqCst);
         }
     });
-    (min, armed)
+    min
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,16 +135,17 @@ async fn rolling_update_canary_promote_and_revert_through_omctl() {
     let v0 = web_file(dir.path(), "v0", "web:1", 10, "");
     let out = omctl(&ep, &["submit", &v0, "--wait", "--timeout", "120s"]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_for("10 replicas running", 120, async || {
-        (tasks(&store, "web").await.iter().filter(|t| t.state == TaskState::Running).count() == 10).then_some(())
+    wait_for("10 replicas healthy", 120, async || {
+        (tasks(&store, "web").await.iter().filter(|t| t.is_healthy(true)).count() == 10).then_some(())
     })
     .await;
-    let (min_running, armed) = track_min_running(store.clone(), "web");
-    wait_for("the tracker to see the 10 replicas", 30, async || {
-        armed.store(true, Ordering::SeqCst);
-        (min_running.load(Ordering::SeqCst) == 10).then_some(())
+    let min_running = track_min_running(store.clone(), "web");
+    let seen = wait_for("the tracker's first listing", 30, async || {
+        let n = min_running.load(Ordering::SeqCst);
+        (n != usize::MAX).then_some(n)
     })
     .await;
+    assert_eq!(seen, 10);
 
     // Unchanged: nothing submitted.
     let out = omctl(&ep, &["submit", &v0]);
@@ -173,8 +173,8 @@ async fn rolling_update_canary_promote_and_revert_through_omctl() {
     assert_eq!(l.len(), 10, "{:?}", ts.iter().map(|t| (&t.id, t.state, t.version)).collect::<Vec<_>>());
     assert!(l.iter().all(|t| t.version == 1 && t.state == TaskState::Running));
     let lowest = min_running.load(Ordering::SeqCst);
-    assert!(lowest >= 8, "running replicas fell to {lowest} during the update");
-    eprintln!("lowest running count during the rolling update: {lowest} (of 10, max_parallel 2)");
+    assert!(lowest >= 8, "healthy replicas fell to {lowest} during the update");
+    eprintln!("lowest healthy count during the rolling update: {lowest} (of 10, max_parallel 2)");
     wait_for("the retired replicas to be deleted", 60, async || (tasks(&store, "web").await.len() == 10).then_some(()))
         .await;
 
@@ -327,17 +327,18 @@ async fn drain_migrates_first_and_its_deadline_stops_what_is_left() {
         let ts = tasks(&store, "web").await;
         let c = tasks(&store, "crunch").await;
         let node = c.first().filter(|t| t.state == TaskState::Running)?.node.clone()?;
-        (ts.iter().filter(|t| t.state == TaskState::Running).count() == 6).then_some((node, ts))
+        (ts.iter().filter(|t| t.is_healthy(true)).count() == 6).then_some((node, ts))
     })
     .await;
     let on_node: Vec<String> =
         before.iter().filter(|t| t.node.as_deref() == Some(node.as_str())).map(|t| t.id.clone()).collect();
-    let (min_running, armed) = track_min_running(store.clone(), "web");
-    wait_for("the tracker to see the 6 replicas", 30, async || {
-        armed.store(true, Ordering::SeqCst);
-        (min_running.load(Ordering::SeqCst) == 6).then_some(())
+    let min_running = track_min_running(store.clone(), "web");
+    let seen = wait_for("the tracker's first listing", 30, async || {
+        let n = min_running.load(Ordering::SeqCst);
+        (n != usize::MAX).then_some(n)
     })
     .await;
+    assert_eq!(seen, 6);
 
     // The batch task holds the node until the deadline; the service replicas move first.
     let out = omctl(&ep, &["drain", &node, "--deadline", "12s", "--wait", "-o", "json"]);

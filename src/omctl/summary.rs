@@ -198,6 +198,21 @@ fn assignment(node: &str, task: &str, new: Option<Assignment>, present: bool) ->
     }
 }
 
+fn drain(node: &str, new: Option<omega::model::Drain>, present: bool) -> String {
+    match new {
+        Some(d) => format!(
+            "drain of node {node}: {} ({} moved, {} migrating, {} left){}",
+            d.state,
+            d.moved,
+            d.migrations.len(),
+            d.remaining,
+            if d.message.is_empty() { String::new() } else { format!(": {}", d.message) }
+        ),
+        None if present => format!("drain of node {node} written (undecodable)"),
+        None => format!("drain of node {node} removed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,20 +241,5 @@ mod tests {
         assert_eq!(gone.text, "task web/2 deleted");
         let junk = describe(&keys, &keys.job("x"), None, Some(b"{not json"));
         assert!(junk.text.contains("not JSON"), "{}", junk.text);
-    }
-}
-
-fn drain(node: &str, new: Option<omega::model::Drain>, present: bool) -> String {
-    match new {
-        Some(d) => format!(
-            "drain of node {node}: {} ({} moved, {} migrating, {} left){}",
-            d.state,
-            d.moved,
-            d.migrations.len(),
-            d.remaining,
-            if d.message.is_empty() { String::new() } else { format!(": {}", d.message) }
-        ),
-        None if present => format!("drain of node {node} written (undecodable)"),
-        None => format!("drain of node {node} removed"),
     }
 }

@@ -73,6 +73,16 @@ pub async fn reconcile(
     if j.kind != JobKind::Service || !matches!(j.state, JobState::Pending | JobState::Running) {
         return Ok(done);
     }
+    if j.deployment.is_none() {
+        // A service submitted as it is: its first version gets a rollout of its own, to become stable.
+        let mut record = j.clone();
+        record.deployment = Some(deployment::first(j, now_ms()));
+        let applied = store.put_job_if(&record, job.mod_revision, Some(fence.compare())).await?;
+        if applied.is_some() {
+            queue.add_after(Object::Job(j.id.clone()), TICK);
+        }
+        return Ok(done);
+    }
     let tasks: Vec<&Versioned<Task>> = snapshot.tasks_of(j).collect();
     let live: Vec<&Task> = tasks.iter().filter(|t| t.value.state != TaskState::Killed).map(|t| &*t.value).collect();
     let active = j.deployment.as_ref().is_some_and(|d| d.state.is_active() && d.version == j.version);

@@ -200,10 +200,9 @@ async fn step(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Version
         record.message = "nothing left on the node".into();
         tracing::info!(node, moved = record.moved, "drain complete");
     }
-    if record != *d.value || done.started > 0 {
-        if put_record(store, fence, d, &record, group).await? && done.started > 0 {
-            tracing::info!(node, started = done.started, "drain: replacements started elsewhere");
-        }
+    let changed = record != *d.value || done.started > 0;
+    if changed && put_record(store, fence, d, &record, group).await? && done.started > 0 {
+        tracing::info!(node, started = done.started, "drain: replacements started elsewhere");
     }
     Ok(done)
 }

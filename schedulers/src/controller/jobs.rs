@@ -12,7 +12,6 @@
 use super::{queue::WorkQueue, ControllerConfig, Object, Reconciled};
 use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
-use omega::deployment::DeploymentState;
 use omega::events::EventKind;
 use omega::model::{now_ms, JobKind, JobState, Task, TaskState};
 use omega::release::{release_guarded, Fence, Guard, Release};
@@ -47,11 +46,8 @@ pub async fn reconcile(
             (JobKind::Service, true) => {
                 // A deployment decides about the replicas of the version it rolls out (a new replica that
                 // ends failed fails the deployment; it is not simply started again).
-                let rolling = j
-                    .deployment
-                    .as_ref()
-                    .filter(|d| d.version == j.version && (d.state.is_active() || d.state == DeploymentState::Failed))
-                    .map(|d| d.version);
+                let rolling =
+                    j.deployment.as_ref().filter(|d| d.version == j.version && d.state.is_active()).map(|d| d.version);
                 for t in snapshot.tasks_of(j) {
                     if matches!(t.value.state, TaskState::Failed | TaskState::Lost | TaskState::Succeeded)
                         && !(rolling == Some(t.value.version) && t.value.state != TaskState::Lost)
