@@ -18,6 +18,7 @@ requirements=(
   "umoci             /usr/bin/umoci                                building the tiny local test image (no registry is reachable)"
   "busybox-static    /bin/busybox                                  the test image's one binary"
   "openssl           /usr/bin/openssl                              deploy/tls/: a cell's CA and certificates (and the secure tests' own)"
+  "prometheus        /usr/bin/promtool                             promtool: checks deploy/prometheus (config, rules, rule tests) and every component's /metrics"
 )
 
 packages=()
@@ -64,9 +65,16 @@ fi
 if pgrep -x etcd >/dev/null 2>&1; then
   echo "note: an etcd is already running on this machine; tests start their own on free loopback ports"
 fi
+# Likewise Debian's prometheus package may start a Prometheus server on 9090; the project uses only its
+# promtool.
+if pgrep -x prometheus >/dev/null 2>&1; then
+  echo "note: a Prometheus server is running on this machine; the project's tests use only promtool"
+fi
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 # No pipe into `head` here: with pipefail, etcd dying of SIGPIPE would fail the whole script.
 etcd_version=$(etcd --version)
 echo "${etcd_version%%$'\n'*}"
 protoc --version
+promtool_version=$(promtool --version 2>&1)
+echo "${promtool_version%%$'\n'*}"
 echo "all ${#requirements[@]} requirements present, each from its package"

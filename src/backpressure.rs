@@ -47,6 +47,24 @@ pub struct Permit<'a> {
     window: &'a Window,
 }
 
+/// Says what the commit window's metrics mean to the process's metrics exporter, and starts the cuts at 0 for
+/// each reason (so that the first cut shows in a rate). Call once, after installing the exporter.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "omega_commit_window",
+        "Commit transactions this process lets be in flight at once now: --max-in-flight, less while etcd \
+         answers slower than --commit-latency-target or says it is overloaded"
+    );
+    metrics::describe_counter!(
+        "omega_commit_window_cuts_total",
+        "Times the commit window was cut, by reason: latency (an answer slower than --commit-latency-target) or \
+         overloaded (etcd said so)"
+    );
+    for reason in ["latency", "overloaded"] {
+        metrics::counter!("omega_commit_window_cuts_total", "reason" => reason).increment(0);
+    }
+}
+
 impl Window {
     /// A fixed bound of `max` in flight.
     pub fn fixed(max: usize) -> Self {

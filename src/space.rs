@@ -21,6 +21,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Says what `omega_etcd_space_exceeded` means to the process's metrics exporter and starts it at 0, so that
+/// every component serves it from the start (a gauge that appears only once etcd is full cannot be told apart
+/// from a component that is not scraped). Call once, after installing the exporter.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "omega_etcd_space_exceeded",
+        "1 while etcd is out of space (NOSPACE alarm) as this process sees it: writes that add data are held, \
+         nothing is lost; free space and disarm the alarm (README, Troubleshooting)"
+    );
+    metrics::gauge!("omega_etcd_space_exceeded").set(0.0);
+}
+
 /// How often one held write goes to etcd to find out whether it has room again.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 

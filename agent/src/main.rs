@@ -101,7 +101,13 @@ async fn main() -> anyhow::Result<()> {
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
-        metrics::gauge!("omega_etcd_space_exceeded").set(0.0);
+        omega::space::describe_metrics();
+        metrics::describe_counter!(
+            "omega_agent_fencings_total",
+            "Times this agent fenced its node: cut off from etcd, it stopped the node's tasks before its lease could \
+             expire and they be placed elsewhere"
+        );
+        metrics::describe_counter!("omega_agent_fenced_tasks_total", "Tasks stopped because their node was fenced");
         metrics::counter!("omega_agent_fencings_total").absolute(0);
         metrics::counter!("omega_agent_fenced_tasks_total").absolute(0);
     }

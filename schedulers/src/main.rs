@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
             .set_buckets_for_metric(Matcher::Full(FIRST_ATTEMPT_WAIT.into()), FIRST_ATTEMPT_WAIT_BUCKETS)?
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
+        omega_schedulers::metrics::describe();
     }
 
     let keys = Keys::new(&config.prefix)?;

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             .add_global_label("instance", instance.clone())
             .install()
             .with_context(|| format!("serving metrics on {addr}"))?;
+        omega_schedulers::controller::metrics::describe();
     }
     let options = omega::store::StoreOptions::with_tls(args.tls.files()?);
     let store = Store::connect_with(&args.etcd, Keys::new(&args.prefix)?, options, Duration::from_secs(600)).await?;

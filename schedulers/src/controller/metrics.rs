@@ -6,6 +6,76 @@
 use super::disruption::{Decision, Scope};
 use super::Reconciled;
 
+/// Says what every metric means to the installed exporter, and starts the unlabelled counters and the cell's
+/// gauges at 0 (this replica does not lead yet), so that alerts and rates see the first event too. Call once,
+/// after installing the exporter.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    let counters = [
+        ("omega_controller_lost_tasks_total", "Tasks of lost nodes released (made pending again, or failed)"),
+        ("omega_controller_replaced_replicas_total", "Service replicas created to keep services at their count"),
+        ("omega_controller_finished_jobs_total", "Jobs marked succeeded or failed"),
+        ("omega_controller_collected_jobs_total", "Finished jobs deleted (past --gc-after or --keep-finished-tasks)"),
+        ("omega_controller_collected_nodes_total", "Nodes forgotten after being down past --node-gc-after"),
+        ("omega_controller_collected_orphans_total", "Tasks of submissions that died, deleted"),
+        ("omega_controller_rollout_replicas_started_total", "Replicas of a new version started by rollouts"),
+        ("omega_controller_rollout_replicas_retired_total", "Replicas of an old version stopped by rollouts"),
+        ("omega_controller_rollouts_succeeded_total", "Rollouts that finished with every replica on the new version"),
+        ("omega_controller_rollouts_failed_total", "Rollouts that failed (new replicas not healthy in time)"),
+        ("omega_controller_rollbacks_total", "Rollouts rolled back to the previous version"),
+        ("omega_controller_drain_replicas_moved_total", "Replicas moved off draining nodes (replacement first)"),
+        ("omega_controller_drain_tasks_forced_total", "Tasks stopped on draining nodes at the drain's deadline"),
+        ("omega_controller_evictions_total", "Nodes whose tasks were released because the node was lost"),
+        (
+            "omega_controller_evictions_held_total",
+            "Nodes whose eviction was held back (a disruption), each once per hold",
+        ),
+        ("omega_controller_held_nodes_returned_total", "Held-back nodes that came back with their tasks"),
+        (
+            "omega_controller_cell_disruptions_total",
+            "Times the whole cell was found disrupted (many nodes lapsed at once)",
+        ),
+        ("omega_controller_compactions_total", "Compactions of etcd's history"),
+        ("omega_controller_compaction_failures_total", "Compactions of etcd's history that failed"),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    describe_counter!(
+        "omega_controller_zone_disruptions_total",
+        "Times a zone was found disrupted (many of its nodes lapsed at once), by zone"
+    );
+    let gauges = [
+        ("omega_controller_leader", "1 on the replica that leads; the cell's gauges are 0 on the others"),
+        ("omega_controller_nodes", "Nodes registered"),
+        ("omega_controller_nodes_down", "Registered nodes whose liveness lapsed"),
+        ("omega_controller_nodes_lapsed", "Nodes that lapsed within the disruption window"),
+        ("omega_controller_nodes_held", "Nodes down past their grace whose tasks are held back (a disruption)"),
+        ("omega_controller_cell_disrupted", "1 while the whole cell is disrupted: every eviction is held back"),
+        ("omega_controller_zones_disrupted", "Zones disrupted now (their evictions slowed down)"),
+        ("omega_controller_rollouts_in_progress", "Service rollouts in progress"),
+        ("omega_controller_drains_in_progress", "Node drains in progress"),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(name, help);
+        metrics::gauge!(name).set(0.0);
+    }
+    describe_gauge!("omega_controller_zone_disrupted", "1 while the zone is disrupted, by zone");
+    describe_gauge!("omega_controller_zone_nodes_lapsed", "The zone's nodes that lapsed within the window, by zone");
+    describe_gauge!("omega_controller_compacted_revision", "The revision etcd's history was last compacted to");
+    describe_gauge!("omega_etcd_db_size_bytes", "etcd's database file size, measured at each compaction");
+    describe_gauge!(
+        "omega_etcd_db_size_in_use_bytes",
+        "The part of etcd's database file in use (the rest is reclaimed by a defrag), measured at each compaction"
+    );
+    describe_gauge!("omega_job_replicas_healthy", "A service's running replicas that are healthy, by job");
+    describe_gauge!("omega_job_replicas_unhealthy", "A service's running replicas that are not healthy, by job");
+    describe_gauge!("omega_job_replicas_wanted", "The replicas a service asks for, by job");
+    describe_gauge!("omega_job_rollout_in_progress", "1 while a rollout of the service's current version runs, by job");
+    omega::space::describe_metrics();
+}
+
 /// 1 while this replica leads.
 pub fn leading(yes: bool) {
     metrics::gauge!("omega_controller_leader").set(if yes { 1.0 } else { 0.0 });

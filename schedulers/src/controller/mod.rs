@@ -24,14 +24,14 @@
 //! which objects changed ([`CellChanges`]), those go into a [`queue::WorkQueue`] (each once, with backoff per
 //! object after a failure, and a later due time when a grace period is running), and the [`nodes`] and
 //! [`jobs`] reconcilers look only at what is due. A full pass every `resync` is the safety net for anything a
-//! notice could have missed.
+//! notice could have missed. What it does shows in its Prometheus metrics ([`metrics`]).
 
 mod compaction;
 mod deployments;
 pub mod disruption;
 mod drains;
 mod jobs;
-mod metrics;
+pub mod metrics;
 mod nodes;
 pub mod queue;
 mod retention;
