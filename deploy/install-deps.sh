@@ -17,6 +17,8 @@ requirements=(
   "runc              /usr/sbin/runc                                the OCI runtime containerd runs containers with"
   "umoci             /usr/bin/umoci                                building the tiny local test image (no registry is reachable)"
   "busybox-static    /bin/busybox                                  the test image's one binary"
+  "chromium          /usr/bin/chromium                             the web UI's browser test (headless)"
+  "chromium-driver   /usr/bin/chromedriver                         the WebDriver server the browser test drives chromium through"
 )
 
 packages=()
