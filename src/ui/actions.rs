@@ -55,7 +55,15 @@ impl Actions {
     pub fn job_buttons(&self, view: &View, id: &str) -> String {
         match view.snapshot.jobs.get(id) {
             Some(j) if matches!(j.value.state, JobState::Pending | JobState::Running) => {
-                format!("<p>{}</p>", self.form(&format!("/jobs/{}/cancel", url_encode(id)), "Cancel job", "Cancel this job and kill its tasks?", false))
+                format!(
+                    "<p>{}</p>",
+                    self.form(
+                        &format!("/jobs/{}/cancel", url_encode(id)),
+                        "Cancel job",
+                        "Cancel this job and kill its tasks?",
+                        false
+                    )
+                )
             }
             _ => String::new(),
         }
@@ -68,11 +76,21 @@ impl Actions {
         match schedulable {
             Some(true) => format!(
                 "<p>{}</p>",
-                self.form(&format!("/nodes/{path}/drain"), "Drain node", "Drain this node: no new placements, services moved away?", false)
+                self.form(
+                    &format!("/nodes/{path}/drain"),
+                    "Drain node",
+                    "Drain this node: no new placements, services moved away?",
+                    false
+                )
             ),
             Some(false) => format!(
                 "<p>{}</p>",
-                self.form(&format!("/nodes/{path}/undrain"), "Make schedulable again", "Undo the drain of this node?", true)
+                self.form(
+                    &format!("/nodes/{path}/undrain"),
+                    "Make schedulable again",
+                    "Undo the drain of this node?",
+                    true
+                )
             ),
             None => String::new(),
         }
@@ -81,7 +99,9 @@ impl Actions {
     /// Refuses a change without this server's token, or sent from another site's page.
     fn check(&self, headers: &HeaderMap, form: &HashMap<String, String>) -> Result<(), Error> {
         if form.get("token").map(String::as_str) != Some(self.token.as_str()) {
-            return Err(Error::Forbidden("this form is not from this UI server (reload the page and try again)".into()));
+            return Err(Error::Forbidden(
+                "this form is not from this UI server (reload the page and try again)".into(),
+            ));
         }
         let host = headers.get("host").and_then(|h| h.to_str().ok());
         let origin = headers.get("origin").and_then(|o| o.to_str().ok());
@@ -96,8 +116,13 @@ impl Actions {
 }
 
 /// The checks every action makes: actions are on, the form is ours; then the store to act on.
-fn allowed<'a>(app: &'a App, headers: &HeaderMap, form: &HashMap<String, String>) -> Result<&'a omega::store::Store, Error> {
-    let actions = app.actions().ok_or_else(|| Error::Forbidden("this UI is read-only (start it with --allow-actions)".into()))?;
+fn allowed<'a>(
+    app: &'a App,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<&'a omega::store::Store, Error> {
+    let actions =
+        app.actions().ok_or_else(|| Error::Forbidden("this UI is read-only (start it with --allow-actions)".into()))?;
     actions.check(headers, form)?;
     app.store().ok_or_else(|| Error::Forbidden("this UI has no store to act on".into()))
 }
@@ -134,7 +159,11 @@ pub async fn cancel(
                 r.killed_pending,
                 r.released,
                 r.already_done,
-                if r.not_killed.is_empty() { String::new() } else { format!("; {} kept changing, cancel again", r.not_killed.len()) }
+                if r.not_killed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} kept changing, cancel again", r.not_killed.len())
+                }
             ),
             &format!("/jobs/{}", url_encode(&id)),
         ),
@@ -175,7 +204,11 @@ pub async fn undrain(
         Err(e) => return e.into_response(),
     };
     match omega::ops::undrain_node(store, &name).await {
-        Ok(_) => done(&format!("Undrain {name}"), &format!("node {name} is schedulable again"), &format!("/nodes/{}", url_encode(&name))),
+        Ok(_) => done(
+            &format!("Undrain {name}"),
+            &format!("node {name} is schedulable again"),
+            &format!("/nodes/{}", url_encode(&name)),
+        ),
         Err(e) => Error::from(e).into_response(),
     }
 }

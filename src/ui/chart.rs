@@ -81,7 +81,8 @@ mod tests {
     #[test]
     fn axis_tops_are_round_and_gaps_split_the_line() {
         assert_eq!((nice_top(0.0), nice_top(0.3), nice_top(7.0), nice_top(120.0)), (1.0, 0.5, 10.0, 200.0));
-        let svg = line_chart("x", &[(0, Some(1.0)), (1000, Some(2.0)), (2000, None), (3000, Some(1.0))], |v| format!("{v}"));
+        let svg =
+            line_chart("x", &[(0, Some(1.0)), (1000, Some(2.0)), (2000, None), (3000, Some(1.0))], |v| format!("{v}"));
         assert_eq!(svg.matches("<polyline").count(), 1);
         assert_eq!(svg.matches("<circle").count(), 1);
     }

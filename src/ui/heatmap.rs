@@ -192,7 +192,9 @@ pub fn zones(view: &View, options: &Options) -> Vec<ZoneNodes> {
 /// The SVG of one zone: a square per node, or per bucket of nodes when there are too many.
 pub fn zone_svg(z: &ZoneNodes, options: &Options) -> String {
     let (lo, hi) = match options.range {
-        Some((a, b)) if options.zone.is_some() => (a.min(z.nodes.len()), b.min(z.nodes.len()).max(a.min(z.nodes.len()))),
+        Some((a, b)) if options.zone.is_some() => {
+            (a.min(z.nodes.len()), b.min(z.nodes.len()).max(a.min(z.nodes.len())))
+        }
         _ => (0, z.nodes.len()),
     };
     let nodes = &z.nodes[lo..hi];

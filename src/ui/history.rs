@@ -178,7 +178,10 @@ impl History {
             self.jobs.remove(job);
             return;
         };
-        let m = self.jobs.entry(Name::from(job)).or_insert_with(|| Milestones { before_ui: at_start, ..Default::default() });
+        let m = self
+            .jobs
+            .entry(Name::from(job))
+            .or_insert_with(|| Milestones { before_ui: at_start, ..Default::default() });
         let total = total.max(1);
         let mark = |slot: &mut Option<u64>, reached: bool| {
             if reached && slot.is_none() {
@@ -199,7 +202,15 @@ impl History {
 mod tests {
     use super::*;
 
-    fn stats(attempts: u64, transactions: u64, conflicted: u64, placed: u64, busy: u64, commit: u64, at: u64) -> SchedulerStats {
+    fn stats(
+        attempts: u64,
+        transactions: u64,
+        conflicted: u64,
+        placed: u64,
+        busy: u64,
+        commit: u64,
+        at: u64,
+    ) -> SchedulerStats {
         SchedulerStats {
             attempts,
             transactions,

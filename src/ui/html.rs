@@ -151,19 +151,19 @@ mod tests {
 
     #[test]
     fn escapes_what_could_open_a_tag_or_close_an_attribute() {
-        assert_eq!(escape(r#"<script>alert("x")</script> & 'y'"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;");
+        assert_eq!(
+            escape(r#"<script>alert("x")</script> & 'y'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
         assert_eq!(url_encode("a b/c?d=<e>"), "a%20b%2Fc%3Fd%3D%3Ce%3E");
         assert_eq!(job_link("x\"><b>"), "<a href=\"/jobs/x%22%3E%3Cb%3E\">x&quot;&gt;&lt;b&gt;</a>");
     }
 
     #[test]
     fn counts_read_with_separators() {
-        assert_eq!((count(0), count(999), count(1000), count(100_000), count(1_234_567)), (
-            "0".into(),
-            "999".into(),
-            "1,000".into(),
-            "100,000".into(),
-            "1,234,567".into()
-        ));
+        assert_eq!(
+            (count(0), count(999), count(1000), count(100_000), count(1_234_567)),
+            ("0".into(), "999".into(), "1,000".into(), "100,000".into(), "1,234,567".into())
+        );
     }
 }

@@ -354,7 +354,8 @@ mod tests {
         assert_eq!((ids(&last), last.next.is_none()), (vec!["j8"], true));
 
         // Two filters, a prefix, and a reason.
-        let both = JobFilter { reason: Some("insufficient_memory".into()), prefix: Some("j".into()), ..pending.clone() };
+        let both =
+            JobFilter { reason: Some("insufficient_memory".into()), prefix: Some("j".into()), ..pending.clone() };
         assert_eq!(ix.page(&both, &Cursor::Start, 100).total, 5);
         let groups = ix.pending_by_reason();
         assert_eq!(groups, vec![("insufficient_memory".to_string(), ReasonGroup { jobs: 5, tasks: 15 })]);

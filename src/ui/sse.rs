@@ -29,7 +29,10 @@ pub async fn events(
     let page = params.get("page").ok_or_else(|| Error::BadRequest("events: ?page= names the page".into()))?;
     let (path, page_query) = page.split_once('?').unwrap_or((page.as_str(), ""));
     let route = Route::parse(path, page_query)?;
-    let stream = futures_util::stream::unfold(PageStream { views: app.cache().subscribe(), app, route, last: None, next_at: None }, next);
+    let stream = futures_util::stream::unfold(
+        PageStream { views: app.cache().subscribe(), app, route, last: None, next_at: None },
+        next,
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

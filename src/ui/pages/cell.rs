@@ -44,8 +44,16 @@ pub fn render(view: &View, options: &Options) -> String {
         out,
         "<div class=\"cards\">{}{}{}{}{}</div>",
         card("nodes", &count(cell.nodes), &format!("{} down, {} draining", cell.down, cell.draining)),
-        card("cpu allocated", &show::percent(cell.cpu.0, cell.cpu.1), &format!("{} of {} cores", show::cores(cell.cpu.0), show::cores(cell.cpu.1))),
-        card("memory allocated", &show::percent(cell.memory.0, cell.memory.1), &format!("{} of {}", show::memory(cell.memory.0), show::memory(cell.memory.1))),
+        card(
+            "cpu allocated",
+            &show::percent(cell.cpu.0, cell.cpu.1),
+            &format!("{} of {} cores", show::cores(cell.cpu.0), show::cores(cell.cpu.1))
+        ),
+        card(
+            "memory allocated",
+            &show::percent(cell.memory.0, cell.memory.1),
+            &format!("{} of {}", show::memory(cell.memory.0), show::memory(cell.memory.1))
+        ),
         card("tasks placed", &count(cell.tasks), &format!("{} jobs", count(view.jobs.rows.len() as u64))),
         card("revision", &s.revision.to_string(), "etcd revision shown"),
     );
@@ -99,7 +107,12 @@ pub fn render(view: &View, options: &Options) -> String {
             t.draining.to_string(),
             t.tasks.to_string(),
             format!("{} / {} ({})", show::cores(t.cpu.0), show::cores(t.cpu.1), show::percent(t.cpu.0, t.cpu.1)),
-            format!("{} / {} ({})", show::memory(t.memory.0), show::memory(t.memory.1), show::percent(t.memory.0, t.memory.1)),
+            format!(
+                "{} / {} ({})",
+                show::memory(t.memory.0),
+                show::memory(t.memory.1),
+                show::percent(t.memory.0, t.memory.1)
+            ),
         ]
     });
     out.push_str(&table(
@@ -108,7 +121,8 @@ pub fn render(view: &View, options: &Options) -> String {
         "totals",
     ));
     if options.search.as_deref().is_some_and(|q| !q.is_empty()) {
-        let matched: Vec<&heatmap::NodeCell> = zones.iter().flat_map(|z| z.nodes.iter()).filter(|n| n.matched).collect();
+        let matched: Vec<&heatmap::NodeCell> =
+            zones.iter().flat_map(|z| z.nodes.iter()).filter(|n| n.matched).collect();
         let _ = write!(out, "<h2>Nodes matching the search ({})</h2><p class=\"matches\">", matched.len());
         for n in matched.iter().take(LISTED) {
             let _ = write!(out, "{} ", node_link(&n.name));
@@ -118,15 +132,24 @@ pub fn render(view: &View, options: &Options) -> String {
         }
         out.push_str("</p>");
     }
-    let troubled: Vec<(&str, &heatmap::NodeCell)> =
-        zones.iter().flat_map(|z| z.nodes.iter().map(move |n| (z.zone.as_str(), n))).filter(|(_, n)| n.down || n.draining).collect();
+    let troubled: Vec<(&str, &heatmap::NodeCell)> = zones
+        .iter()
+        .flat_map(|z| z.nodes.iter().map(move |n| (z.zone.as_str(), n)))
+        .filter(|(_, n)| n.down || n.draining)
+        .collect();
     let _ = write!(out, "<h2>Nodes down or draining ({})</h2>", troubled.len());
     if troubled.is_empty() {
         out.push_str("<p class=\"muted\">None.</p>");
     } else {
         let rows = troubled.iter().take(LISTED).map(|(zone, n)| {
             let drain = s.drains.get(&n.name).map(|d| {
-                format!("{} ({} moved, {} migrating, deadline {})", d.value.state, d.value.moved, d.value.migrations.len(), show::when(d.value.deadline_ms))
+                format!(
+                    "{} ({} moved, {} migrating, deadline {})",
+                    d.value.state,
+                    d.value.moved,
+                    d.value.migrations.len(),
+                    show::when(d.value.deadline_ms)
+                )
             });
             let since = s.live.get(&n.name).map(|l| l.value.since_ms).unwrap_or(0);
             vec![

@@ -42,8 +42,18 @@ pub fn render(view: &View, history: &History, id: &str, tasks_from: u32) -> Resu
         ("scheduler", escape(&job.scheduler)),
         ("owner", owner.as_deref().map(escape).unwrap_or_else(|| "-".into())),
         ("priority", job.priority.to_string()),
-        ("tasks", format!("{} ({} placed, {} running, {} pending)", job.tasks, counts.placed, counts.running, counts.pending)),
-        ("each asks", format!("cpu {}, memory {}", show::cores(job.resources.cpu_millis), show::memory(job.resources.memory_bytes))),
+        (
+            "tasks",
+            format!("{} ({} placed, {} running, {} pending)", job.tasks, counts.placed, counts.running, counts.pending),
+        ),
+        (
+            "each asks",
+            format!(
+                "cpu {}, memory {}",
+                show::cores(job.resources.cpu_millis),
+                show::memory(job.resources.memory_bytes)
+            ),
+        ),
         ("version", job.version.to_string()),
         ("submitted", show::when(job.submitted_at_ms)),
     ];
@@ -158,7 +168,12 @@ fn waterfall(
     // (stage, count text, from, to): times in ms since the epoch.
     let stages: Vec<(&str, String, Option<u64>, Option<u64>)> = vec![
         ("submitted", format!("{total} tasks"), Some(t0), Some(t0)),
-        ("attempts", status.map_or("-".into(), |s| s.attempts.to_string()), None, status.map(|s| s.last_attempt_ms).filter(|t| *t > 0)),
+        (
+            "attempts",
+            status.map_or("-".into(), |s| s.attempts.to_string()),
+            None,
+            status.map(|s| s.last_attempt_ms).filter(|t| *t > 0),
+        ),
         ("conflicts", status.map_or("-".into(), |s| s.conflicts.to_string()), None, None),
         ("placed", format!("{}/{total}", c.placed), m.first_placed_ms, m.all_placed_ms),
         ("running", format!("{ran}/{total}"), events.started.or(m.first_running_ms), m.all_running_ms),
@@ -213,7 +228,8 @@ fn tasks_table(out: &mut String, s: &omega::cell_state::CellSnapshot, job: &Job,
         "tasks",
     ));
     if end > TASKS_PER_PAGE {
-        let _ = write!(out, "<p class=\"pager\">tasks {from}..{} of {end} ", end.min(from.saturating_add(TASKS_PER_PAGE)));
+        let _ =
+            write!(out, "<p class=\"pager\">tasks {from}..{} of {end} ", end.min(from.saturating_add(TASKS_PER_PAGE)));
         if from > 0 {
             let _ = write!(out, "<a href=\"?tasks_from={}\">&larr; previous</a> ", from.saturating_sub(TASKS_PER_PAGE));
         }
@@ -270,7 +286,7 @@ pub fn versions(current: &Job, earlier: &[Job]) -> String {
     let mut out = String::from("<h2>Versions</h2>");
     let mut all: Vec<&Job> = earlier.iter().collect();
     all.push(current);
-    all.sort_by(|a, b| b.version.cmp(&a.version));
+    all.sort_by_key(|j| std::cmp::Reverse(j.version));
     let rows = all.iter().map(|j| {
         let d = j.deployment.as_ref();
         vec![
@@ -278,7 +294,12 @@ pub fn versions(current: &Job, earlier: &[Job]) -> String {
             if j.version == current.version { "current".into() } else { String::new() },
             if j.stable { "stable".into() } else { String::new() },
             escape(&j.image),
-            format!("{} x cpu {}, memory {}", j.tasks, show::cores(j.resources.cpu_millis), show::memory(j.resources.memory_bytes)),
+            format!(
+                "{} x cpu {}, memory {}",
+                j.tasks,
+                show::cores(j.resources.cpu_millis),
+                show::memory(j.resources.memory_bytes)
+            ),
             d.map(|d| escape(&d.state.to_string())).unwrap_or_default(),
             d.map(|d| escape(&d.message)).unwrap_or_default(),
         ]

@@ -46,7 +46,9 @@ impl Query {
             (None, None) => Cursor::Start,
         };
         let limit = match get("limit") {
-            Some(l) => l.parse::<usize>().map_err(|_| Error::BadRequest("limit must be a number".into()))?.clamp(1, MAX_PAGE),
+            Some(l) => {
+                l.parse::<usize>().map_err(|_| Error::BadRequest("limit must be a number".into()))?.clamp(1, MAX_PAGE)
+            }
             None => PAGE,
         };
         Ok(Query {
@@ -172,7 +174,11 @@ pub fn render(view: &View, query: &Query) -> String {
         let rows = groups.iter().map(|(code, g)| {
             let q = Query { filter: JobFilter { reason: Some(code.clone()), ..Default::default() }, ..query.clone() };
             vec![
-                format!("<a class=\"reason\" data-reason=\"{0}\" href=\"{1}\">{0}</a>", escape(code), escape(&q.url(&Cursor::Start))),
+                format!(
+                    "<a class=\"reason\" data-reason=\"{0}\" href=\"{1}\">{0}</a>",
+                    escape(code),
+                    escape(&q.url(&Cursor::Start))
+                ),
                 count(g.jobs),
                 count(g.tasks),
                 escape(meaning(code)),
@@ -198,17 +204,37 @@ pub fn render(view: &View, query: &Query) -> String {
         out.push_str("<p class=\"muted\">No jobs here.</p>");
     } else {
         out.push_str(&table(
-            &["id", "kind", "scheduler", "priority", "state", "placed", "running", "pending", "pending reason", "owner", "submitted"],
+            &[
+                "id",
+                "kind",
+                "scheduler",
+                "priority",
+                "state",
+                "placed",
+                "running",
+                "pending",
+                "pending reason",
+                "owner",
+                "submitted",
+            ],
             page.rows.iter().map(row),
             "jobs",
         ));
     }
     out.push_str("<p class=\"pager\">");
     if let Some(prev) = &page.prev {
-        let _ = write!(out, "<a rel=\"prev\" href=\"{}\">&larr; previous</a>", escape(&query.url(&Cursor::Before(prev.to_string()))));
+        let _ = write!(
+            out,
+            "<a rel=\"prev\" href=\"{}\">&larr; previous</a>",
+            escape(&query.url(&Cursor::Before(prev.to_string())))
+        );
     }
     if let Some(next) = &page.next {
-        let _ = write!(out, "<a rel=\"next\" href=\"{}\">next &rarr;</a>", escape(&query.url(&Cursor::After(next.to_string()))));
+        let _ = write!(
+            out,
+            "<a rel=\"next\" href=\"{}\">next &rarr;</a>",
+            escape(&query.url(&Cursor::After(next.to_string())))
+        );
     }
     out.push_str("</p>");
     out

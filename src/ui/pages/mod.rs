@@ -38,7 +38,9 @@ impl Route {
             [""] => {
                 let metric = heatmap::Metric::parse(get("metric").unwrap_or(""))
                     .ok_or_else(|| Error::BadRequest("metric must be max, cpu or memory".into()))?;
-                let number = |k: &str| get(k).map(|v| v.parse::<usize>().map_err(|_| Error::BadRequest(format!("{k} must be a number"))));
+                let number = |k: &str| {
+                    get(k).map(|v| v.parse::<usize>().map_err(|_| Error::BadRequest(format!("{k} must be a number"))))
+                };
                 let range = match (number("from").transpose()?, number("to").transpose()?) {
                     (Some(a), Some(b)) => Some((a, b)),
                     _ => None,
@@ -125,11 +127,10 @@ mod tests {
 
     #[test]
     fn routes_and_queries_parse() {
-        assert_eq!(parse_query("a=1&b=x%20y+z&c"), HashMap::from([
-            ("a".into(), "1".into()),
-            ("b".into(), "x y z".into()),
-            ("c".into(), String::new())
-        ]));
+        assert_eq!(
+            parse_query("a=1&b=x%20y+z&c"),
+            HashMap::from([("a".into(), "1".into()), ("b".into(), "x y z".into()), ("c".into(), String::new())])
+        );
         assert_eq!(percent_decode("%3Cb%3E%zz"), "<b>%zz");
         assert!(matches!(Route::parse("/jobs/web%2D1", ""), Ok(Route::Job { id, .. }) if id == "web-1"));
         assert!(matches!(Route::parse("/", "zone=a&from=0&to=10"), Ok(Route::Cell(o)) if o.range == Some((0, 10))));

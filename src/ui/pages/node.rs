@@ -23,7 +23,10 @@ pub fn render(view: &View, history: &History, name: &str) -> Result<String> {
         (
             "liveness",
             match alive {
-                Some(l) => format!("<span id=\"liveness\" class=\"state-running\">alive</span> since {}", show::when(l.value.since_ms)),
+                Some(l) => format!(
+                    "<span id=\"liveness\" class=\"state-running\">alive</span> since {}",
+                    show::when(l.value.since_ms)
+                ),
                 None => "<span id=\"liveness\" class=\"state-failed\">down</span> (no liveness key)".into(),
             },
         ),
@@ -40,21 +43,29 @@ pub fn render(view: &View, history: &History, name: &str) -> Result<String> {
         let l = &l.value;
         rows.push((
             "cpu allocated",
-            bar(l.used.cpu_millis, l.capacity.cpu_millis, &format!(
-                "{} of {} cores ({})",
-                show::cores(l.used.cpu_millis),
-                show::cores(l.capacity.cpu_millis),
-                show::percent(l.used.cpu_millis, l.capacity.cpu_millis)
-            )),
+            bar(
+                l.used.cpu_millis,
+                l.capacity.cpu_millis,
+                &format!(
+                    "{} of {} cores ({})",
+                    show::cores(l.used.cpu_millis),
+                    show::cores(l.capacity.cpu_millis),
+                    show::percent(l.used.cpu_millis, l.capacity.cpu_millis)
+                ),
+            ),
         ));
         rows.push((
             "memory allocated",
-            bar(l.used.memory_bytes, l.capacity.memory_bytes, &format!(
-                "{} of {} ({})",
-                show::memory(l.used.memory_bytes),
-                show::memory(l.capacity.memory_bytes),
-                show::percent(l.used.memory_bytes, l.capacity.memory_bytes)
-            )),
+            bar(
+                l.used.memory_bytes,
+                l.capacity.memory_bytes,
+                &format!(
+                    "{} of {} ({})",
+                    show::memory(l.used.memory_bytes),
+                    show::memory(l.capacity.memory_bytes),
+                    show::percent(l.used.memory_bytes, l.capacity.memory_bytes)
+                ),
+            ),
         ));
         rows.push(("tasks in the ledger", l.tasks.to_string()));
         rows.push(("schedulable", if l.schedulable { "yes".into() } else { "<span class=\"warn\">no</span>".into() }));
@@ -116,7 +127,11 @@ pub fn render(view: &View, history: &History, name: &str) -> Result<String> {
                 t.run.as_ref().map(|r| show::ago(r.started_at_ms)).unwrap_or_default(),
             ]
         });
-        out.push_str(&table(&["job", "task", "state", "cpu / memory", "priority", "placed by", "started"], rows, "tasks"));
+        out.push_str(&table(
+            &["job", "task", "state", "cpu / memory", "priority", "placed by", "started"],
+            rows,
+            "tasks",
+        ));
     }
     Ok(out)
 }

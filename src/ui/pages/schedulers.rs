@@ -83,7 +83,8 @@ pub fn render(view: &View, history: &History) -> String {
         let series = |f: &dyn Fn(&crate::history::Point) -> Option<f64>| -> Vec<(u64, Option<f64>)> {
             points.iter().map(|p| (p.at_ms, f(p))).collect()
         };
-        let gone = h.gone_since_ms.map(|t| format!(" <span class=\"warn\">gone {}</span>", show::ago(t))).unwrap_or_default();
+        let gone =
+            h.gone_since_ms.map(|t| format!(" <span class=\"warn\">gone {}</span>", show::ago(t))).unwrap_or_default();
         let _ = write!(
             out,
             "<h2 id=\"{}\" class=\"instance\" data-instance=\"{}\">{}{gone}</h2><div class=\"charts\">{}{}{}{}{}</div>",

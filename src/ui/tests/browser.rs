@@ -55,11 +55,26 @@ async fn the_ui_in_a_browser_against_a_real_cell() {
     let ep = _etcd.endpoints().join(",");
     let _nodes = Proc::start(
         "omega-agent",
-        &["--etcd", &ep, "--simulate", "12", "--sim-prefix", "node", "--sim-zones", "3", "--sim-cpu", "4", "--sim-memory", "8Gi"],
+        &[
+            "--etcd",
+            &ep,
+            "--simulate",
+            "12",
+            "--sim-prefix",
+            "node",
+            "--sim-zones",
+            "3",
+            "--sim-cpu",
+            "4",
+            "--sim-memory",
+            "8Gi",
+        ],
         "ui-nodes",
     );
-    let _batch = Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "batch", "--instance", "batch-1"], "ui-batch");
-    let _service = Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "service", "--instance", "service-1"], "ui-service");
+    let _batch =
+        Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "batch", "--instance", "batch-1"], "ui-batch");
+    let _service =
+        Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "service", "--instance", "service-1"], "ui-service");
     let _ctl = Proc::start("omega-controller", &["--etcd", &ep, "--instance", "ctl-1"], "ui-ctl");
     let port = omega::etcd_process::free_port().expect("a free port for the UI");
     let ui_addr = format!("127.0.0.1:{port}");
@@ -100,16 +115,31 @@ async fn the_ui_in_a_browser_against_a_real_cell() {
     )
     .await;
     assert_eq!(zones, serde_json::json!(["zone-0", "zone-1", "zone-2"]));
-    until(&session, "the crunch job's cpu on the map", "return document.querySelector('.totals') && !document.body.innerText.includes('0 of 48 cores')").await;
+    until(
+        &session,
+        "the crunch job's cpu on the map",
+        "return document.querySelector('.totals') && !document.body.innerText.includes('0 of 48 cores')",
+    )
+    .await;
     session.screenshot(&screenshots().join("cell.png")).await;
 
     // Jobs: the job that cannot fit is explained, grouped by its reason code.
     session.goto(&url("/jobs")).await;
-    until(&session, "insufficient memory among the pending reasons", "return document.querySelector('[data-reason=\"insufficient_memory\"]') !== null").await;
+    until(
+        &session,
+        "insufficient memory among the pending reasons",
+        "return document.querySelector('[data-reason=\"insufficient_memory\"]') !== null",
+    )
+    .await;
     // A job submitted now shows up without a reload: the marker set on this document survives.
     session.eval("window.__marker = 'this document'; return true").await;
     submit(&store, &job("arrives-live", JobKind::Service, 1, 100, GI / 4)).await;
-    until(&session, "the new job on the open Jobs page", "return document.querySelector('a[href=\"/jobs/arrives-live\"]') !== null").await;
+    until(
+        &session,
+        "the new job on the open Jobs page",
+        "return document.querySelector('a[href=\"/jobs/arrives-live\"]') !== null",
+    )
+    .await;
     let same = session.eval("return [window.__marker, Number(document.body.dataset.updates || 0)]").await;
     assert_eq!(same[0], "this document", "the page was reloaded instead of updated");
     assert!(same[1].as_u64().unwrap_or(0) >= 1, "no server-sent update reached the page: {same}");
@@ -123,9 +153,19 @@ async fn the_ui_in_a_browser_against_a_real_cell() {
 
     // A job's command is text: shown as written, never run as markup.
     session.goto(&url("/jobs/markup")).await;
-    let shown = until(&session, "the markup job's command", "var c = document.querySelector('code'); return c ? c.innerText : null").await;
+    let shown = until(
+        &session,
+        "the markup job's command",
+        "var c = document.querySelector('code'); return c ? c.innerText : null",
+    )
+    .await;
     assert!(shown.as_str().unwrap_or("").contains("<b>not bold</b><script>"), "{shown}");
-    assert_eq!(session.eval("return [document.querySelectorAll('main b, main script').length, window.__pwned === undefined]").await, serde_json::json!([0, true]));
+    assert_eq!(
+        session
+            .eval("return [document.querySelectorAll('main b, main script').length, window.__pwned === undefined]")
+            .await,
+        serde_json::json!([0, true])
+    );
 
     // A running service: its waterfall reaches running, and its versions are listed.
     session.goto(&url("/jobs/web")).await;

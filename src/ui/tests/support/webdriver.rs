@@ -18,15 +18,16 @@ impl Driver {
     pub fn start() -> Driver {
         let port = omega::etcd_process::free_port().expect("a free port for chromedriver");
         let log = std::env::temp_dir().join(format!("omega-test-chromedriver-{}.log", std::process::id()));
-        let child = Command::new(std::env::var("OMEGA_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into()))
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .arg(format!("--log-path={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver (Debian's chromium-driver; deploy/install-deps.sh installs it)");
+        let child =
+            Command::new(std::env::var("OMEGA_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into()))
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .arg(format!("--log-path={}", log.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver (Debian's chromium-driver; deploy/install-deps.sh installs it)");
         Driver { child, addr: format!("127.0.0.1:{port}"), log }
     }
 
@@ -90,7 +91,8 @@ impl Session {
 
     /// Saves a screenshot of the whole page (the window grown to the page's height, up to a bound) as PNG.
     pub async fn screenshot(&self, path: &std::path::Path) {
-        let height = self.eval("return document.documentElement.scrollHeight").await.as_u64().unwrap_or(900).clamp(600, 2400);
+        let height =
+            self.eval("return document.documentElement.scrollHeight").await.as_u64().unwrap_or(900).clamp(600, 2400);
         self.cmd("POST", "/window/rect", Some(json!({ "width": 1280, "height": height }))).await.expect("resize");
         let b64 = self.cmd("GET", "/screenshot", None).await.expect("screenshot");
         let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap_or("")).expect("base64 PNG");
