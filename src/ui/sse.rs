@@ -19,6 +19,9 @@ use tokio::time::Instant;
 
 /// The shortest time between two renderings pushed to one page.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// The same for the Cell page, whose heat-map at 10,000 nodes is some 400 KB of SVG: a busy cell repaints it
+/// every 2 s rather than flood the browser.
+pub const CELL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// `GET /events?page=/jobs%3Fstate%3Dpending`.
 pub async fn events(
@@ -57,7 +60,8 @@ async fn next(mut st: PageStream) -> Option<(std::result::Result<Event, Infallib
             Ok(html) => html,
             Err(e) => format!("<p class=\"error\">{}</p>", crate::html::escape(&e.to_string())),
         };
-        st.next_at = Some(Instant::now() + MIN_INTERVAL);
+        let interval = if matches!(st.route, Route::Cell(_)) { CELL_INTERVAL } else { MIN_INTERVAL };
+        st.next_at = Some(Instant::now() + interval);
         if st.last.as_ref() == Some(&html) {
             continue;
         }

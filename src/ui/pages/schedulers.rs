@@ -94,7 +94,7 @@ pub fn render(view: &View, history: &History) -> String {
             line_chart("conflict fraction", &series(&|p| p.conflict_fraction), |v| format!("{v:.2}")),
             line_chart("attempts/s", &series(&|p| Some(p.attempts_per_s)), |v| format!("{v:.1}")),
             line_chart("placements/s", &series(&|p| Some(p.placements_per_s)), |v| format!("{v:.1}")),
-            line_chart("busyness", &series(&|p| Some(p.busyness)), |v| format!("{:.0}%", v * 100.0)),
+            line_chart("busyness", &series(&|p| Some(p.busyness)), |v| format!("{:.1}%", v * 100.0)),
             line_chart("commit latency per txn", &series(&|p| p.commit_ms), |v| format!("{v:.1} ms")),
         );
     }

@@ -177,9 +177,10 @@ async fn the_ui_in_a_browser_against_a_real_cell() {
     session.goto(&url("/schedulers")).await;
     until(
         &session,
-        "both scheduler instances with charted samples",
+        "both scheduler instances, with charts of five samples or more",
         "var h = Array.from(document.querySelectorAll('h2.instance')).map(e => e.dataset.instance);\
-         return h.includes('batch/batch-1') && h.includes('service/service-1') && document.querySelectorAll('.chart polyline').length >= 2",
+         var long = Array.from(document.querySelectorAll('.chart polyline')).filter(p => p.getAttribute('points').split(' ').length >= 5);\
+         return h.includes('batch/batch-1') && h.includes('service/service-1') && long.length >= 2",
     )
     .await;
     session.screenshot(&screenshots().join("schedulers.png")).await;

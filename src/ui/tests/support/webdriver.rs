@@ -89,18 +89,23 @@ impl Session {
         self.cmd("POST", "/execute/sync", Some(json!({ "script": script, "args": [] }))).await.expect("run a script")
     }
 
-    /// Saves a screenshot of the whole page (the window grown to the page's height, up to a bound) as PNG.
+    /// Saves a screenshot of the whole page, however tall, as PNG (Chromium's own capture, through
+    /// chromedriver's DevTools command: WebDriver's screenshot is of the window only).
     pub async fn screenshot(&self, path: &std::path::Path) {
-        let height =
-            self.eval("return document.documentElement.scrollHeight").await.as_u64().unwrap_or(900).clamp(600, 2400);
-        self.cmd("POST", "/window/rect", Some(json!({ "width": 1280, "height": height }))).await.expect("resize");
-        let b64 = self.cmd("GET", "/screenshot", None).await.expect("screenshot");
-        let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap_or("")).expect("base64 PNG");
+        let shot = self
+            .cmd(
+                "POST",
+                "/goog/cdp/execute",
+                Some(json!({"cmd": "Page.captureScreenshot", "params": {"format": "png", "captureBeyondViewport": true}})),
+            )
+            .await
+            .expect("screenshot");
+        let png =
+            base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap_or("")).expect("base64 PNG");
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).expect("screenshot directory");
         }
         std::fs::write(path, png).expect("write screenshot");
-        self.cmd("POST", "/window/rect", Some(json!({ "width": 1280, "height": 900 }))).await.expect("resize back");
     }
 
     pub async fn close(self) {
