@@ -19,6 +19,8 @@ requirements=(
   "busybox-static    /bin/busybox                                  the test image's one binary"
   "openssl           /usr/bin/openssl                              deploy/tls/: a cell's CA and certificates (and the secure tests' own)"
   "prometheus        /usr/bin/promtool                             promtool: checks deploy/prometheus (config, rules, rule tests) and every component's /metrics"
+  "chromium          /usr/bin/chromium                             the web UI's browser test (headless)"
+  "chromium-driver   /usr/bin/chromedriver                         the WebDriver server the browser test drives chromium through"
 )
 
 packages=()
