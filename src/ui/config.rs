@@ -28,6 +28,8 @@ pub struct Config {
     /// Key prefix of the cell in etcd.
     #[arg(long, env = "OMEGA_PREFIX", default_value = omega::keys::DEFAULT_PREFIX)]
     pub prefix: String,
+    #[command(flatten)]
+    pub tls: omega::tls::TlsArgs,
     /// The address to serve the pages on (loopback by default; anyone who reaches it sees the whole cell).
     #[arg(long, env = "OMEGA_UI_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,

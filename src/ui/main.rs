@@ -16,7 +16,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("--listen {}: cannot listen there (in use? another omega-ui?)", config.listen))?;
-    let store = Store::connect_with_retry(&config.etcd, keys, config.connect_timeout).await?;
+    let options = omega::store::StoreOptions::with_tls(config.tls.files()?);
+    let store = Store::connect_with(&config.etcd, keys, options, config.connect_timeout).await?;
     let cache = UiCache::start(store.clone()).await?;
     let addr = listener.local_addr()?;
     let view = cache.view();

@@ -24,8 +24,16 @@ use support::webdriver::{Driver, Session};
 
 const GI: u64 = 1 << 30;
 
+/// Where the screenshots go: `$OMEGA_UI_SCREENSHOTS` (the README's are made with
+/// `OMEGA_UI_SCREENSHOTS=deploy/ui/screenshots`), else the target directory's scratch space, so that a test
+/// run does not rewrite files the repository tracks.
 fn screenshots() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/ui/screenshots")
+    let dir = match std::env::var_os("OMEGA_UI_SCREENSHOTS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"),
+    };
+    std::fs::create_dir_all(&dir).expect("the screenshot directory");
+    dir
 }
 
 /// A job of `tasks` tasks asking `cpu_millis` and `memory` each, that simulated nodes run for ten minutes.
