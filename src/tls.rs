@@ -60,6 +60,35 @@ impl TlsFiles {
     }
 }
 
+/// The agent's log service over TLS, with the identities etcd knows: the agent serves with its certificate
+/// (which `deploy/tls/make-cell-certs.sh` makes valid for the node's name and address) and takes only clients
+/// whose certificate the cell's CA signed; omctl dials with its own.
+impl TlsFiles {
+    fn identity_pem(&self, what: &str) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let ca = read_pem(&self.ca, "--cacert", "CERTIFICATE")?;
+        let Some((cert, key)) = &self.identity else {
+            return Err(Error::Tls(format!("{what} needs a certificate: give --cert and --key")));
+        };
+        Ok((ca, read_pem(cert, "--cert", "CERTIFICATE")?, read_pem(key, "--key", "PRIVATE KEY")?))
+    }
+
+    /// The log service's server side: our certificate, and a client certificate signed by the CA required.
+    pub fn grpc_server(&self) -> Result<tonic::transport::ServerTlsConfig> {
+        let (ca, cert, key) = self.identity_pem("serving logs over TLS")?;
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca)))
+    }
+
+    /// A client of an agent's log service: the CA to trust it by, our certificate to be let in with.
+    pub fn grpc_client(&self) -> Result<tonic::transport::ClientTlsConfig> {
+        let (ca, cert, key) = self.identity_pem("reading logs over TLS")?;
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(cert, key)))
+    }
+}
+
 /// The flags every binary takes for TLS to etcd (`global` so that omctl's subcommands accept them anywhere).
 #[cfg(feature = "cli")]
 #[derive(clap::Args, Clone, Debug, Default)]

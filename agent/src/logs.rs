@@ -127,8 +127,32 @@ pub async fn serve(
     service: LogsServer<LogService>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    tonic::transport::Server::builder().add_service(service).serve_with_shutdown(addr, shutdown).await?;
+    serve_tls(addr, service, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given: the agent's own certificate, and only clients with a certificate
+/// the cell's CA signed (omctl's) are let in. A log can hold what a task printed, secrets included.
+pub async fn serve_tls(
+    addr: std::net::SocketAddr,
+    service: LogsServer<LogService>,
+    tls: Option<&omega::tls::TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.grpc_server()?)?;
+    }
+    server.add_service(service).serve_with_shutdown(addr, shutdown).await?;
     Ok(())
+}
+
+/// How the node record advertises the log service: `host:port`, or `https://host:port` when it takes TLS.
+pub fn advertised(address: &str, tls: bool) -> String {
+    if tls {
+        format!("https://{address}")
+    } else {
+        address.to_string()
+    }
 }
 
 #[cfg(test)]

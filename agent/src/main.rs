@@ -112,7 +112,8 @@ async fn main() -> anyhow::Result<()> {
         metrics::counter!("omega_agent_fenced_tasks_total").absolute(0);
     }
     let keys = Keys::new(&args.prefix)?;
-    let options = omega::store::StoreOptions::with_tls(args.tls.files()?);
+    let tls = args.tls.files()?;
+    let options = omega::store::StoreOptions::with_tls(tls.clone());
     let store = Store::connect_with(&args.etcd, keys, options, Duration::from_secs(600)).await?;
     let shutdown = omega::shutdown::signal();
 
@@ -156,16 +157,21 @@ async fn main() -> anyhow::Result<()> {
         node,
         capacity: Resources::new(args.cpu.unwrap_or(detected.cpu_millis), args.memory.unwrap_or(detected.memory_bytes)),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
-        address: Some(advertised),
+        address: Some(omega_agent::logs::advertised(&advertised, tls.is_some())),
         lease_ttl: args.lease_ttl,
         grace: args.grace,
         log_dir: args.log_dir,
     };
     let (stop_logs, logs_stopped) = tokio::sync::oneshot::channel::<()>();
     let logs = LogService::new(store.clone(), config.log_dir.clone());
-    let server = tokio::spawn(omega_agent::logs::serve(args.listen, logs, async move {
-        let _ = logs_stopped.await;
-    }));
+    // With TLS to etcd, the log service takes TLS too, with the same identity.
+    let log_tls = tls.clone();
+    let server = tokio::spawn(async move {
+        omega_agent::logs::serve_tls(args.listen, logs, log_tls.as_ref(), async move {
+            let _ = logs_stopped.await;
+        })
+        .await
+    });
     let result = Agent::new(store, config, containerd).run(shutdown).await;
     let _ = stop_logs.send(());
     let _ = server.await;

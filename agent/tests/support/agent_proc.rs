@@ -30,6 +30,11 @@ impl AgentProc {
     /// Starts the agent; each of `failpoints` pauses it the first time it is reached (see `omega::failpoint`),
     /// its marker appearing in [`failpoint_dir`].
     pub fn start(o: &AgentOptions<'_>, name: &str, failpoints: &[&str]) -> AgentProc {
+        Self::start_with(o, name, failpoints, &[])
+    }
+
+    /// [`start`](Self::start) with more flags (TLS, say).
+    pub fn start_with(o: &AgentOptions<'_>, name: &str, failpoints: &[&str], extra: &[String]) -> AgentProc {
         let log = o.work.join(format!("agent-{name}.log"));
         let out = std::fs::File::create(&log).expect("create the agent's log file");
         let port = omega::etcd_process::free_port().expect("a free port for the log service");
@@ -44,6 +49,7 @@ impl AgentProc {
             .arg("--log-dir")
             .arg(o.log_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env_remove(omega::failpoint::ENV_POINTS)
             .env_remove(omega::failpoint::ENV_DIR)

@@ -29,9 +29,29 @@ pub async fn run(cli: &Cli, args: &LogsArgs) -> anyhow::Result<Code> {
             "node {node} serves no logs (its agent runs without --listen, or the node is simulated)"
         )));
     };
-    let mut client = LogsClient::connect(format!("http://{address}"))
-        .await
-        .map_err(|e| user(format!("cannot reach the agent of node {node} at {address}: {e}")))?;
+    let mut client = match address.strip_prefix("https://") {
+        None => LogsClient::connect(format!("http://{address}"))
+            .await
+            .map_err(|e| user(format!("cannot reach the agent of node {node} at {address}: {e}")))?,
+        Some(host) => {
+            let Some(tls) = cli.tls.files().map_err(|e| user(e.to_string()))? else {
+                return Err(user(format!(
+                    "the agent of node {node} serves logs over TLS ({address}): give --cacert, --cert and --key"
+                )));
+            };
+            let config = tls.grpc_client().map_err(|e| user(e.to_string()))?;
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}"))
+                .and_then(|e| e.tls_config(config))
+                .map_err(|e| user(format!("the log service address {address} of node {node}: {e}")))?;
+            let channel = endpoint.connect().await.map_err(|e| {
+                user(format!(
+                    "cannot reach the agent of node {node} at {address} over TLS: {}",
+                    omega::tls::explain(Some(&tls), &format!("{e:?}")).unwrap_or_else(|| e.to_string())
+                ))
+            })?;
+            LogsClient::new(channel)
+        }
+    };
     let request = TailRequest { task: args.task.clone(), follow: args.follow, offset: 0 };
     let mut stream = client
         .tail(request)
