@@ -138,3 +138,95 @@ async fn a_local_cell_runs_an_example_and_stops_cleanly() {
     let leftovers = Command::new("pgrep").args(["-f", &format!("127.0.0.1:{port}")]).output().unwrap();
     assert!(String::from_utf8_lossy(&leftovers.stdout).trim().is_empty(), "no process of this cell is left");
 }
+
+/// `omega-cell --secure`: etcd requires client certificates and checks roles, each component runs on its own
+/// certificate, and the banner's `export` line is all omctl needs; without it omctl is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_local_cell_runs_an_example_with_every_component_on_its_own_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("hello.yaml");
+    std::fs::write(
+        &example,
+        "name: hello\nkind: batch\ntasks: 2\nresources: {cpu: 100m, memory: 32Mi}\nimage: omega.local/busybox:latest\n\
+         command: [\"sh\", \"-c\", \"echo hello from a secure cell\"]\n",
+    )
+    .unwrap();
+    let (port, metrics, logs_port) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    let mut cell = Command::new(env!("CARGO_BIN_EXE_omega-cell"))
+        .args(["--secure", "--port", &port.to_string(), "--metrics-port", &metrics.to_string()])
+        .args(["--logs-port", &logs_port.to_string(), "--example", example.to_str().unwrap()])
+        .arg("--data-dir")
+        .arg(dir.path().join("cell"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start omega-cell --secure");
+    let stdout = cell.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut banner = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let submitted = line.starts_with("Submitted hello");
+                banner.push(line);
+                if submitted {
+                    break;
+                }
+            }
+            Err(_) => assert!(Instant::now() < deadline, "the cell came up: {banner:#?}"),
+        }
+    }
+    // The banner's export line: OMEGA_ETCD=https://... and the operator's certificate.
+    let export = banner.iter().find(|l| l.trim_start().starts_with("export OMEGA_ETCD=")).expect("an export line");
+    let env: Vec<(String, String)> = export
+        .trim_start()
+        .trim_start_matches("export ")
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    assert_eq!(env.len(), 4, "{export}");
+    assert!(env[0].1.starts_with("https://"), "{export}");
+    let omctl = std::path::Path::new(env!("CARGO_BIN_EXE_omega-cell")).with_file_name("omctl");
+    let run = |args: &[&str]| Command::new(&omctl).args(args).envs(env.iter().cloned()).output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = run(&["tasks", "--job", "hello", "-o", "json"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.matches("\"succeeded\"").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the example succeeded: {text}{}", String::from_utf8_lossy(&out.stderr));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = run(&["logs", "hello/0"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "hello from a secure cell", "{logs:?}");
+    assert_eq!(run(&["audit"]).status.code(), Some(0));
+    // Without the certificates omctl is refused, in one line.
+    let plain = Command::new(&omctl).args(["--etcd", &env[0].1, "jobs"]).env_clear().output().unwrap();
+    assert_eq!(plain.status.code(), Some(1), "{plain:?}");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("--cacert"), "{plain:?}");
+    // Nobody in the cell was refused by etcd.
+    let cell_logs = dir.path().join("cell/logs");
+    for entry in std::fs::read_dir(&cell_logs).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(!text.contains("permission denied"), "{}:\n{text}", path.display());
+    }
+
+    Command::new("kill").args(["-TERM", &cell.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = cell.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "omega-cell stopped on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+}

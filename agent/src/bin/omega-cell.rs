@@ -14,7 +14,7 @@ use omega::resources::Resources;
 use omega::store::Store;
 use omega_agent::agent::{Agent, AgentConfig};
 use omega_agent::daemon::{PrivateContainerd, IMAGE};
-use omega_agent::logs::{serve, LogService};
+use omega_agent::logs::{serve_tls, LogService};
 use omega_agent::simulated::{SimOptions, SimulatedNodes};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,6 +54,75 @@ struct Args {
     /// schedulers should run).
     #[arg(long)]
     proxy: Option<u16>,
+    /// Secure mode: a CA and a certificate per component made with deploy/tls/make-cell-certs.sh (in
+    /// <data-dir>/certs), etcd over TLS requiring client certificates, a role per component granted with
+    /// deploy/tls/grant-roles.sh and authentication on; each component acts as its own etcd user, the log
+    /// service takes TLS, and an operator certificate for omctl is printed.
+    #[arg(long)]
+    secure: bool,
+}
+
+/// The certificates of a secure cell, and how each component connects.
+struct Identities {
+    dir: PathBuf,
+}
+
+impl Identities {
+    /// deploy/tls/ beside the working directory (a checkout), else the one this binary was built from.
+    fn script(name: &str) -> PathBuf {
+        let here = Path::new("deploy/tls").join(name);
+        if here.exists() {
+            return here;
+        }
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tls").join(name)
+    }
+
+    fn make(dir: PathBuf) -> anyhow::Result<Identities> {
+        let args = ["--agent", "local", "--sim-agents", "sim", "--operator", "admin", "--viewer", "ui"];
+        let mut all = vec![dir.as_os_str()];
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        run_script(&Self::script("make-cell-certs.sh"), &all)?;
+        Ok(Identities { dir })
+    }
+
+    fn grant(&self, endpoint: &str) -> anyhow::Result<()> {
+        run_script(&Self::script("grant-roles.sh"), &[self.dir.as_os_str(), std::ffi::OsStr::new(endpoint)])
+    }
+
+    fn files(&self, name: &str) -> omega::tls::TlsFiles {
+        omega::tls::TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            identity: Some((self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}-key.pem")))),
+        }
+    }
+
+    fn flags(&self, name: &str) -> Vec<String> {
+        let f = self.files(name);
+        let (cert, key) = f.identity.unwrap_or_default();
+        ["--cacert".to_string(), f.ca.display().to_string(), "--cert".into(), cert.display().to_string(), "--key".into(), key.display().to_string()]
+            .into()
+    }
+
+    async fn connect(&self, name: &str, etcd: &EtcdProcess) -> anyhow::Result<Store> {
+        let options = omega::store::StoreOptions::with_tls(Some(self.files(name)));
+        Ok(Store::connect_with(&etcd.endpoints(), Keys::default(), options, Duration::ZERO).await?)
+    }
+}
+
+fn run_script(script: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -90,11 +159,12 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path) -> anyhow::Result<Process> {
+fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path, tls: &[String]) -> anyhow::Result<Process> {
     let log = std::fs::File::create(logs.join(format!("scheduler-{kind}.log")))?;
     let child = Command::new(sibling("omega-scheduler")?)
         .args(["--etcd", endpoint, "--kind", kind, "--instance", &format!("{kind}-1"), "--max-txn-ops", "1024"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args(tls)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -103,10 +173,11 @@ fn spawn_scheduler(kind: &str, endpoint: &str, metrics: u16, logs: &Path) -> any
     Ok(Process { name: format!("{kind} scheduler"), child })
 }
 
-fn spawn_controller(endpoint: &str, logs: &Path) -> anyhow::Result<Process> {
+fn spawn_controller(endpoint: &str, logs: &Path, tls: &[String]) -> anyhow::Result<Process> {
     let log = std::fs::File::create(logs.join("controller.log"))?;
     let child = Command::new(sibling("omega-controller")?)
         .args(["--etcd", endpoint, "--instance", "controller-1"])
+        .args(tls)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -144,8 +215,16 @@ async fn main() -> anyhow::Result<()> {
     if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_err() {
         anyhow::bail!("port {} is in use: is another cell (or etcd) running? pick another with --port", args.port);
     }
+    if args.secure && args.proxy.is_some() {
+        anyhow::bail!(
+            "--secure with --proxy is not supported: etcd's grpc-proxy would act for every scheduler as one etcd \
+             user, which defeats the per-component roles"
+        );
+    }
+    let identities = if args.secure { Some(Identities::make(data_dir.join("certs"))?) } else { None };
     let etcd = EtcdProcess::start(EtcdOptions {
         client_port: Some(args.port),
+        tls: identities.as_ref().map(|i| omega::etcd_process::ServerTls::from_cell_certs(&i.dir)),
         data_dir: Some(data_dir.join("etcd")),
         max_txn_ops: Some(1024),
         auto_compaction_revisions: Some(10_000),
@@ -154,7 +233,18 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let endpoint = etcd.endpoint();
-    let store = Store::connect(&etcd.endpoints(), Keys::default()).await?;
+    // Each in-process part connects as itself: the node agent, the simulated nodes, the operator (the example).
+    let (store, agent_store, sim_store) = match &identities {
+        Some(ids) => {
+            ids.grant(&endpoint)?;
+            (ids.connect("operator-admin", &etcd).await?, ids.connect("agent-local", &etcd).await?, ids.connect("agents-sim", &etcd).await?)
+        }
+        None => {
+            let s = Store::connect(&etcd.endpoints(), Keys::default()).await?;
+            (s.clone(), s.clone(), s)
+        }
+    };
+    let tls_flags = |name: &str| identities.as_ref().map(|i| i.flags(name)).unwrap_or_default();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -179,17 +269,16 @@ async fn main() -> anyhow::Result<()> {
                     node: node.clone(),
                     capacity: Resources::new(cores * 1000, mem),
                     labels: [("zone".to_string(), "zone-0".to_string())].into(),
-                    address: Some(listen.to_string()),
+                    address: Some(omega_agent::logs::advertised(&listen.to_string(), identities.is_some())),
                     lease_ttl: Duration::from_secs(10),
                     grace: Duration::from_secs(5),
                     log_dir: task_logs.clone(),
                 };
-                tasks.push(tokio::spawn(serve(
-                    listen,
-                    LogService::new(store.clone(), task_logs),
-                    stopped(stop_rx.clone()),
-                )));
-                let agent = Agent::new(store.clone(), config, client);
+                let log_tls = identities.as_ref().map(|i| i.files("agent-local"));
+                let log_service = LogService::new(agent_store.clone(), task_logs);
+                let log_stop = stopped(stop_rx.clone());
+                tasks.push(tokio::spawn(async move { serve_tls(listen, log_service, log_tls.as_ref(), log_stop).await }));
+                let agent = Agent::new(agent_store.clone(), config, client);
                 let rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move { agent.run(stopped(rx)).await }));
                 agent_note = format!(
@@ -210,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
     let simulate = if containerd.is_none() && args.simulate == 0 { 3 } else { args.simulate };
     if simulate > 0 {
         let options = SimOptions { nodes: simulate, ..Default::default() };
-        let sim = SimulatedNodes::register(store.clone(), options).await?;
+        let sim = SimulatedNodes::register(sim_store.clone(), options).await?;
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move { sim.run(stopped(rx)).await }));
     }
@@ -225,18 +314,39 @@ async fn main() -> anyhow::Result<()> {
         }
         None => (None, endpoint.clone()),
     };
-    let batch = spawn_scheduler("batch", &components, args.metrics_port, &logs)?;
-    let service = spawn_scheduler("service", &components, args.metrics_port + 1, &logs)?;
-    let controller = spawn_controller(&components, &logs)?;
+    let batch = spawn_scheduler("batch", &components, args.metrics_port, &logs, &tls_flags("omega-scheduler"))?;
+    let service = spawn_scheduler("service", &components, args.metrics_port + 1, &logs, &tls_flags("omega-scheduler"))?;
+    let controller = spawn_controller(&components, &logs, &tls_flags("omega-controller"))?;
+    let env = match &identities {
+        None => format!("export OMEGA_ETCD={endpoint}"),
+        Some(ids) => {
+            let f = ids.files("operator-admin");
+            let (cert, key) = f.identity.unwrap_or_default();
+            format!(
+                "export OMEGA_ETCD={endpoint} OMEGA_ETCD_CACERT={} OMEGA_ETCD_CERT={} OMEGA_ETCD_KEY={}",
+                f.ca.display(),
+                cert.display(),
+                key.display()
+            )
+        }
+    };
+    let secure_note = match &identities {
+        None => String::new(),
+        Some(ids) => format!(
+            "\n  secure      TLS with client certificates, a role per component, auth on; certificates in {} \
+             (operator-admin for omctl, viewer-ui for omega-ui)",
+            ids.dir.display()
+        ),
+    };
 
     println!(
         "Omega cell is up.\n\
          \n  etcd        {endpoint} (data in {etcd_dir}){proxy_note}\
          \n  schedulers  batch-1 (metrics 127.0.0.1:{m1}), service-1 (metrics 127.0.0.1:{m2}); logs in {logs}\
          \n  agent       {agent_note}\
-         \n  simulated   {simulated}\
+         \n  simulated   {simulated}{secure_note}\
          \n\nTry:\
-         \n  export OMEGA_ETCD={endpoint}\
+         \n  {env}\
          \n  omctl nodes\
          \n  omctl submit deploy/examples/hello.yaml --wait\
          \n  omctl logs hello/0 -f\
