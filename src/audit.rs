@@ -9,7 +9,7 @@
 
 use crate::error::Result;
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Assignment, Job, Node, Task, TaskState};
+use crate::model::{Allocation, Assignment, Job, NamespaceUse, Node, Quota, QuotaDimension, Task, TaskState};
 use crate::resources::{Dimension, Resources};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use etcd_client::KeyValue;
@@ -40,6 +40,9 @@ pub enum Violation {
     JobIncomplete { job: String, tasks: u32, present: u32, missing: Vec<u32> },
     /// A task whose index is beyond its job's task count.
     TaskBeyondJob { task: String, job: String, tasks: u32 },
+    /// A namespace's tasks hold more than its quota allows (`used` of `limit`, in the dimension's unit:
+    /// millicores, bytes or tasks).
+    OverQuota { namespace: String, dimension: QuotaDimension, used: u64, limit: u64 },
     /// A value that does not decode.
     Undecodable { key: String, error: String },
 }
@@ -81,6 +84,9 @@ impl fmt::Display for Violation {
                 write!(f, "task {task}: beyond the {tasks} tasks of job {job}")
             }
             Violation::Undecodable { key, error } => write!(f, "{key}: cannot decode: {error}"),
+            Violation::OverQuota { namespace, dimension, used, limit } => {
+                write!(f, "namespace {namespace}: its tasks hold {used} {dimension}, over its quota of {limit}")
+            }
         }
     }
 }
@@ -129,6 +135,7 @@ pub fn check_pairs<'a>(keys: &Keys, kvs: impl IntoIterator<Item = (&'a [u8], &'a
     let mut jobs: BTreeMap<String, Job> = BTreeMap::new();
     let mut tasks: BTreeMap<String, Task> = BTreeMap::new();
     let mut assignments: Vec<(String, String, Assignment)> = Vec::new();
+    let mut quotas: BTreeMap<String, Quota> = BTreeMap::new();
 
     for (key, value) in kvs {
         let Ok(key) = std::str::from_utf8(key) else { continue };
@@ -144,6 +151,7 @@ pub fn check_pairs<'a>(keys: &Keys, kvs: impl IntoIterator<Item = (&'a [u8], &'a
                 report.jobs += 1;
                 serde_json::from_slice(value).map(|v| drop(jobs.insert(j.to_string(), v)))
             }
+            Some(Key::Quota(ns)) => serde_json::from_slice(value).map(|v| drop(quotas.insert(ns.to_string(), v))),
             Some(
                 Key::Live(_) | Key::Owner(_) | Key::Scheduler(_) | Key::Status(_) | Key::Submission(_) | Key::Drain(_),
             )
@@ -179,6 +187,25 @@ pub fn check_pairs<'a>(keys: &Keys, kvs: impl IntoIterator<Item = (&'a [u8], &'a
         entry.1 += 1;
         if !assigned.contains_key(&(node, id.as_str())) {
             report.violations.push(Violation::AssignmentMissing { task: id.clone(), node: node.to_string() });
+        }
+    }
+
+    // Quotas: what each namespace's tasks hold, within its limits.
+    let mut by_namespace: BTreeMap<&str, NamespaceUse> = BTreeMap::new();
+    for task in tasks.values().filter(|t| t.state.holds_resources()) {
+        by_namespace.entry(task.namespace.as_str()).or_default().add(task.resources);
+    }
+    for (ns, quota) in &quotas {
+        let used = by_namespace.get(ns.as_str()).copied().unwrap_or_default();
+        let checks = [
+            (QuotaDimension::Cpu, quota.cpu_millis, used.resources.cpu_millis),
+            (QuotaDimension::Memory, quota.memory_bytes, used.resources.memory_bytes),
+            (QuotaDimension::Tasks, quota.tasks, used.tasks),
+        ];
+        for (dimension, limit, used) in checks {
+            if let Some(limit) = limit.filter(|l| used > *l) {
+                report.violations.push(Violation::OverQuota { namespace: ns.clone(), dimension, used, limit });
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Drain, Job, JobOwner, Liveness, Node, SchedulerInstance, Task, TaskState};
+use crate::model::{Allocation, Drain, Job, JobOwner, Liveness, NamespaceUse, Node, Quota, SchedulerInstance, Task, TaskState};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
 use etcd_client::KeyValue;
@@ -65,6 +65,11 @@ pub struct CellSnapshot {
     pub schedulers: Map<SchedulerInstance>,
     /// Node -> its drain, while one is recorded.
     pub drains: Map<Drain>,
+    /// Namespace -> its quota, where one is set.
+    pub quotas: Map<Quota>,
+    /// Namespace -> what its tasks hold now (derived from `tasks`: a claim checks its namespace's quota
+    /// against it without summing every task).
+    pub namespace_use: imbl::HashMap<Name, NamespaceUse>,
     /// Node -> ids of the tasks holding resources there (derived from `tasks`; for anti-affinity, spread and
     /// choosing preemption victims without scanning every task).
     pub node_tasks: imbl::HashMap<Name, imbl::HashSet<Name>>,
@@ -108,6 +113,7 @@ impl CellSnapshot {
             Some(Key::Owner(job)) => put(&mut self.owners, job, key, value, mod_revision),
             Some(Key::Scheduler(name)) => put(&mut self.schedulers, name, key, value, mod_revision),
             Some(Key::Drain(node)) => put(&mut self.drains, node, key, value, mod_revision),
+            Some(Key::Quota(ns)) => put(&mut self.quotas, ns, key, value, mod_revision),
             Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => true,
         };
         if !ok {
@@ -130,6 +136,7 @@ impl CellSnapshot {
             Some(Key::Owner(job)) => drop(self.owners.remove(job)),
             Some(Key::Scheduler(name)) => drop(self.schedulers.remove(name)),
             Some(Key::Drain(node)) => drop(self.drains.remove(node)),
+            Some(Key::Quota(ns)) => drop(self.quotas.remove(ns)),
             Some(Key::Assignment { .. } | Key::Status(_) | Key::Submission(_)) | None => {}
         }
     }
@@ -153,6 +160,17 @@ impl CellSnapshot {
                 }
             }
         }
+        if old.value.state.holds_resources() {
+            let ns = old.value.namespace.as_str();
+            let resources = old.value.resources;
+            if let Some(u) = self.namespace_use.get_mut(ns) {
+                u.remove(resources);
+                if u.tasks == 0 {
+                    self.namespace_use.remove(ns);
+                }
+            }
+        }
+        let Some(old) = self.tasks.get(id) else { return };
         if let (true, Some(node)) = (old.value.state.holds_resources(), old.value.node.as_deref()) {
             if let Some(set) = self.node_tasks.get_mut(node) {
                 set.remove(id);
@@ -168,6 +186,9 @@ impl CellSnapshot {
         if new.value.state == TaskState::Pending {
             self.pending.entry(Name::from(new.value.job.as_str())).or_default().insert(Name::from(id));
         }
+        if new.value.state.holds_resources() {
+            self.namespace_use.entry(Name::from(new.value.namespace.as_str())).or_default().add(new.value.resources);
+        }
         if let (true, Some(node)) = (new.value.state.holds_resources(), new.value.node.as_deref()) {
             self.node_tasks.entry(Name::from(node)).or_default().insert(Name::from(id));
         }
@@ -176,6 +197,11 @@ impl CellSnapshot {
     /// The tasks holding resources on `node`.
     pub fn tasks_on(&self, node: &str) -> impl Iterator<Item = &Versioned<Task>> {
         self.node_tasks.get(node).into_iter().flat_map(|ids| ids.iter().filter_map(|id| self.tasks.get(id)))
+    }
+
+    /// What namespace `ns`'s tasks hold now.
+    pub fn use_of(&self, ns: &str) -> NamespaceUse {
+        self.namespace_use.get(ns).copied().unwrap_or_default()
     }
 
     /// How many tasks of job `job` are pending.
@@ -286,6 +312,7 @@ impl CellObject {
     pub fn of(key: Key<'_>) -> Option<CellObject> {
         match key {
             Key::Node(n) | Key::Live(n) | Key::Alloc(n) | Key::Drain(n) => Some(CellObject::Node(n.to_string())),
+            Key::Quota(_) => None,
             Key::Job(j) | Key::Owner(j) => Some(CellObject::Job(j.to_string())),
             Key::Task(t) => Some(CellObject::Task(t.to_string())),
             Key::Scheduler(_) | Key::Assignment { .. } | Key::Status(_) | Key::Submission(_) => None,

@@ -51,6 +51,8 @@ pub enum Key<'a> {
     Scheduler(&'a str),
     /// A node being drained.
     Drain(&'a str),
+    /// A namespace's quota.
+    Quota(&'a str),
     /// A job's placement status (pending reasons), outside the cached range.
     Status(&'a str),
     /// A submission in progress (a job written in several transactions), outside the cached range.
@@ -119,6 +121,12 @@ impl Keys {
     }
     pub fn drain(&self, node: &str) -> String {
         format!("{}cell/drains/{node}", self.prefix)
+    }
+    pub fn quotas_prefix(&self) -> String {
+        format!("{}cell/quotas/", self.prefix)
+    }
+    pub fn quota(&self, namespace: &str) -> String {
+        format!("{}cell/quotas/{namespace}", self.prefix)
     }
     pub fn schedulers_prefix(&self) -> String {
         format!("{}cell/schedulers/", self.prefix)
@@ -192,6 +200,7 @@ impl Keys {
                 "owners" => Some(Key::Owner(name)),
                 "schedulers" => name.contains('/').then_some(Key::Scheduler(name)),
                 "drains" => Some(Key::Drain(name)),
+                "quotas" => Some(Key::Quota(name)),
                 _ => None,
             };
         }

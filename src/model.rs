@@ -128,6 +128,10 @@ impl JobState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
+    /// The namespace the job belongs to (`default` unless its file says otherwise): whose quota its tasks
+    /// count against. Job ids are unique across the cell, not per namespace.
+    #[serde(default = "default_namespace", skip_serializing_if = "is_default_namespace")]
+    pub namespace: String,
     pub kind: JobKind,
     /// The scheduler that owns this job's placements (like Kubernetes' `schedulerName`).
     pub scheduler: String,
@@ -199,6 +203,136 @@ pub struct Job {
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
+/// The namespace of a job whose file names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+
+fn is_default_namespace(ns: &str) -> bool {
+    ns == DEFAULT_NAMESPACE
+}
+
+/// A namespace's quota, at `<prefix>cell/quotas/<namespace>`: at most this much held at once by its tasks
+/// (assigned or running). A namespace without one is not limited.
+///
+/// Use is not stored here: it is the sum over the namespace's tasks, which every cache keeps as it applies
+/// changes. Instead every claim in the namespace compares this record's mod_revision and rewrites it (with
+/// `last_claim`), so claims racing in one namespace serialize on it as claims on one node serialize on its
+/// ledger, and none can be decided on a use older than the last claim's. Releases do not touch it: they only
+/// lower the use, so a claim checked against a use read before a release errs on the safe side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub namespace: String,
+    /// CPU in millicores; `None`: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Tasks holding resources at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<u64>,
+    /// The claim that last rewrote the record (who, when): what makes racing claims conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_claim: Option<QuotaClaim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaClaim {
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// What a namespace's tasks hold now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceUse {
+    pub resources: Resources,
+    pub tasks: u64,
+}
+
+impl NamespaceUse {
+    pub fn add(&mut self, r: Resources) {
+        self.resources = self.resources.saturating_add(r);
+        self.tasks += 1;
+    }
+    pub fn remove(&mut self, r: Resources) {
+        self.resources = self.resources.saturating_sub(r);
+        self.tasks = self.tasks.saturating_sub(1);
+    }
+}
+
+/// Which limit of a quota a claim would pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaDimension {
+    Cpu,
+    Memory,
+    Tasks,
+}
+
+impl std::fmt::Display for QuotaDimension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuotaDimension::Cpu => "cpu",
+            QuotaDimension::Memory => "memory",
+            QuotaDimension::Tasks => "tasks",
+        })
+    }
+}
+
+impl Quota {
+    pub fn new(namespace: &str) -> Quota {
+        Quota { namespace: namespace.to_string(), cpu_millis: None, memory_bytes: None, tasks: None, last_claim: None }
+    }
+
+    /// Whether one more task asking `request` fits beside `used`; else the first limit it would pass.
+    pub fn fits(&self, used: &NamespaceUse, request: Resources) -> Result<(), QuotaDimension> {
+        let over = |limit: Option<u64>, used: u64, more: u64| limit.is_some_and(|l| used.saturating_add(more) > l);
+        if over(self.cpu_millis, used.resources.cpu_millis, request.cpu_millis) {
+            return Err(QuotaDimension::Cpu);
+        }
+        if over(self.memory_bytes, used.resources.memory_bytes, request.memory_bytes) {
+            return Err(QuotaDimension::Memory);
+        }
+        if over(self.tasks, used.tasks, 1) {
+            return Err(QuotaDimension::Tasks);
+        }
+        Ok(())
+    }
+
+    /// How many more tasks asking `request` fit beside `used` (`u64::MAX` when nothing limits them).
+    pub fn room_for(&self, used: &NamespaceUse, request: Resources) -> u64 {
+        let per = |limit: Option<u64>, used: u64, each: u64| match limit {
+            None => u64::MAX,
+            Some(l) if each == 0 => if used <= l { u64::MAX } else { 0 },
+            Some(l) => l.saturating_sub(used) / each,
+        };
+        per(self.cpu_millis, used.resources.cpu_millis, request.cpu_millis)
+            .min(per(self.memory_bytes, used.resources.memory_bytes, request.memory_bytes))
+            .min(per(self.tasks, used.tasks, 1))
+    }
+
+    /// The limits in words, e.g. `cpu 8, memory 16 GiB, 20 tasks`.
+    pub fn describe_limits(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(c) = self.cpu_millis {
+            parts.push(format!("cpu {}", crate::units::show::cpu(c)));
+        }
+        if let Some(m) = self.memory_bytes {
+            parts.push(format!("memory {}", crate::units::show::memory(m)));
+        }
+        if let Some(t) = self.tasks {
+            parts.push(format!("{t} tasks"));
+        }
+        if parts.is_empty() {
+            "no limits".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -209,6 +343,7 @@ impl Job {
     pub fn new(id: &str, kind: JobKind, tasks: u32, resources: Resources) -> Job {
         Job {
             id: id.to_string(),
+            namespace: DEFAULT_NAMESPACE.to_string(),
             kind,
             scheduler: kind.default_scheduler().to_string(),
             priority: 0,
@@ -428,6 +563,10 @@ pub struct Task {
     /// `<job>/<index>`.
     pub id: String,
     pub job: String,
+    /// Its job's namespace, copied at submission: the cache sums each namespace's use from its tasks alone,
+    /// and a task outlives its job record while it is being collected.
+    #[serde(default = "default_namespace", skip_serializing_if = "is_default_namespace")]
+    pub namespace: String,
     pub index: u32,
     pub resources: Resources,
     pub state: TaskState,
@@ -470,6 +609,7 @@ impl Task {
         Task {
             id: crate::keys::task_id(&job.id, index),
             job: job.id.clone(),
+            namespace: job.namespace.clone(),
             index,
             resources: job.resources,
             state: TaskState::Pending,

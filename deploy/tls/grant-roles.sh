@@ -11,7 +11,7 @@
 #
 # The roles (P is PREFIX; "prefix" a key range, "key" one key):
 #   omega-scheduler   read prefix P; write the claim's keys: P cell/tasks/, cell/alloc/, assign/; a job's
-#                     state (cell/jobs/); its own bookkeeping: cell/owners/, cell/schedulers/, status/, locks/.
+#                     state (cell/jobs/); the quota it claims against (cell/quotas/); its own bookkeeping: cell/owners/, cell/schedulers/, status/, locks/.
 #                     Not nodes, drains, versions or the controller's keys.
 #   omega-controller  read and write prefix P (it re-places, rolls out, drains and collects everything)
 #   agent-NODE        read P cell/ and versions/; write its node's keys (cell/nodes/NODE, cell/live/NODE,
@@ -74,7 +74,7 @@ while read -r kind name; do
     scheduler)
       user omega-scheduler omega-scheduler
       grant omega-scheduler read prefix "$prefix"
-      for p in cell/tasks/ cell/alloc/ assign/ cell/jobs/ cell/owners/ cell/schedulers/ status/ locks/; do
+      for p in cell/tasks/ cell/alloc/ assign/ cell/jobs/ cell/quotas/ cell/owners/ cell/schedulers/ status/ locks/; do
         grant omega-scheduler readwrite prefix "$prefix$p"
       done
       grant omega-scheduler readwrite key "${prefix}space-check"

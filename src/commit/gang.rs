@@ -5,6 +5,7 @@
 //! aborts on any change to its nodes; fine detection re-checks the whole gang against the fresh state and
 //! re-sends it while it still fits, a bounded number of times.
 
+use super::quota::QuotaBase;
 use super::unit::{node_conflict, task_conflict, task_moved, NodeBase, Unit};
 use super::{Claim, ClaimOutcome, CommitReport, Committer, Conflict, Detection};
 use crate::cell_state::{CellSnapshot, Versioned};
@@ -35,10 +36,12 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
     for claim in claims {
         bases.entry(claim.node.clone()).or_insert_with(|| NodeBase::from_snapshot(snapshot, &claim.node));
     }
+    // A gang is one job: its namespace's quota, if any, is compared and rewritten with the gang's ledgers.
+    let quota = claims.first().and_then(|c| QuotaBase::from_snapshot(snapshot, &c.task.value.namespace));
     loop {
         report.rounds += 1;
         // Check the whole gang against what we believe; any refusal aborts it before sending.
-        let mut unit = Unit::default();
+        let mut unit = Unit { quota: quota.clone(), ..Unit::default() };
         let mut culprits = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
             let base = &bases[&claim.node];
@@ -55,6 +58,12 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
             if t.state != TaskState::Pending {
                 culprits.push((i, Conflict::TaskChanged));
                 continue;
+            }
+            if let Some(q) = unit.quota.as_mut() {
+                if let Err(d) = q.take(t, std::iter::empty()) {
+                    culprits.push((i, Conflict::OverQuota(d)));
+                    continue;
+                }
             }
             match entry.1.fits(t.resources) {
                 Ok(()) => {
@@ -98,6 +107,10 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                         return Ok(report);
                     }
                 };
+                if fresh.quota_changed(&unit) {
+                    let all = (0..n).map(|i| (i, Conflict::QuotaChanged)).collect();
+                    return Ok(abort(all, report));
+                }
                 let coarse = c.config.detection == Detection::Coarse;
                 let mut culprits = Vec::new();
                 for (k, &i) in unit.claims.iter().enumerate() {

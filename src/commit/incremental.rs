@@ -5,8 +5,10 @@
 //! back); send every node's unit nested in as few transactions as the server takes; settle what landed; for a
 //! refused node, coarse detection fails its claims, fine detection re-checks them against the fresh ledger the
 //! refusal returned and queues those that still fit for the next round. Claims that evict a gang touch several
-//! nodes and go last, one flat transaction each.
+//! nodes and go last, one flat transaction each. Claims in a namespace with a quota go after the node rounds,
+//! one unit per round over the quota and every node its claims touch (`quota_claims`).
 
+use super::quota::QuotaBase;
 use super::unit::{node_conflict, task_moved, Fresh, NodeBase, Unit};
 use super::{Claim, ClaimOutcome, CommitReport, Committer, Conflict, Detection};
 use crate::cell_state::{CellSnapshot, Versioned};
@@ -62,13 +64,18 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
     // victim gang) are committed on their own afterwards.
     let mut queues: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
     let mut spanning = Vec::new();
+    // Per namespace with a quota: its claims, committed over the quota after the node rounds.
+    let mut quota_queues: BTreeMap<String, VecDeque<usize>> = BTreeMap::new();
     let mut seen_ids = HashSet::new();
     for (i, claim) in claims.iter().enumerate() {
         if !seen_ids.insert(claim.task.value.id.as_str()) {
             st.conflict(i, Conflict::Duplicate);
             continue;
         }
-        if claim.preempts.iter().any(|v| v.value.node.as_deref() != Some(claim.node.as_str())) {
+        let ns = claim.task.value.namespace.as_str();
+        if snapshot.quotas.contains_key(ns) {
+            quota_queues.entry(ns.to_string()).or_default().push_back(i);
+        } else if claim.preempts.iter().any(|v| v.value.node.as_deref() != Some(claim.node.as_str())) {
             spanning.push(i);
         } else {
             queues.entry(claim.node.clone()).or_default().push_back(i);
@@ -184,6 +191,9 @@ pub(super) async fn commit(c: &Committer, snapshot: &CellSnapshot, claims: &[Cla
                 }
             }
         }
+    }
+    for (ns, queue) in quota_queues {
+        quota_claims(c, snapshot, &mut st, &ns, queue, &placing).await;
     }
     for i in spanning {
         spanning_claim(c, snapshot, &mut st, i, &placing).await;
@@ -308,6 +318,169 @@ fn refused(
             if exhausted {
                 for i in queue.drain(..) {
                     st.conflict(i, Conflict::Contention);
+                }
+            }
+        }
+    }
+}
+
+/// Commits the claims of namespace `ns`, which has a quota: each round one flat transaction over the quota
+/// record and every node the round's claims touch. A claim is taken only if it fits its node and the quota as
+/// the committer believes them; one that evicts tasks on other nodes is refused (victim gangs and quotas do
+/// not mix in one commit: the scheduler tries it again without a quota race).
+async fn quota_claims(
+    c: &Committer,
+    snapshot: &CellSnapshot,
+    st: &mut State<'_>,
+    ns: &str,
+    mut queue: VecDeque<usize>,
+    placing: &HashSet<&str>,
+) {
+    let Some(mut quota) = QuotaBase::from_snapshot(snapshot, ns) else {
+        for i in queue {
+            st.conflict(i, Conflict::QuotaChanged);
+        }
+        return;
+    };
+    let mut tries = 0u32;
+    let mut cap = c.sender.items_per_group(1, OPS_PER_ITEM + OPS_PER_NODE);
+    while !queue.is_empty() {
+        st.report.rounds += 1;
+        let mut unit = Unit { quota: Some(quota.clone()), ..Unit::default() };
+        while unit.claims.len() + unit.victims.len() < cap {
+            let Some(i) = queue.pop_front() else { break };
+            let claim = &st.claims[i];
+            let node = claim.node.clone();
+            if claim.preempts.iter().any(|v| v.value.node.as_deref() != Some(node.as_str())) {
+                st.conflict(i, Conflict::VictimChanged);
+                continue;
+            }
+            if !unit.ledgers.contains_key(&node) {
+                let base = st.base(snapshot, &node);
+                if let Some(why) = base.refusal() {
+                    st.conflict(i, why);
+                    continue;
+                }
+                let Some(ledger) = base.ledger.as_ref() else { continue };
+                unit.ledgers.insert(node.clone(), (ledger.mod_revision, (*ledger.value).clone()));
+            }
+            let mut q = unit.quota.clone().expect("a quota unit");
+            if let Err(d) = q.take(&st.tasks[i].value, st.claims[i].preempts.iter().map(|v| v.value.as_ref())) {
+                st.conflict(i, Conflict::OverQuota(d));
+                continue;
+            }
+            match take(st, &mut unit, &node, i, placing) {
+                Some(why) => st.conflict(i, why),
+                None => unit.quota = Some(q),
+            }
+        }
+        // Nodes whose every claim was refused are not rewritten.
+        let claimed: HashSet<&str> = unit.claims.iter().map(|&i| st.claims[i].node.as_str()).collect();
+        unit.ledgers.retain(|n, _| claimed.contains(n.as_str()));
+        if unit.claims.is_empty() {
+            continue;
+        }
+        let group = match unit.group(c, st.claims, &st.tasks) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(namespace = ns, error = %e, "cannot encode a claim; refusing it");
+                release_victims(st, &unit);
+                for &i in &unit.claims {
+                    st.conflict(i, Conflict::Unknown);
+                }
+                continue;
+            }
+        };
+        let (outcome, latency) = c.sender.flat(group).await;
+        st.report.transactions += u32::from(latency.is_some());
+        st.report.latencies.extend(latency);
+        match outcome {
+            Outcome::Applied { revision } => {
+                for &i in &unit.claims {
+                    st.settle(i, ClaimOutcome::Committed { revision });
+                }
+                for (node, (_, ledger)) in std::mem::take(&mut unit.ledgers) {
+                    let written = Versioned::new(ledger, revision);
+                    st.report.ledgers.insert(node.clone(), Some(written.clone()));
+                    st.bases.insert(node.clone(), NodeBase { ledger: Some(written), live: true });
+                    c.wrote(&node, revision);
+                }
+                quota = unit.quota.take().expect("a quota unit");
+                quota.revision = revision;
+            }
+            Outcome::Refused { fresh } => {
+                st.report.failed_node_txns += 1;
+                release_victims(st, &unit);
+                let fresh = match unit.fresh(st.claims, &st.tasks, fresh) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(namespace = ns, error = %e, "cannot decode the fresh state of a refused unit");
+                        for &i in &unit.claims {
+                            st.conflict(i, Conflict::Unknown);
+                        }
+                        continue;
+                    }
+                };
+                for (node, (ledger, live)) in &fresh.ledgers {
+                    st.report.ledgers.insert(node.clone(), ledger.clone());
+                    st.bases.insert(node.clone(), NodeBase { ledger: ledger.clone(), live: *live });
+                }
+                // Someone else claimed in the namespace: its use is no longer known here. Every claim left was
+                // decided on the old use, so all of them go back to the scheduler.
+                if fresh.quota_changed(&unit) {
+                    for &i in unit.claims.iter().chain(queue.iter()) {
+                        st.conflict(i, Conflict::QuotaChanged);
+                    }
+                    return;
+                }
+                tries += 1;
+                let exhausted = tries > c.config.max_fine_retries;
+                for (k, &i) in unit.claims.iter().enumerate().rev() {
+                    if fresh.lost_owner(&st.claims[i], &st.tasks[i].value) {
+                        st.lost_jobs.insert(st.tasks[i].value.job.clone());
+                    }
+                    let moved = task_moved(&st.tasks[i], &fresh.tasks[k]);
+                    match &fresh.tasks[k] {
+                        _ if st.lost_jobs.contains(&st.tasks[i].value.job) => st.conflict(i, Conflict::NotOwner),
+                        Some(t) if t.value.state == TaskState::Pending => {
+                            let node = &st.claims[i].node;
+                            let (ledger, live) = fresh.ledgers.get(node).cloned().unwrap_or((None, false));
+                            if c.config.detection == Detection::Coarse {
+                                let why = if moved { Conflict::TaskChanged } else { node_conflict(&ledger, live) };
+                                st.conflict(i, why);
+                            } else if exhausted {
+                                st.conflict(i, Conflict::Contention);
+                            } else {
+                                st.tasks[i] = t.clone();
+                                st.report.retried_claims += 1;
+                                queue.push_front(i);
+                            }
+                        }
+                        _ => st.conflict(i, Conflict::TaskChanged),
+                    }
+                }
+            }
+            Outcome::TooLarge { .. } if unit.claims.len() > 1 => {
+                cap = unit.claims.len() / 2;
+                release_victims(st, &unit);
+                for &i in unit.claims.iter().rev() {
+                    queue.push_front(i);
+                }
+            }
+            Outcome::TooLarge { .. } => {
+                release_victims(st, &unit);
+                st.conflict(unit.claims[0], Conflict::TooLarge);
+            }
+            Outcome::Resend => {
+                cap = c.sender.items_per_group(1, OPS_PER_ITEM + OPS_PER_NODE).min(cap);
+                release_victims(st, &unit);
+                for &i in unit.claims.iter().rev() {
+                    queue.push_front(i);
+                }
+            }
+            Outcome::Fenced | Outcome::Unknown(_) => {
+                for &i in &unit.claims {
+                    st.conflict(i, Conflict::Unknown);
                 }
             }
         }

@@ -36,6 +36,7 @@
 
 mod gang;
 mod incremental;
+mod quota;
 mod unit;
 
 use crate::cell_state::{CellSnapshot, Versioned};
@@ -135,6 +136,10 @@ pub enum Conflict {
     TooLarge,
     /// The request failed in transport; it may or may not have been applied. Re-read the cell.
     Unknown,
+    /// The claim would take its namespace past its quota in this dimension (as far as the committer knows).
+    OverQuota(crate::model::QuotaDimension),
+    /// Another claim in the same namespace rewrote its quota since the snapshot: decide again on fresh use.
+    QuotaChanged,
 }
 
 impl Conflict {
@@ -159,6 +164,8 @@ impl fmt::Display for Conflict {
             Conflict::NotOwner => f.write_str("the job is no longer owned by this scheduler instance"),
             Conflict::TooLarge => f.write_str("more than the server accepts in one transaction"),
             Conflict::Unknown => f.write_str("outcome unknown (request failed)"),
+            Conflict::OverQuota(d) => write!(f, "over its namespace's {d} quota"),
+            Conflict::QuotaChanged => f.write_str("its namespace's quota changed since the snapshot"),
         }
     }
 }
@@ -265,6 +272,7 @@ impl CommitStats {
 pub fn conflict_label(c: Conflict) -> String {
     match c {
         Conflict::NoRoom(d) => format!("no_room_{d}"),
+        Conflict::OverQuota(d) => format!("over_quota_{d}"),
         other => serde_json::to_value(other).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
     }
 }

@@ -45,6 +45,8 @@ pub(super) struct Unit {
     pub claims: Vec<usize>,
     /// Tasks evicted: (index of the claim evicting it, the victim as seen).
     pub victims: Vec<(usize, Versioned<Task>)>,
+    /// The namespace quota the claims count against, compared and rewritten with the ledgers.
+    pub quota: Option<super::quota::QuotaBase>,
 }
 
 /// The fresh state a refused unit read back.
@@ -57,6 +59,8 @@ pub(super) struct Fresh {
     pub victims: Vec<Option<Versioned<Task>>>,
     /// job -> the ownership key's mod_revision now (`None`: gone).
     pub owners: BTreeMap<String, Option<i64>>,
+    /// The quota record's mod_revision now (`None`: gone, or the unit had no quota).
+    pub quota: Option<i64>,
 }
 
 impl Unit {
@@ -144,6 +148,12 @@ impl Unit {
             g.compare(&owner_key, Compare::mod_revision(owner_key.as_str(), CompareOp::Equal, rev));
             g.read(&owner_key);
         }
+        if let Some(q) = &self.quota {
+            let quota_key = keys.quota(&q.namespace);
+            g.compare(&quota_key, Compare::mod_revision(quota_key.as_str(), CompareOp::Equal, q.revision));
+            g.put(&quota_key, encode(&quota_key, &q.written(placed_by, now))?);
+            g.read(&quota_key);
+        }
         Ok(g)
     }
 
@@ -169,11 +179,17 @@ impl Unit {
         for job in self.owners(claims, tasks).into_keys() {
             owners.insert(job, next().map(|kv| kv.mod_revision()));
         }
-        Ok(Fresh { ledgers, tasks: fresh_tasks, victims, owners })
+        let quota = if self.quota.is_some() { next().map(|kv| kv.mod_revision()) } else { None };
+        Ok(Fresh { ledgers, tasks: fresh_tasks, victims, owners, quota })
     }
 }
 
 impl Fresh {
+    /// Whether the quota the unit compared was rewritten (another claim in its namespace) or removed.
+    pub fn quota_changed(&self, unit: &Unit) -> bool {
+        unit.quota.as_ref().is_some_and(|q| self.quota != Some(q.revision))
+    }
+
     /// Whether the ownership fence of the claim's job failed.
     pub fn lost_owner(&self, claim: &Claim, task: &Task) -> bool {
         match claim.owner {

@@ -203,6 +203,9 @@ impl Ctx<'_> {
         if let Some(scheduler) = raw.scheduler {
             job.scheduler = scheduler;
         }
+        if let Some(namespace) = raw.namespace {
+            job.namespace = namespace;
+        }
         job.priority = raw.priority.unwrap_or(0);
         job.image = image;
         job.command = raw.command.unwrap_or_default();

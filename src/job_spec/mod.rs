@@ -8,6 +8,7 @@
 //! ```yaml
 //! # web.yaml: three replicas of a web server.
 //! name: web                 # required; becomes the job id (1-128 of a-z A-Z 0-9 - _ .)
+//! namespace: team-a         # optional, default `default`: whose quota its tasks count against
 //! kind: service             # required: batch (runs to completion) | service (runs until stopped)
 //! scheduler: service        # optional; default: the scheduler named like the kind (like schedulerName)
 //! priority: 100             # optional, default 0; may be negative

@@ -19,6 +19,8 @@ pub(super) struct RawJob {
     pub(super) name: Option<String>,
     #[serde(default, deserialize_with = "de_kind")]
     pub(super) kind: Option<JobKind>,
+    #[serde(default, deserialize_with = "de_namespace")]
+    pub(super) namespace: Option<String>,
     #[serde(default, deserialize_with = "de_scheduler")]
     pub(super) scheduler: Option<String>,
     #[serde(default, deserialize_with = "de_priority")]
@@ -209,6 +211,7 @@ macro_rules! scalar_field {
 }
 
 scalar_field!(de_job_name, String, "a job name such as `web`", |s| checked_name("job", s));
+scalar_field!(de_namespace, String, "a namespace name such as `team-a`", |s| checked_name("namespace", s));
 scalar_field!(de_scheduler, String, "a scheduler name such as `batch`", |s| checked_name("scheduler", s));
 scalar_field!(de_image, String, "a container image such as `busybox`", image);
 scalar_field!(de_label, String, "a node label name such as `zone`", label);

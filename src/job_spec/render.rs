@@ -20,6 +20,7 @@ pub fn to_yaml(job: &Job) -> String {
     };
     let out = OutJob {
         name: &job.id,
+        namespace: (job.namespace != crate::model::DEFAULT_NAMESPACE).then_some(job.namespace.as_str()),
         kind: kind_name(job.kind),
         scheduler: &job.scheduler,
         priority: job.priority,
@@ -78,6 +79,8 @@ pub fn to_yaml(job: &Job) -> String {
 #[derive(Serialize)]
 struct OutJob<'a> {
     name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
     kind: &'static str,
     scheduler: &'a str,
     #[serde(skip_serializing_if = "is_zero")]

@@ -38,6 +38,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "OMEGA_MAX_TXN_OPS", default_value_t = omega::store::DEFAULT_MAX_TXN_OPS,
           value_parser = parse_max_txn_ops)]
     pub max_txn_ops: usize,
+    /// The namespace: where `submit` puts a job whose file names none, which jobs `jobs` lists (default:
+    /// `default`; `jobs -A` lists all).
+    #[arg(short = 'n', long, global = true, env = "OMEGA_NAMESPACE")]
+    pub namespace: Option<String>,
     #[command(flatten)]
     pub tls: omega::tls::TlsArgs,
     #[command(subcommand)]
@@ -57,6 +61,13 @@ replaces anything a failed attempt left and completes.")]
     Submit(SubmitArgs),
     /// List jobs: kind, scheduler, priority, state, placed tasks, why the rest are pending.
     Jobs(JobsArgs),
+    /// Namespaces' quotas: each namespace's use against its limits; `quota set NS --cpu 8 --memory 16Gi
+    /// --tasks 20`, `quota rm NS`.
+    #[command(long_about = "Show each namespace's quota: what its tasks hold now (assigned or running) against \
+its limits, and how many of its tasks wait. `quota set NS --cpu 8 --memory 16Gi --tasks 20` sets or changes one \
+(claims check it in the same transaction that takes the room, so racing schedulers cannot pass it); work over \
+the quota stays pending with a reason naming the limit. `quota rm NS` removes it.")]
+    Quota(QuotaArgs),
     /// Describe one job: its spec, state, tasks, scheduling status, preemptions and recent events.
     Job(JobArgs),
     /// List tasks, optionally of one job, in one state, or on one node.
@@ -184,6 +195,39 @@ pub struct JobsArgs {
     /// Only jobs in this state.
     #[arg(long, value_enum)]
     pub state: Option<JobStateArg>,
+    /// Jobs of every namespace, not only `-n`'s (or `default`).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaArgs {
+    #[command(subcommand)]
+    pub action: Option<QuotaAction>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaAction {
+    /// Set (or change) a namespace's quota; a limit not given stays as it was (`none` removes it).
+    Set(QuotaSetArgs),
+    /// Remove a namespace's quota: its tasks are no longer limited.
+    Rm {
+        namespace: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaSetArgs {
+    pub namespace: String,
+    /// CPU its tasks may hold at once: cores `8`, millicores `7500m`, or `none`.
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory its tasks may hold at once: `16Gi`, or `none`.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Tasks holding resources at once, or `none`.
+    #[arg(long)]
+    pub tasks: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -60,6 +60,7 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
     match &cli.command {
         Command::Submit(args) => commands::submit::run(cli, args).await,
         Command::Jobs(args) => commands::jobs::run(cli, args).await,
+        Command::Quota(args) => commands::quota::run(cli, args).await,
         Command::Job(args) => match (args.id.as_str(), &args.job) {
             ("history", Some(id)) => commands::versions::history(cli, id).await,
             _ => commands::job::run(cli, args).await,

@@ -47,10 +47,22 @@ pub fn describe(keys: &Keys, key: &str, prev: Option<&[u8]>, new: Option<&[u8]>)
         Some(Key::Assignment { node, task }) => ("assign", task, assignment(node, task, decoded(new), new.is_some())),
         Some(Key::Submission(job)) => ("submission", job, submission(job, decoded(new), new.is_some())),
         Some(Key::Drain(n)) => ("drain", n, drain(n, decoded(new), new.is_some())),
+        Some(Key::Quota(ns)) => ("quota", ns, quota(ns, decoded(new), new.is_some())),
         None => ("other", key, format!("key {key} {}", if new.is_some() { "written" } else { "deleted" })),
     };
     let text = if undecodable { format!("{key}: value is not JSON") } else { text };
     Summary { kind, name: name.to_string(), text }
+}
+
+fn quota(ns: &str, new: Option<omega::model::Quota>, present: bool) -> String {
+    match new {
+        Some(q) => match &q.last_claim {
+            Some(c) => format!("quota {ns} ({}): claimed in by {}", q.describe_limits(), c.by),
+            None => format!("quota {ns} set: {}", q.describe_limits()),
+        },
+        None if present => format!("quota {ns} written (undecodable)"),
+        None => format!("quota {ns} removed"),
+    }
 }
 
 fn task(id: &str, prev: Option<Task>, new: Option<Task>, present: bool) -> String {

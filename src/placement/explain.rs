@@ -52,6 +52,37 @@ pub struct Explanation {
     pub nodes: usize,
     /// Nodes rejected, by reason.
     pub rejected: BTreeMap<Reason, usize>,
+    /// The job's namespace has no room left under its quota: no node was even considered.
+    pub quota: Option<QuotaShortfall>,
+}
+
+/// Why a namespace's quota stops a task: which limit, how much of it is used, what one task asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaShortfall {
+    pub namespace: String,
+    pub dimension: crate::model::QuotaDimension,
+    /// In the dimension's unit (millicores, bytes, tasks).
+    pub used: u64,
+    pub limit: u64,
+    pub asks: u64,
+}
+
+impl fmt::Display for QuotaShortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::model::QuotaDimension as D;
+        use crate::units::show;
+        let (used, limit, asks) = match self.dimension {
+            D::Cpu => (show::cpu(self.used), show::cpu(self.limit), show::cpu(self.asks)),
+            D::Memory => (show::memory(self.used), show::memory(self.limit), show::memory(self.asks)),
+            D::Tasks => (self.used.to_string(), self.limit.to_string(), "1".to_string()),
+        };
+        write!(
+            f,
+            "quota of namespace {}: {} {used} of {limit} in use, a task asks {asks} (raise it with `omctl quota set`, \
+             or wait for its tasks to finish)",
+            self.namespace, self.dimension
+        )
+    }
 }
 
 impl Explanation {
@@ -62,6 +93,10 @@ impl Explanation {
     /// Counts by stable code (several constraints add up under `constraint`).
     pub fn codes(&self) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();
+        if let Some(q) = &self.quota {
+            out.insert(format!("over_quota_{}", q.dimension), 1);
+            return out;
+        }
         for (r, n) in &self.rejected {
             *out.entry(r.code().to_string()).or_default() += *n as u32;
         }
@@ -71,6 +106,9 @@ impl Explanation {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(q) = &self.quota {
+            return q.fmt(f);
+        }
         let available = self.nodes.saturating_sub(self.rejected.values().sum::<usize>());
         write!(f, "{available}/{} nodes available", self.nodes)?;
         let mut reasons: Vec<(&Reason, &usize)> = self.rejected.iter().collect();

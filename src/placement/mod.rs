@@ -76,6 +76,8 @@ pub struct NodeEntry<'a> {
 pub struct NodeTable<'a> {
     pub entries: Vec<NodeEntry<'a>>,
     index: HashMap<&'a str, usize>,
+    /// Namespace -> its use with what this decision placed so far (for namespaces with a quota).
+    quota_used: HashMap<String, crate::model::NamespaceUse>,
     /// Nodes in the snapshot that cannot take anything (down, drained, no ledger).
     unschedulable: usize,
 }
@@ -98,7 +100,7 @@ impl<'a> NodeTable<'a> {
             }
         }
         let index = entries.iter().enumerate().map(|(i, e)| (e.name, i)).collect();
-        NodeTable { entries, index, unschedulable }
+        NodeTable { entries, index, quota_used: HashMap::new(), unschedulable }
     }
 
     /// Nodes in the snapshot, schedulable or not.
@@ -157,12 +159,26 @@ pub fn place_in<'a>(
     }
     let mut full_scan = sampled.is_none();
 
+    // The namespace's quota, if it has one: what is left of it bounds how many tasks this job may place.
+    let quota = snapshot.quotas.get(job.namespace.as_str()).map(|q| q.value.clone());
+    let mut quota_used = quota.as_ref().map(|_| {
+        *table.quota_used.entry(job.namespace.clone()).or_insert_with(|| snapshot.use_of(&job.namespace))
+    });
     let mut victims_taken: HashSet<String> = HashSet::new();
     // Batch packing: keep filling the node chosen last while the task still fits there (it stays the best
     // fit as it fills), so a large job costs one scan per node filled, not one per task.
     let mut last: Option<usize> = None;
     for task in pending {
         let request = task.value.resources;
+        if let (Some(q), Some(used)) = (quota.as_ref(), quota_used.as_mut()) {
+            if let Err(d) = q.fits(used, request) {
+                if placement.explanation.is_none() {
+                    placement.explanation = Some(quota_shortfall(&job.namespace, q, used, request, d));
+                }
+                placement.unplaced.push(task.clone());
+                continue;
+            }
+        }
         let avoid = score::last_node(&task.value);
         let reusable = last.filter(|&i| {
             matches!(options.strategy, Strategy::BinPack | Strategy::FirstFit)
@@ -187,6 +203,9 @@ pub fn place_in<'a>(
                 *group_tasks.entry(c.spread_value).or_default() += 1;
                 placement.claims.push(Claim::new(task.clone(), c.name));
                 last = Some(i);
+                if let Some(u) = quota_used.as_mut() {
+                    u.add(request);
+                }
             }
             None => {
                 let preempted = (options.preemption && !job.gang)
@@ -201,6 +220,9 @@ pub fn place_in<'a>(
                     *group_tasks.entry(c.spread_value).or_default() += 1;
                     victims_taken.extend(victims.iter().map(|v| v.value.id.clone()));
                     placement.claims.push(Claim::preempting(task.clone(), c.name, victims));
+                    if let Some(u) = quota_used.as_mut() {
+                        u.add(request);
+                    }
                     continue;
                 }
                 if placement.explanation.is_none() {
@@ -216,8 +238,31 @@ pub fn place_in<'a>(
         placement.claims.clear();
         return placement;
     }
+    if let Some(u) = quota_used {
+        table.quota_used.insert(job.namespace.clone(), u);
+    }
     sync_back(table, &candidates);
     placement
+}
+
+/// The explanation of a task the namespace's quota stops.
+fn quota_shortfall(
+    namespace: &str,
+    quota: &crate::model::Quota,
+    used: &crate::model::NamespaceUse,
+    request: Resources,
+    dimension: crate::model::QuotaDimension,
+) -> Explanation {
+    use crate::model::QuotaDimension as D;
+    let (used, limit, asks) = match dimension {
+        D::Cpu => (used.resources.cpu_millis, quota.cpu_millis.unwrap_or(0), request.cpu_millis),
+        D::Memory => (used.resources.memory_bytes, quota.memory_bytes.unwrap_or(0), request.memory_bytes),
+        D::Tasks => (used.tasks, quota.tasks.unwrap_or(0), 1),
+    };
+    Explanation {
+        quota: Some(explain::QuotaShortfall { namespace: namespace.to_string(), dimension, used, limit, asks }),
+        ..Explanation::default()
+    }
 }
 
 /// Candidates for `job`: table entries passing its constraints, starting at `start` and wrapping, at most

@@ -32,6 +32,7 @@ pub struct IncompleteSubmission {
 #[derive(Serialize)]
 pub struct JobRow {
     pub id: String,
+    pub namespace: String,
     pub kind: JobKind,
     pub scheduler: String,
     pub priority: i32,
@@ -50,10 +51,13 @@ pub struct JobRow {
 pub async fn run(cli: &Cli, args: &JobsArgs) -> anyhow::Result<Code> {
     let store = crate::connect::connect(cli).await?;
     let out = list(&store).await?;
-    let jobs: Vec<JobRow> = match args.state {
-        Some(s) => out.jobs.into_iter().filter(|j| j.state == s.state()).collect(),
-        None => out.jobs,
-    };
+    let namespace = cli.namespace.as_deref().unwrap_or(omega::model::DEFAULT_NAMESPACE);
+    let jobs: Vec<JobRow> = out
+        .jobs
+        .into_iter()
+        .filter(|j| args.all_namespaces || j.namespace == namespace)
+        .filter(|j| args.state.is_none_or(|s| j.state == s.state()))
+        .collect();
     let out = JobsOutput { jobs, ..out };
     emit(cli.output, &out, || render(&out))?;
     Ok(Code::Ok)
@@ -86,6 +90,7 @@ fn row(read: &CellRead, job: &Job) -> JobRow {
     let pending_reason = pending_reason(s, job, &counts, status);
     JobRow {
         id: job.id.clone(),
+        namespace: job.namespace.clone(),
         kind: job.kind,
         scheduler: job.scheduler.clone(),
         priority: job.priority,
@@ -138,9 +143,15 @@ fn table(out: &JobsOutput) -> String {
     if out.jobs.is_empty() {
         return "No jobs. Submit one with `omctl submit FILE`.\n".into();
     }
-    let mut t = Table::new(&["ID", "KIND", "SCHEDULER", "PRIORITY", "STATE", "TASKS", "PENDING REASON"]);
+    // The namespace column once there is more than the default one to tell apart.
+    let namespaces = out.jobs.iter().any(|j| j.namespace != omega::model::DEFAULT_NAMESPACE);
+    let mut header = vec!["ID", "KIND", "SCHEDULER", "PRIORITY", "STATE", "TASKS", "PENDING REASON"];
+    if namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut t = Table::new(&header);
     for j in &out.jobs {
-        t.row(vec![
+        let mut row = vec![
             j.id.clone(),
             units::name(&j.kind),
             j.scheduler.clone(),
@@ -148,7 +159,11 @@ fn table(out: &JobsOutput) -> String {
             units::name(&j.state),
             format!("{}/{}", j.tasks.placed, j.tasks.total),
             units::truncate(j.pending_reason.as_deref().unwrap_or(""), 60),
-        ]);
+        ];
+        if namespaces {
+            row.insert(0, j.namespace.clone());
+        }
+        t.row(row);
     }
     t.render()
 }

@@ -8,6 +8,7 @@ pub mod job;
 pub mod jobs;
 pub mod logs;
 pub mod nodes;
+pub mod quota;
 pub mod schedulers;
 pub mod submit;
 pub mod tasks;

@@ -98,13 +98,33 @@ pub struct DryRunOutput {
 
 pub async fn run(cli: &Cli, args: &SubmitArgs) -> anyhow::Result<Code> {
     let (source, text) = read_source(&args.file)?;
-    let job = omega::job_spec::parse_job(&source, &text).map_err(|e| user(e.to_string()))?;
+    let mut job = omega::job_spec::parse_job(&source, &text).map_err(|e| user(e.to_string()))?;
+    // -n puts a job whose file names no namespace there; a file naming another one is refused (kubectl's rule).
+    if let Some(ns) = cli.namespace.as_deref() {
+        omega::keys::validate_name("namespace", ns).map_err(|e| user(format!("-n: {e}")))?;
+        if job.namespace == omega::model::DEFAULT_NAMESPACE {
+            job.namespace = ns.to_string();
+        } else if job.namespace != ns {
+            return Err(user(format!(
+                "{source} names namespace {}, but -n says {ns}: drop one of them",
+                job.namespace
+            )));
+        }
+    }
     if args.dry_run {
         return dry_run(cli, job, &source).await;
     }
     let store = crate::connect::connect(cli).await?;
     if let Some((current, rev)) = store.get_json::<Job>(&store.keys().job(&job.id)).await? {
-        // An existing service takes the file as its next version; anything else is refused with why.
+        // An existing service takes the file as its next version; anything else is refused with why. A job
+        // keeps its namespace: its running tasks count against that namespace's quota.
+        if current.namespace != job.namespace {
+            return Err(user(format!(
+                "job {} is in namespace {}, not {}: a job cannot move between namespaces (cancel it and submit it \
+                 under another name)",
+                job.id, current.namespace, job.namespace
+            )));
+        }
         if let Some(why) = super::versions::refuse(&current, &job, &source) {
             return Err(user(why));
         }
