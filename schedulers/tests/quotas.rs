@@ -2,7 +2,8 @@
 //! work of one namespace on simulated nodes with room for far more than its quota. The quota is checked in the
 //! transaction that claims the room, so at no revision the audit reads do its tasks hold more than it allows;
 //! the work over it stays pending with a reason that names the quota; raising the quota lets more in; another
-//! namespace is not held back.
+//! namespace is not held back. It runs on a secure etcd (client certificates, a role per component, auth
+//! on), each process on its own certificate: the schedulers' role lets them rewrite quotas, nothing more.
 
 mod support;
 
@@ -11,11 +12,26 @@ use omega::model::{Job, JobKind, Task};
 use omega::resources::Resources;
 use omega::store::Store;
 use omega_testkit::procs::{bin, Proc};
+use omega_testkit::tls::SecureEtcd;
 use omega_testkit::*;
 use std::process::Output;
 
-fn omctl(etcd: &str, args: &[&str]) -> Output {
-    std::process::Command::new(bin("omctl")).arg("--etcd").arg(etcd).args(args).output().expect("run omctl")
+/// omctl as the operator `alice`.
+fn omctl(etcd: &SecureEtcd, args: &[&str]) -> Output {
+    std::process::Command::new(bin("omctl"))
+        .arg("--etcd")
+        .arg(etcd.endpoint())
+        .args(etcd.flags("operator-alice"))
+        .args(args)
+        .output()
+        .expect("run omctl")
+}
+
+fn start(name: &str, etcd: &SecureEtcd, who: &str, args: &[&str], log: &str) -> Proc {
+    let mut all = vec!["--etcd".to_string(), etcd.endpoint()];
+    all.extend(etcd.flags(who));
+    all.extend(args.iter().map(|s| s.to_string()));
+    Proc::start(name, &all.iter().map(String::as_str).collect::<Vec<_>>(), log)
 }
 
 fn text(o: &Output) -> String {
@@ -42,20 +58,17 @@ async fn held(store: &Store, namespace: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_schedulers_never_pass_a_namespace_quota() {
-    let (etcd, store) = start_etcd().await;
-    let ep = etcd.endpoint();
+    let etcd = SecureEtcd::start(&["--sim-agents", "q", "--operator", "alice"]).await;
+    let store = etcd.root.clone();
+    let ep = &etcd;
     // 16 cores of nodes; the namespace may hold 4 of them (8 tasks).
-    let out = omctl(&ep, &["quota", "set", "team-a", "--cpu", "4", "--tasks", "20"]);
+    let out = omctl(ep, &["quota", "set", "team-a", "--cpu", "4", "--tasks", "20"]);
     assert!(out.status.success(), "{}", text(&out));
-    let _procs = [
-        Proc::start(
-            "omega-agent",
-            &["--etcd", &ep, "--simulate", "4", "--sim-prefix", "q", "--sim-cpu", "4", "--sim-memory", "16Gi"],
-            "quota-nodes",
-        ),
-        Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "batch", "--instance", "qb-1"], "qb-1"),
-        Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "batch", "--instance", "qb-2"], "qb-2"),
-        Proc::start("omega-scheduler", &["--etcd", &ep, "--kind", "service", "--instance", "qs-1"], "qs-1"),
+    let procs = [
+        start("omega-agent", ep, "agents-q", &["--simulate", "4", "--sim-prefix", "q", "--sim-cpu", "4", "--sim-memory", "16Gi"], "quota-nodes"),
+        start("omega-scheduler", ep, "omega-scheduler", &["--kind", "batch", "--instance", "qb-1"], "qb-1"),
+        start("omega-scheduler", ep, "omega-scheduler", &["--kind", "batch", "--instance", "qb-2"], "qb-2"),
+        start("omega-scheduler", ep, "omega-scheduler", &["--kind", "service", "--instance", "qs-1"], "qs-1"),
     ];
     wait_for("the four nodes", 60, async || {
         let (kvs, _) = store.list(&store.keys().nodes_prefix(), 100, None).await.ok()?;
@@ -88,19 +101,19 @@ async fn racing_schedulers_never_pass_a_namespace_quota() {
 
     // The rest waits, saying why: the quota, its use and what a task asks.
     let out = wait_for("a pending reason naming the quota", 60, async || {
-        let out = omctl(&ep, &["jobs", "-n", "team-a"]);
+        let out = omctl(ep, &["jobs", "-n", "team-a"]);
         text(&out).contains("quota of namespace team-a").then_some(out)
     })
     .await;
     assert!(text(&out).contains("cpu 4 of 4 in use"), "{}", text(&out));
-    let out = omctl(&ep, &["quota", "-o", "json"]);
+    let out = omctl(ep, &["quota", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let a = v["namespaces"].as_array().unwrap().iter().find(|n| n["namespace"] == "team-a").unwrap().clone();
     assert_eq!(a["used"]["resources"]["cpu_millis"], 4000, "{v}");
     assert_eq!(a["pending_tasks"], 20, "{v}");
 
     // More quota, more placed; still never over it.
-    let out = omctl(&ep, &["quota", "set", "team-a", "--cpu", "6"]);
+    let out = omctl(ep, &["quota", "set", "team-a", "--cpu", "6"]);
     assert!(out.status.success(), "{}", text(&out));
     wait_for("team-a to fill its raised quota", 120, async || {
         let report = audit::audit(&store).await.unwrap();
@@ -110,6 +123,9 @@ async fn racing_schedulers_never_pass_a_namespace_quota() {
         (cpu == 6000).then_some(())
     })
     .await;
-    let out = omctl(&ep, &["audit"]);
+    let out = omctl(ep, &["audit"]);
     assert!(out.status.success(), "{}", text(&out));
+    for p in &procs {
+        assert!(!p.log().contains("permission denied"), "a component was refused:\n{}", p.log());
+    }
 }
