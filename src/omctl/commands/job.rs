@@ -105,6 +105,7 @@ fn render(d: &JobDescription, snapshot: &CellSnapshot) -> String {
     let job = &d.job;
     let mut f = Fields::new();
     f.add("Job", &job.id)
+        .add("Namespace", &job.namespace)
         .add("Kind", units::name(&job.kind))
         .add("Scheduler", scheduler_line(job, snapshot))
         .add("Priority", job.priority.to_string())
