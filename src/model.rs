@@ -233,6 +233,12 @@ pub struct Quota {
     /// Tasks holding resources at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<u64>,
+    /// The guaranteed share: work of other namespaces never preempts this namespace's tasks below this much
+    /// CPU (millicores) and memory held. Its own higher-priority work may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed_cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed_memory_bytes: Option<u64>,
     /// The claim that last rewrote the record (who, when): what makes racing claims conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_claim: Option<QuotaClaim>,
@@ -283,7 +289,15 @@ impl std::fmt::Display for QuotaDimension {
 
 impl Quota {
     pub fn new(namespace: &str) -> Quota {
-        Quota { namespace: namespace.to_string(), cpu_millis: None, memory_bytes: None, tasks: None, last_claim: None }
+        Quota {
+            namespace: namespace.to_string(),
+            cpu_millis: None,
+            memory_bytes: None,
+            tasks: None,
+            guaranteed_cpu_millis: None,
+            guaranteed_memory_bytes: None,
+            last_claim: None,
+        }
     }
 
     /// Whether one more task asking `request` fits beside `used`; else the first limit it would pass.
@@ -299,6 +313,15 @@ impl Quota {
             return Err(QuotaDimension::Tasks);
         }
         Ok(())
+    }
+
+    /// How much of `used` other namespaces' work may preempt: what it holds above its guaranteed share
+    /// (`None` in a dimension without a guarantee: all of it).
+    pub fn preemptible(&self, used: &NamespaceUse) -> (Option<u64>, Option<u64>) {
+        (
+            self.guaranteed_cpu_millis.map(|g| used.resources.cpu_millis.saturating_sub(g)),
+            self.guaranteed_memory_bytes.map(|g| used.resources.memory_bytes.saturating_sub(g)),
+        )
     }
 
     /// How many more tasks asking `request` fit beside `used` (`u64::MAX` when nothing limits them).
@@ -324,6 +347,12 @@ impl Quota {
         }
         if let Some(t) = self.tasks {
             parts.push(format!("{t} tasks"));
+        }
+        if let Some(c) = self.guaranteed_cpu_millis {
+            parts.push(format!("guaranteed cpu {}", crate::units::show::cpu(c)));
+        }
+        if let Some(m) = self.guaranteed_memory_bytes {
+            parts.push(format!("guaranteed memory {}", crate::units::show::memory(m)));
         }
         if parts.is_empty() {
             "no limits".into()

@@ -228,6 +228,12 @@ pub struct QuotaSetArgs {
     /// Tasks holding resources at once, or `none`.
     #[arg(long)]
     pub tasks: Option<String>,
+    /// The guaranteed share: other namespaces' work never preempts its tasks below this much CPU, or `none`.
+    #[arg(long)]
+    pub guaranteed_cpu: Option<String>,
+    /// The guaranteed share of memory, or `none`.
+    #[arg(long)]
+    pub guaranteed_memory: Option<String>,
 }
 
 #[derive(Args, Debug)]

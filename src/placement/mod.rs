@@ -373,7 +373,10 @@ fn preemption(
         if (job.anti_affinity && c.job_tasks > 0) || request.exceeds(c.capacity).is_some() {
             continue;
         }
-        let Some(victims) = preempt::victims(snapshot, c, request, task.value.priority, taken) else { continue };
+        let Some(victims) = preempt::victims(snapshot, c, request, task.value.priority, &job.namespace, taken)
+        else {
+            continue;
+        };
         if victims.is_empty() {
             continue;
         }

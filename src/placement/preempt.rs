@@ -5,6 +5,10 @@
 //! turns out unnecessary is spared again, highest priority first. The eviction itself happens in the claim's
 //! commit, so a victim that moved in the meantime makes the claim fail rather than evict the wrong task.
 //!
+//! A namespace's guaranteed share (its quota's `guaranteed_*`) is not taken by another namespace's work: a
+//! victim of such a namespace is eligible only while what the decision evicts from it so far leaves it at or
+//! above the guarantee (as this scheduler's view shows its use).
+//!
 //! A task of a gang is never evicted alone: a gang runs whole or not at all, so evicting one of its tasks
 //! evicts all of them, wherever they run (and they all go back to pending together). Such a victim costs its
 //! whole gang, and only its tasks on this node make room here.
@@ -22,8 +26,10 @@ pub fn victims(
     candidate: &Candidate<'_>,
     request: Resources,
     priority: i32,
+    namespace: &str,
     taken: &HashSet<String>,
 ) -> Option<Vec<Versioned<Task>>> {
+    let mut guard = Guard::new(snapshot, namespace, taken);
     let mut eligible: Vec<&Versioned<Task>> = snapshot
         .tasks_on(candidate.name)
         .filter(|t| t.value.priority < priority && !taken.contains(&t.value.id))
@@ -43,6 +49,12 @@ pub fn victims(
     for t in eligible {
         if fits(free) {
             break;
+        }
+        let leaving = gang_of(snapshot, &t.value).map_or(t.value.resources, |g| {
+            g.iter().fold(Resources::ZERO, |sum, m| sum.saturating_add(m.value.resources))
+        });
+        if !guard.take(&t.value.namespace, leaving) {
+            continue;
         }
         free = free.saturating_add(t.value.resources);
         chosen.push(t);
@@ -75,6 +87,47 @@ pub fn victims(
 }
 
 /// The tasks of `task`'s job holding resources, if its job is a gang.
+/// What each other namespace with a guarantee may still lose to this decision's evictions.
+struct Guard<'a> {
+    snapshot: &'a CellSnapshot,
+    preemptor: &'a str,
+    /// namespace -> (cpu, memory) still preemptible (`None`: not guarded in that dimension).
+    left: std::collections::HashMap<String, (Option<u64>, Option<u64>)>,
+    taken: &'a HashSet<String>,
+}
+
+impl<'a> Guard<'a> {
+    fn new(snapshot: &'a CellSnapshot, preemptor: &'a str, taken: &'a HashSet<String>) -> Self {
+        Guard { snapshot, preemptor, left: Default::default(), taken }
+    }
+
+    /// Takes `r` from `namespace`'s preemptible room, if it has that much (always, for the preemptor's own
+    /// namespace or one without a guarantee).
+    fn take(&mut self, namespace: &str, r: Resources) -> bool {
+        if namespace == self.preemptor {
+            return true;
+        }
+        let Some(quota) = self.snapshot.quotas.get(namespace) else { return true };
+        let (snapshot, taken) = (self.snapshot, self.taken);
+        let left = self.left.entry(namespace.to_string()).or_insert_with(|| {
+            // Victims already promised to this decision's other claims count as gone.
+            let mut used = snapshot.use_of(namespace);
+            for id in taken {
+                if let Some(t) = snapshot.tasks.get(id.as_str()).filter(|t| t.value.namespace == namespace) {
+                    used.remove(t.value.resources);
+                }
+            }
+            quota.value.preemptible(&used)
+        });
+        let ok = left.0.is_none_or(|c| r.cpu_millis <= c) && left.1.is_none_or(|m| r.memory_bytes <= m);
+        if ok {
+            left.0 = left.0.map(|c| c - r.cpu_millis);
+            left.1 = left.1.map(|m| m - r.memory_bytes);
+        }
+        ok
+    }
+}
+
 fn gang_of<'a>(snapshot: &'a CellSnapshot, task: &Task) -> Option<Vec<&'a Versioned<Task>>> {
     let job = snapshot.jobs.get(task.job.as_str())?;
     job.value.gang.then(|| snapshot.tasks_of(&job.value).filter(|t| t.value.state.holds_resources()).collect())

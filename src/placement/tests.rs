@@ -177,6 +177,47 @@ fn a_gang_that_does_not_fit_whole_proposes_nothing() {
     assert_eq!(p.explanation.unwrap().codes().get("insufficient_cpu"), Some(&1));
 }
 
+/// Another namespace's work never preempts a namespace below its guaranteed share; its own work may.
+#[test]
+fn preemption_leaves_another_namespace_its_guaranteed_share() {
+    let mut cell = Cell::new();
+    cell.node("a", 4000, 16 * GI, "z");
+    // Namespace b holds the whole node (4 tasks of 1000m) and is guaranteed 3000m of it.
+    let mut low = job("low", JobKind::Batch, 4, 1000, GI);
+    low.namespace = "b".into();
+    let low = cell.job(&low);
+    for t in &low {
+        cell.run(t, "a");
+    }
+    let mut quota = crate::model::Quota::new("b");
+    quota.guaranteed_cpu_millis = Some(3000);
+    cell.put(cell.keys.quota("b"), &quota);
+
+    // Namespace a's high-priority 2000m task would need two of b's tasks: b would drop to 2000m. Refused.
+    let mut big = job("big", JobKind::Service, 1, 2000, GI);
+    big.namespace = "a".into();
+    big.priority = 100;
+    let pending = cell.job(&big);
+    let p = place(&cell.snap, &big, &pending, &PlacementOptions::service(), &mut rng());
+    assert!(p.claims.is_empty(), "{:?}", p.claims.iter().map(|c| c.preempts.len()).collect::<Vec<_>>());
+    // A 1000m task takes one: b keeps exactly its 3000m.
+    let mut small = job("small", JobKind::Service, 1, 1000, GI);
+    small.namespace = "a".into();
+    small.priority = 100;
+    let pending = cell.job(&small);
+    let p = place(&cell.snap, &small, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(p.claims.len(), 1);
+    assert_eq!(p.claims[0].preempts.len(), 1);
+    // b's own higher-priority work may take it below: the guarantee is against other namespaces.
+    let mut own = job("own", JobKind::Service, 1, 2000, GI);
+    own.namespace = "b".into();
+    own.priority = 100;
+    let pending = cell.job(&own);
+    let p = place(&cell.snap, &own, &pending, &PlacementOptions::service(), &mut rng());
+    assert_eq!(p.claims.len(), 1);
+    assert_eq!(p.claims[0].preempts.len(), 2);
+}
+
 #[test]
 fn preemption_evicts_the_cheapest_lower_priority_set() {
     let mut cell = Cell::new();

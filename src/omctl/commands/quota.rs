@@ -112,6 +112,10 @@ async fn set_quota(store: &Store, args: &QuotaSetArgs) -> anyhow::Result<Code> {
         quota.cpu_millis = limit("cpu", &args.cpu, quota.cpu_millis, parse::parse_cpu)?;
         quota.memory_bytes = limit("memory", &args.memory, quota.memory_bytes, parse::parse_memory)?;
         quota.tasks = limit("tasks", &args.tasks, quota.tasks, count)?;
+        quota.guaranteed_cpu_millis =
+            limit("guaranteed-cpu", &args.guaranteed_cpu, quota.guaranteed_cpu_millis, parse::parse_cpu)?;
+        quota.guaranteed_memory_bytes =
+            limit("guaranteed-memory", &args.guaranteed_memory, quota.guaranteed_memory_bytes, parse::parse_memory)?;
         let txn = Txn::new().when([compare]).and_then([TxnOp::put(key.as_str(), encode(&key, &quota)?, None)]);
         if store.client().kv_client().txn(txn).await?.succeeded() {
             println!("namespace {}: {}", args.namespace, quota.describe_limits());
