@@ -390,6 +390,7 @@ impl Indexer {
         };
         let row = JobRow {
             id: Name::from(id),
+            namespace: job.namespace.clone(),
             kind: job.kind,
             scheduler: job.scheduler.clone(),
             priority: job.priority,

@@ -6,7 +6,6 @@
 //! it starts from the smallest set among its filters, in id order from its cursor, and stops after a page.
 //! The sets are persistent (`imbl`), so every published view holds its own consistent copy for free.
 //!
-//! A namespace filter, once jobs have namespaces, is one more `by_*` map like `by_scheduler`.
 
 use imbl::{OrdMap, OrdSet};
 use omega::cell_state::Name;
@@ -35,6 +34,7 @@ pub struct Counts {
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobRow {
     pub id: Name,
+    pub namespace: String,
     pub kind: JobKind,
     pub scheduler: String,
     pub priority: i32,
@@ -75,6 +75,7 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub kind: Option<JobKind>,
     pub scheduler: Option<String>,
+    pub namespace: Option<String>,
     /// A pending reason code (`insufficient_memory`, [`WAITING`], ...).
     pub reason: Option<String>,
     /// Job ids starting with this.
@@ -86,6 +87,7 @@ impl JobFilter {
         self.state.is_none_or(|s| row.state == s)
             && self.kind.is_none_or(|k| row.kind == k)
             && self.scheduler.as_deref().is_none_or(|s| row.scheduler == s)
+            && self.namespace.as_deref().is_none_or(|n| row.namespace == n)
             && self.reason.as_deref().is_none_or(|r| row.codes.iter().any(|c| c == r))
             && self.prefix.as_deref().is_none_or(|p| row.id.starts_with(p))
     }
@@ -126,6 +128,7 @@ pub struct JobIndex {
     pub by_state: BTreeMap<&'static str, OrdSet<Name>>,
     pub by_kind: BTreeMap<&'static str, OrdSet<Name>>,
     pub by_scheduler: BTreeMap<String, OrdSet<Name>>,
+    pub by_namespace: BTreeMap<String, OrdSet<Name>>,
     pub by_reason: BTreeMap<String, OrdSet<Name>>,
     /// Pending tasks per reason code (a job pending for two codes counts under both).
     pub reason_tasks: BTreeMap<String, u64>,
@@ -161,6 +164,7 @@ impl JobIndex {
         add(self.by_state.entry(state_name(row.state)).or_default(), &id);
         add(self.by_kind.entry(kind_name(row.kind)).or_default(), &id);
         add(self.by_scheduler.entry(row.scheduler.clone()).or_default(), &id);
+        add(self.by_namespace.entry(row.namespace.clone()).or_default(), &id);
         for code in &row.codes {
             add(self.by_reason.entry(code.clone()).or_default(), &id);
             *self.reason_tasks.entry(code.clone()).or_default() += u64::from(row.counts.pending);
@@ -174,6 +178,7 @@ impl JobIndex {
         drop_from(&mut self.by_state, state_name(old.state), id);
         drop_from(&mut self.by_kind, kind_name(old.kind), id);
         drop_from(&mut self.by_scheduler, old.scheduler.as_str(), id);
+        drop_from(&mut self.by_namespace, old.namespace.as_str(), id);
         for code in &old.codes {
             drop_from(&mut self.by_reason, code.as_str(), id);
             if let Some(n) = self.reason_tasks.get_mut(code.as_str()) {
@@ -210,6 +215,9 @@ impl JobIndex {
         }
         if let Some(s) = &filter.scheduler {
             sets.push(self.by_scheduler.get(s).unwrap_or(empty));
+        }
+        if let Some(n) = &filter.namespace {
+            sets.push(self.by_namespace.get(n).unwrap_or(empty));
         }
         if let Some(r) = &filter.reason {
             sets.push(self.by_reason.get(r).unwrap_or(empty));
@@ -316,6 +324,7 @@ mod tests {
     fn row(id: &str, state: JobState, scheduler: &str, codes: &[&str], pending: u32) -> JobRow {
         JobRow {
             id: Name::from(id),
+            namespace: omega::model::DEFAULT_NAMESPACE.into(),
             kind: JobKind::Batch,
             scheduler: scheduler.into(),
             priority: 0,
@@ -369,6 +378,10 @@ mod tests {
         ix.remove("j6");
         ix.remove("j8");
         assert!(ix.pending_by_reason().is_empty() && !ix.by_state.contains_key("pending"));
+        let ns = JobFilter { namespace: Some(omega::model::DEFAULT_NAMESPACE.into()), ..Default::default() };
+        assert_eq!(ix.page(&ns, &Cursor::Start, 100).total, ix.rows.len(), "every test row is in `default`");
+        let other = JobFilter { namespace: Some("team-a".into()), ..Default::default() };
+        assert_eq!(ix.page(&other, &Cursor::Start, 100).total, 0);
         let unknown = JobFilter { scheduler: Some("nope".into()), ..Default::default() };
         assert_eq!(ix.page(&unknown, &Cursor::Start, 10).total, 0);
     }

@@ -56,6 +56,7 @@ impl Query {
                 state,
                 kind,
                 scheduler: get("scheduler").map(str::to_string),
+                namespace: get("namespace").map(str::to_string),
                 reason: get("reason").map(str::to_string),
                 prefix: get("q").map(str::to_string),
             },
@@ -74,7 +75,7 @@ impl Query {
         if let Some(k) = f.kind {
             parts.push(format!("kind={}", index::kind_name(k)));
         }
-        for (k, v) in [("scheduler", &f.scheduler), ("reason", &f.reason), ("q", &f.prefix)] {
+        for (k, v) in [("scheduler", &f.scheduler), ("namespace", &f.namespace), ("reason", &f.reason), ("q", &f.prefix)] {
             if let Some(v) = v {
                 parts.push(format!("{k}={}", url_encode(v)));
             }
@@ -112,12 +113,15 @@ pub fn form(view: &View, query: &Query) -> String {
     let kinds = [("batch".to_string(), "batch".to_string()), ("service".to_string(), "service".to_string())];
     let schedulers: Vec<(String, String)> = view.jobs.by_scheduler.keys().map(|s| (s.clone(), s.clone())).collect();
     let reasons: Vec<(String, String)> = view.jobs.by_reason.keys().map(|r| (r.clone(), r.clone())).collect();
+    let namespaces: Vec<(String, String)> = view.jobs.by_namespace.keys().map(|n| (n.clone(), n.clone())).collect();
     format!(
         "<form class=\"filters\" method=\"get\" action=\"/jobs\">\
          <label>Job id starts with<input type=\"search\" name=\"q\" value=\"{}\"></label>\
-         <label>State{}</label><label>Kind{}</label><label>Scheduler{}</label><label>Pending for{}</label>\
+         <label>Namespace{}</label><label>State{}</label><label>Kind{}</label><label>Scheduler{}</label>\
+         <label>Pending for{}</label>\
          <button type=\"submit\">Filter</button> <a href=\"/jobs\">clear</a></form>",
         escape(f.prefix.as_deref().unwrap_or("")),
+        select("namespace", f.namespace.as_deref(), &namespaces),
         select("state", f.state.map(index::state_name), &states),
         select("kind", f.kind.map(index::kind_name), &kinds),
         select("scheduler", f.scheduler.as_deref(), &schedulers),
@@ -206,6 +210,7 @@ pub fn render(view: &View, query: &Query) -> String {
         out.push_str(&table(
             &[
                 "id",
+                "namespace",
                 "kind",
                 "scheduler",
                 "priority",
@@ -244,6 +249,7 @@ fn row(r: &JobRow) -> Vec<String> {
     let state = index::state_name(r.state);
     vec![
         job_link(&r.id),
+        escape(&r.namespace),
         index::kind_name(r.kind).into(),
         escape(&r.scheduler),
         r.priority.to_string(),
