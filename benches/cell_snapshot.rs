@@ -45,6 +45,7 @@ fn task(i: usize, revision: i64) -> Task {
     Task {
         job: id.split_once('/').map(|(j, _)| j.to_string()).unwrap_or_default(),
         index: (i % TASKS_PER_JOB) as u32,
+        namespace: omega::model::DEFAULT_NAMESPACE.to_string(),
         id,
         resources: request(),
         state: TaskState::Assigned,

@@ -38,7 +38,7 @@ pub fn bin_dir(given: Option<&Path>) -> Result<PathBuf> {
 
 /// etcd as a run uses it.
 pub enum Etcd {
-    One(EtcdProcess),
+    One(Box<EtcdProcess>),
     Three(EtcdCluster),
 }
 
@@ -52,7 +52,7 @@ impl Etcd {
         };
         let members = cell.members;
         Ok(match members {
-            1 => Etcd::One(EtcdProcess::start(options).await.context("starting etcd")?),
+            1 => Etcd::One(Box::new(EtcdProcess::start(options).await.context("starting etcd")?)),
             n => Etcd::Three(EtcdCluster::start(n, options).await.context("starting the etcd cluster")?),
         })
     }

@@ -88,8 +88,7 @@ pub fn plan(spec: &RunSpec, to: &Addressees) -> Plan {
     {
         let mut at = Duration::ZERO;
         let mut n = 0;
-        loop {
-            let Some(gap) = exponential(&mut rng, class) else { break };
+        while let Some(gap) = exponential(&mut rng, class) {
             at += gap;
             if at >= spec.duration {
                 break;

@@ -229,7 +229,7 @@ mod tests {
             ledgers: [("n1".to_string(), Some(Versioned::new(ledger.clone(), 9)))].into(),
             ..Default::default()
         };
-        apply_report(&mut view, &[claim.clone()], &report);
+        apply_report(&mut view, std::slice::from_ref(&claim), &report);
         assert_eq!(view.allocations.get("n1").map(|l| l.mod_revision), Some(9), "the next round compares against 9");
         let placed = view.tasks.get("j/0").expect("task");
         assert_eq!((placed.value.state, placed.mod_revision), (TaskState::Assigned, 9));

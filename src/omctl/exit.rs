@@ -129,9 +129,10 @@ pub fn classify(err: &anyhow::Error) -> Code {
             let message = e.to_string();
             return if message.contains("database space exceeded") {
                 Code::NoSpace
-            } else if is_permission_denied(&message) {
-                Code::User
-            } else if message.contains("request is too large") || message.contains("too many operations") {
+            } else if is_permission_denied(&message)
+                || message.contains("request is too large")
+                || message.contains("too many operations")
+            {
                 Code::User
             } else {
                 Code::Etcd

@@ -245,6 +245,9 @@ pub fn place_in<'a>(
     placement
 }
 
+/// The best preemption so far: (spread rank, victims' cost, score, candidate index, victims).
+type PreemptionChoice = ((u32, u32), (i32, usize, u64), f64, usize, Vec<Versioned<Task>>);
+
 /// The explanation of a task the namespace's quota stops.
 fn quota_shortfall(
     namespace: &str,
@@ -368,7 +371,7 @@ fn preemption(
         let group = if job.spread.is_some() { group_tasks.get(c.spread_value).copied().unwrap_or(0) } else { 0 };
         (group, c.job_tasks)
     };
-    let mut best: Option<((u32, u32), (i32, usize, u64), f64, usize, Vec<Versioned<Task>>)> = None;
+    let mut best: Option<PreemptionChoice> = None;
     for (i, c) in candidates.iter().enumerate() {
         if (job.anti_affinity && c.job_tasks > 0) || request.exceeds(c.capacity).is_some() {
             continue;
