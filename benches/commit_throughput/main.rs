@@ -18,8 +18,8 @@
 //! Claims are counted for commits that complete inside the measurement window (after a short warm-up).
 //!
 //! Over TLS ([`transport`]: https with client certificates, optionally with etcd's authentication on) both
-//! measurements are repeated per transport, and the table sets each transport's claims/s against the first
-//! one's, pair by pair per batch size.
+//! measurements are repeated per transport, and the table sets each transport's claims/s against plain text's
+//! (or the first transport's), pair by pair per batch size.
 //!
 //! Environment:
 //! - `OMEGA_BENCH_SECS` (default 5): measured seconds per measurement.

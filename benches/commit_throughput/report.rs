@@ -1,5 +1,5 @@
 //! The table: claims/s, the omega/raw ratio, latencies, conflicts and transactions per batch size (and
-//! transport), then, with more than one transport, each one's claims/s against the first's, then the CPU etcd
+//! transport), then, with more than one transport, each one's claims/s against plain text's, then the CPU etcd
 //! and this process used in each window, then the machine's load (a shared machine skews them all).
 
 use super::omega_run::OmegaOutcome;
@@ -138,20 +138,21 @@ pub fn table(config: &Config, rows: &[Row]) -> String {
     s
 }
 
-/// Each batch size's claims/s per transport, and each transport's against the first one's, measured back to back
-/// in this run: omega's, and raw etcd's (what TLS costs etcd and a lean client, without the committer).
+/// Each batch size's claims/s per transport, and each transport's against plain text's (or the first one's),
+/// measured back to back in this run: omega's, and raw etcd's (what TLS costs etcd and a lean client, without
+/// the committer).
 fn transports(s: &mut String, config: &Config, rows: &[Row]) {
-    let base = config.transports[0];
-    let others = &config.transports[1..];
+    let base = if config.transports.contains(&Transport::Plain) { Transport::Plain } else { config.transports[0] };
+    let others: Vec<Transport> = config.transports.iter().copied().filter(|&t| t != base).collect();
     let _ = writeln!(s, "\nTLS against {base}, per batch size (ratios pairwise, from the rows above):\n");
     let mut head = String::from("| batch size |");
     for t in &config.transports {
         let _ = write!(head, " omega claims/s {t} |");
     }
-    for t in others {
+    for t in &others {
         let _ = write!(head, " omega {t}/{base} |");
     }
-    for t in others {
+    for t in &others {
         let _ = write!(head, " raw {t}/{base} |");
     }
     let _ = writeln!(s, "{head}");
@@ -164,11 +165,11 @@ fn transports(s: &mut String, config: &Config, rows: &[Row]) {
             let _ = write!(line, " {cell} |");
         }
         let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.2}", x / y) } else { "?".into() };
-        for &t in others {
+        for &t in &others {
             let cell = find(t).map(|r| ratio(r.omega.tally.claims_per_sec(), b.omega.tally.claims_per_sec()));
             let _ = write!(line, " {} |", cell.unwrap_or_else(|| "?".into()));
         }
-        for &t in others {
+        for &t in &others {
             let cell = find(t).map(|r| ratio(r.raw.claims_per_sec(), b.raw.claims_per_sec()));
             let _ = write!(line, " {} |", cell.unwrap_or_else(|| "?".into()));
         }
