@@ -1,7 +1,8 @@
 //! Raw commit throughput: claims per second through Omega's committer, next to the ceiling etcd itself
 //! offers for the same write pattern.
 //!
-//! For each batch size B (claims per commit call) two measurements run back to back, each on a fresh etcd:
+//! For each batch size B (claims per commit call), and each transport asked for, two measurements run back to
+//! back, each on a fresh etcd:
 //!
 //! - **omega** ([`omega_run`]): N live nodes with room for everything and a pool of pending tasks; W workers,
 //!   each owning a disjoint share of nodes and tasks, repeatedly claim their next B tasks on their next B nodes
@@ -16,6 +17,12 @@
 //!
 //! Claims are counted for commits that complete inside the measurement window (after a short warm-up).
 //!
+//! Over TLS ([`transport`]: https with client certificates, optionally with etcd's authentication on) both
+//! measurements are repeated per transport, and the table sets each transport's claims/s against plain text's
+//! (or the first transport's), pair by pair per batch size. On the project's 2-core machine TLS cost Omega's
+//! commits about 5-8% of their rate and etcd's authentication up to as much again at small batches, within
+//! noise as large as the effect (README, "Measured").
+//!
 //! Environment:
 //! - `OMEGA_BENCH_SECS` (default 5): measured seconds per measurement.
 //! - `OMEGA_BENCH_BATCHES` (default `1,16,64,128`): batch sizes.
@@ -27,6 +34,9 @@
 //! - `OMEGA_BENCH_RAW_WATCH=plain|prev_kv`: watch the raw cell range during the raw run (default none), to see
 //!   what a watcher like the cache's costs etcd on its own.
 //! - `OMEGA_BENCH_RAW_TASKS` (default 4096): raw task keys per worker, claimed round-robin over and over.
+//! - `OMEGA_BENCH_TLS` (default `off`): transports, in order, from `off` (plain http), `on` (TLS, client
+//!   certificates required, no authentication) and `rbac` (`on` with the cell's roles and authentication on),
+//!   e.g. `off,on,rbac`. Not with `OMEGA_BENCH_ETCD`.
 //! - `RUST_LOG`: log filter (default `warn`).
 //!
 //! Besides claims/s and latencies the output ([`report`]) shows the CPU etcd and this process used during each
@@ -34,22 +44,27 @@
 //!
 //! Run with `cargo bench --bench commit_throughput`. The table goes to stdout and to
 //! `target/omega-bench/commit_throughput.md`. Without `--bench` (as `cargo test --benches` runs it) it does a
-//! short smoke run instead.
+//! short smoke run instead (batch 16, half-second windows, `off,rbac` unless `OMEGA_BENCH_TLS` says otherwise).
 //!
 //! This file holds the settings, where each measurement runs, and the sequence; the committer's side, the
-//! table and the raw ceiling each live in their own module, the last in the benches' library so other
-//! programs measure the ceiling the same way.
+//! table, the transports and the raw ceiling each live in their own module, the last in the benches' library
+//! so other programs measure the ceiling the same way.
 
 mod omega_run;
 mod report;
+mod transport;
 
 use anyhow::{ensure, Context, Result};
 use etcd_client::{Client, DeleteOptions};
 use omega::etcd_process::{EtcdOptions, EtcdProcess};
+use omega::keys::Keys;
 use omega::model::now_ms;
-use omega_benches::raw_ceiling::{self, RawOptions, RawOutcome, RawWatch};
+use omega::store::{Store, StoreOptions};
+use omega::tls::TlsFiles;
+use omega_benches::raw_ceiling::{self, RawOptions, RawOutcome, RawTls, RawWatch};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use transport::{Certs, Identities, Transport};
 
 #[derive(Clone, Debug)]
 struct Config {
@@ -65,6 +80,8 @@ struct Config {
     cache: bool,
     /// Watch the raw cell range while measuring raw etcd, as omega's cache does (`OMEGA_BENCH_RAW_WATCH`).
     raw_watch: RawWatch,
+    /// The transports each batch size is measured over, in this order (`OMEGA_BENCH_TLS`).
+    transports: Vec<Transport>,
 }
 
 impl Config {
@@ -96,16 +113,27 @@ impl Config {
         );
         let measure = Duration::from_secs_f64(secs);
         let raw_watch = std::env::var("OMEGA_BENCH_RAW_WATCH").unwrap_or_default();
+        let endpoint = std::env::var("OMEGA_BENCH_ETCD").ok().filter(|s| !s.is_empty());
+        // The smoke run also goes over TLS with authentication on (the path with the most to it), so that path
+        // cannot rot unnoticed; not on an etcd of someone else's, which has none of our certificates.
+        let tls = std::env::var("OMEGA_BENCH_TLS")
+            .unwrap_or_else(|_| if smoke && endpoint.is_none() { "off,rbac" } else { "off" }.into());
+        let transports = Transport::parse_list(&tls).with_context(|| format!("OMEGA_BENCH_TLS={tls:?}"))?;
+        ensure!(
+            endpoint.is_none() || transports == [Transport::Plain],
+            "OMEGA_BENCH_TLS={tls}: TLS needs etcds this benchmark starts (with its certificates); unset OMEGA_BENCH_ETCD"
+        );
         Ok(Config {
             batches,
             measure,
             warmup: (measure / 5).min(Duration::from_millis(500)),
             workers,
             nodes,
-            endpoint: std::env::var("OMEGA_BENCH_ETCD").ok().filter(|s| !s.is_empty()),
+            endpoint,
             raw_tasks_per_worker,
             cache: env_or("OMEGA_BENCH_CACHE", 1u8)? != 0,
             raw_watch: raw_watch.parse().with_context(|| format!("OMEGA_BENCH_RAW_WATCH={raw_watch:?}"))?,
+            transports,
         })
     }
 }
@@ -120,30 +148,58 @@ where
     }
 }
 
-/// Where a measurement's keys live: a fresh etcd of its own, or a fresh prefix on `$OMEGA_BENCH_ETCD`.
+/// Where a measurement's keys live: a fresh etcd of its own, or a fresh prefix on `$OMEGA_BENCH_ETCD`; and
+/// who connects to it.
 struct Target {
     etcd: Option<EtcdProcess>,
     endpoints: Vec<String>,
     prefix: String,
     shared: bool,
+    ids: Identities,
 }
 
 impl Target {
-    async fn new(config: &Config, name: &str) -> Result<Target> {
+    /// `certs` is the run's certificates, which every transport but plain text needs.
+    async fn new(config: &Config, name: &str, transport: Transport, certs: Option<&Certs>) -> Result<Target> {
+        let certs = if transport.is_tls() { Some(certs.context("TLS without certificates")?) } else { None };
         match &config.endpoint {
-            Some(e) => Ok(Target {
-                etcd: None,
-                endpoints: vec![e.clone()],
-                prefix: format!("/omega-bench/{}-{}-{name}/", std::process::id(), now_ms()),
-                shared: true,
-            }),
+            Some(e) => {
+                ensure!(certs.is_none(), "TLS to an etcd the benchmark did not start");
+                Ok(Target {
+                    etcd: None,
+                    endpoints: vec![e.clone()],
+                    prefix: format!("/omega-bench/{}-{}-{name}/", std::process::id(), now_ms()),
+                    shared: true,
+                    ids: Identities::default(),
+                })
+            }
             None => {
-                let etcd = EtcdProcess::start(EtcdOptions { quota_backend_bytes: Some(8 << 30), ..Default::default() })
-                    .await
-                    .context("starting etcd")?;
-                Ok(Target { endpoints: etcd.endpoints(), etcd: Some(etcd), prefix: "/omega/".into(), shared: false })
+                let options = EtcdOptions {
+                    quota_backend_bytes: Some(8 << 30),
+                    tls: certs.map(Certs::server),
+                    ..Default::default()
+                };
+                let etcd = EtcdProcess::start(options).await.context("starting etcd")?;
+                let keys = Keys::default();
+                if transport == Transport::Rbac {
+                    let certs = certs.context("RBAC without certificates")?;
+                    certs.grant_roles(&etcd.endpoint(), &keys).await?;
+                }
+                Ok(Target {
+                    endpoints: etcd.endpoints(),
+                    etcd: Some(etcd),
+                    prefix: keys.prefix().into(),
+                    shared: false,
+                    ids: Identities::of(certs),
+                })
             }
         }
+    }
+
+    /// A store on the target's prefix, connected as `who` (plain text when `None`).
+    async fn store(&self, who: &Option<TlsFiles>) -> Result<Store> {
+        let options = StoreOptions::with_tls(who.clone());
+        Ok(Store::connect_with(&self.endpoints, Keys::new(&self.prefix)?, options, Duration::ZERO).await?)
     }
 
     fn etcd_pid(&self) -> Option<u32> {
@@ -161,8 +217,12 @@ impl Target {
 }
 
 /// etcd's ceiling for batch size `batch`, on a target of its own (the raw ceiling cleans a shared one).
-async fn run_raw(config: &Config, batch: usize) -> Result<RawOutcome> {
-    let target = Target::new(config, &format!("raw-b{batch}")).await?;
+async fn run_raw(config: &Config, batch: usize, transport: Transport, certs: Option<&Certs>) -> Result<RawOutcome> {
+    let target = Target::new(config, &format!("raw-b{batch}"), transport, certs).await?;
+    let tls = match (&target.ids.admin, &target.ids.measured) {
+        (Some(admin), Some(claims)) => Some(RawTls { admin: admin.clone(), claims: claims.clone() }),
+        _ => None,
+    };
     let opts = RawOptions {
         workers: config.workers,
         nodes: config.nodes,
@@ -173,24 +233,37 @@ async fn run_raw(config: &Config, batch: usize) -> Result<RawOutcome> {
         etcd_pid: target.etcd_pid(),
         watch: config.raw_watch,
         clean: target.shared,
+        tls,
         ..RawOptions::default()
     };
     raw_ceiling::measure(&target.endpoints, &target.prefix, &opts).await
 }
 
 async fn bench(config: Config) -> Result<String> {
+    // One set of certificates for the whole run, when any transport is TLS.
+    let certs = if config.transports.iter().any(|t| t.is_tls()) {
+        Some(Certs::make().await.context("making certificates")?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for &batch in &config.batches {
-        let raw = run_raw(&config, batch).await.with_context(|| format!("raw etcd, batch {batch}"))?;
-        eprintln!("  raw   B={batch}: {:.0} claims/s", raw.claims_per_sec());
-        // Enough pending tasks for omega to go as fast as raw etcd did, and then some (a floor for when raw
-        // etcd was the slower one, as with OMEGA_BENCH_RAW_WATCH=prev_kv).
-        let span = (config.warmup + config.measure).as_secs_f64();
-        let pool = ((raw.claims_per_sec() * span * 1.5) as usize + 8 * config.workers * batch).max(20_000);
-        let omega =
-            omega_run::run_omega(&config, batch, pool).await.with_context(|| format!("omega, batch {batch}"))?;
-        eprintln!("  omega B={batch}: {:.0} claims/s", omega.tally.claims_per_sec());
-        rows.push(report::Row { batch, omega, raw });
+        // Each transport's pair back to back, so that what else the machine does weighs on them alike.
+        for &transport in &config.transports {
+            let raw = run_raw(&config, batch, transport, certs.as_ref())
+                .await
+                .with_context(|| format!("raw etcd, batch {batch}, TLS {transport}"))?;
+            eprintln!("  raw   B={batch} TLS {transport}: {:.0} claims/s", raw.claims_per_sec());
+            // Enough pending tasks for omega to go as fast as raw etcd did, and then some (a floor for when raw
+            // etcd was the slower one, as with OMEGA_BENCH_RAW_WATCH=prev_kv).
+            let span = (config.warmup + config.measure).as_secs_f64();
+            let pool = ((raw.claims_per_sec() * span * 1.5) as usize + 8 * config.workers * batch).max(20_000);
+            let omega = omega_run::run_omega(&config, batch, pool, transport, certs.as_ref())
+                .await
+                .with_context(|| format!("omega, batch {batch}, TLS {transport}"))?;
+            eprintln!("  omega B={batch} TLS {transport}: {:.0} claims/s", omega.tally.claims_per_sec());
+            rows.push(report::Row { batch, transport, omega, raw });
+        }
     }
     Ok(report::table(&config, &rows))
 }

@@ -5,11 +5,11 @@
 //! commits produced, so it never decides on a stale ledger and conflicts stay at zero: this measures the
 //! committer's throughput, not contention.
 
+use super::transport::{Certs, Transport};
 use super::{Config, Target};
 use anyhow::{ensure, Context, Result};
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
 use omega::commit::{Claim, CommitConfig, CommitKind, Committer, Detection};
-use omega::keys::Keys;
 use omega::model::{now_ms, Job, JobKind, Node, Task, TaskState};
 use omega::store::{Store, DEFAULT_MAX_TXN_OPS, DEFAULT_PAGE_SIZE};
 use omega_benches::cell::{in_streams, node_name, worker_nodes, CALL_TIMEOUT, CAPACITY, PLACED_BY, REQUEST};
@@ -44,12 +44,25 @@ impl OmegaOutcome {
 }
 
 /// Seeds the cell (nodes, liveness, `pool` pending tasks), runs the workers, checks the cache agrees.
-pub async fn run_omega(config: &Config, batch: usize, pool: usize) -> Result<OmegaOutcome> {
-    let target = Target::new(config, &format!("omega-b{batch}")).await?;
-    let store = Store::connect(&target.endpoints, Keys::new(&target.prefix)?).await?;
+pub async fn run_omega(
+    config: &Config,
+    batch: usize,
+    pool: usize,
+    transport: Transport,
+    certs: Option<&Certs>,
+) -> Result<OmegaOutcome> {
+    let target = Target::new(config, &format!("omega-b{batch}"), transport, certs).await?;
+    // The cell is written as an administrator (under etcd's authentication a scheduler may not register
+    // nodes); the cache and the committer connect as what is measured.
+    let admin = target.store(&target.ids.admin).await.context("connecting to etcd")?;
+    let store = if target.ids.measured == target.ids.admin {
+        admin.clone()
+    } else {
+        target.store(&target.ids.measured).await.context("connecting to etcd as the measured side")?
+    };
 
     let seeding = Instant::now();
-    let s = store.clone();
+    let s = admin.clone();
     in_streams(config.nodes, move |i| {
         let s = s.clone();
         async move {
@@ -66,8 +79,8 @@ pub async fn run_omega(config: &Config, batch: usize, pool: usize) -> Result<Ome
     })
     .await
     .context("registering nodes")?;
-    let lease = store.grant_lease(600).await?;
-    let s = store.clone();
+    let lease = admin.grant_lease(600).await?;
+    let s = admin.clone();
     in_streams(config.nodes, move |i| {
         let s = s.clone();
         async move {
@@ -95,7 +108,7 @@ pub async fn run_omega(config: &Config, batch: usize, pool: usize) -> Result<Ome
         }
     }
     let jobs = Arc::new(jobs);
-    let (s, j) = (store.clone(), jobs.clone());
+    let (s, j) = (admin.clone(), jobs.clone());
     in_streams(jobs.len(), move |i| {
         let (s, j) = (s.clone(), j.clone());
         async move {

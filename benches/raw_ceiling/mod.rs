@@ -41,6 +41,10 @@
 //!   met stay behind), where a commit places a pending task once;
 //! - there is no ownership fence (`cell/owners/<job>`), as in commits whose claims carry none;
 //! - nothing watches the cell unless [`RawOptions::watch`] asks, where a scheduler's cache always does.
+//!
+//! Over TLS ([`RawOptions::tls`]) the claims go with one identity and the cell is seeded, read back and
+//! deleted with another: once etcd's authentication is on, the identity measured (a scheduler's) may not write
+//! nodes.
 
 mod seed;
 mod worker;
@@ -48,9 +52,10 @@ mod worker;
 use crate::cell::CALL_TIMEOUT;
 use crate::window::{Tally, Window};
 use anyhow::{bail, ensure, Context, Result};
-use etcd_client::{Client, WatchOptions};
+use etcd_client::{Client, ConnectOptions, WatchOptions};
 use omega::keys::Keys;
-use omega::store::{Store, DEFAULT_MAX_TXN_OPS};
+use omega::store::{Store, StoreOptions, DEFAULT_MAX_TXN_OPS};
+use omega::tls::TlsFiles;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -78,6 +83,17 @@ pub struct RawOptions {
     pub watch: RawWatch,
     /// Delete everything under the prefix afterwards (and revoke the liveness lease).
     pub clean: bool,
+    /// TLS to etcd (https endpoints); `None`: plain text.
+    pub tls: Option<RawTls>,
+}
+
+/// The identities of a measurement over TLS.
+#[derive(Clone, Debug)]
+pub struct RawTls {
+    /// Seeds the cell, watches it if asked, reads it back and deletes it.
+    pub admin: TlsFiles,
+    /// Sends the claims.
+    pub claims: TlsFiles,
 }
 
 impl Default for RawOptions {
@@ -93,6 +109,7 @@ impl Default for RawOptions {
             etcd_pid: None,
             watch: RawWatch::None,
             clean: true,
+            tls: None,
         }
     }
 }
@@ -174,7 +191,10 @@ impl RawOutcome {
 /// committed claim, and deletes the prefix if `opts.clean` (also when the measurement failed).
 pub async fn measure(endpoints: &[String], prefix: &str, opts: &RawOptions) -> Result<RawOutcome> {
     opts.check()?;
-    let store = Store::connect(endpoints, Keys::new(prefix)?).await.context("connecting to etcd")?;
+    let admin = StoreOptions::with_tls(opts.tls.as_ref().map(|t| t.admin.clone()));
+    let store = Store::connect_with(endpoints, Keys::new(prefix)?, admin, Duration::ZERO)
+        .await
+        .context("connecting to etcd")?;
     let prefix = store.keys().prefix();
     let present = store.count(prefix).await?;
     ensure!(present == 0, "prefix {prefix} already holds {present} keys; the raw ceiling needs a fresh prefix");
@@ -193,7 +213,11 @@ async fn run(store: &Store, endpoints: &[String], opts: &RawOptions, lease: &mut
     let cell = seed::write(store, opts, lease).await.context("writing the raw cell")?;
     // The claims go over a plain client, without the store's per-request deadline (which costs a little on
     // each request, on both ends): the ceiling is etcd's, not a client configuration's.
-    let client = Client::connect(endpoints, None).await.context("connecting to etcd")?;
+    let connect = match &opts.tls {
+        Some(tls) => Some(ConnectOptions::new().with_tls(tls.claims.load()?)),
+        None => None,
+    };
+    let client = Client::connect(endpoints, connect).await.context("connecting to etcd")?;
     // Dropping the set (at the end, or on an error) stops the watch.
     let mut watch = JoinSet::new();
     if opts.watch != RawWatch::None {
