@@ -604,6 +604,43 @@ fn units_use_only_flags_the_programs_have() {
         assert_eq!(config["auto-compaction-mode"], "revision");
         assert_eq!(config["initial-cluster-state"], "new");
     }
+
+    // The systemd unit serves https with client certificates, between members too.
+    for (var, value) in [
+        ("ETCD_LISTEN_CLIENT_URLS", "https://127.0.0.1:2379"),
+        ("ETCD_ADVERTISE_CLIENT_URLS", "https://127.0.0.1:2379"),
+        ("ETCD_LISTEN_PEER_URLS", "https://127.0.0.1:2380"),
+        ("ETCD_CERT_FILE", "/etc/omega/tls/etcd.pem"),
+        ("ETCD_KEY_FILE", "/etc/omega/tls/etcd-key.pem"),
+        ("ETCD_TRUSTED_CA_FILE", "/etc/omega/tls/ca.pem"),
+        ("ETCD_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_PEER_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_PEER_CERT_ALLOWED_CN", "etcd"),
+    ] {
+        assert!(unit.lines().any(|l| l == format!("Environment={var}={value}")), "omega-etcd.service sets {var}={value}");
+    }
+
+    // Each Omega unit is its own etcd user; the shared omega.env names etcd and its CA, and no identity (it
+    // would override the units').
+    let file = |name: &str| std::fs::read_to_string(repo().join("deploy/systemd").join(name)).unwrap();
+    for (unit, cert, key) in [
+        ("omega-scheduler@.service", "omega-scheduler.pem", "%d/etcd-key.pem"),
+        ("omega-controller.service", "omega-controller.pem", "%d/etcd-key.pem"),
+        ("omega-agent.service", "agent-%H.pem", "/etc/omega/tls/agent-%H-key.pem"),
+    ] {
+        let text = file(unit);
+        let has = |line: String| text.lines().any(|l| l == line);
+        assert!(has(format!("Environment=OMEGA_ETCD_CERT=/etc/omega/tls/{cert}")), "{unit} names its certificate");
+        assert!(has(format!("Environment=OMEGA_ETCD_KEY={key}")), "{unit} names its key");
+        if key.starts_with("%d/") {
+            let component = cert.trim_end_matches(".pem");
+            assert!(has(format!("LoadCredential=etcd-key.pem:/etc/omega/tls/{component}-key.pem")), "{unit} loads its key");
+        }
+    }
+    let env = file("omega.env");
+    assert!(env.lines().any(|l| l == "OMEGA_ETCD=https://127.0.0.1:2379"), "omega.env: https");
+    assert!(env.lines().any(|l| l == "OMEGA_ETCD_CACERT=/etc/omega/tls/ca.pem"), "omega.env: the CA");
+    assert!(!env.lines().any(|l| l.starts_with("OMEGA_ETCD_CERT=") || l.starts_with("OMEGA_ETCD_KEY=")), "omega.env: no identity");
 }
 
 /// deploy/examples/api-update/*.yaml are later versions of api.yaml: the same job, a change that replaces the
