@@ -701,6 +701,7 @@ fn units_use_only_flags_the_programs_have() {
             assert!(urls.contains("https://") && !urls.contains("http://"), "{}: {key} is https only: {urls}", path.display());
         }
         assert_eq!(config["name"], format!("omega-{n}"));
+        assert_eq!(config["listen-metrics-urls"], format!("http://10.0.0.{n}:2381"));
         assert_eq!(config["max-txn-ops"], 1024);
         assert_eq!(config["quota-backend-bytes"], 8u64 << 30);
         assert_eq!(config["auto-compaction-mode"], "revision");
@@ -718,6 +719,8 @@ fn units_use_only_flags_the_programs_have() {
         ("ETCD_CLIENT_CERT_AUTH", "true"),
         ("ETCD_PEER_CLIENT_CERT_AUTH", "true"),
         ("ETCD_PEER_CERT_ALLOWED_CN", "etcd"),
+        // Metrics (and /health) for Prometheus, plain, on a port of their own.
+        ("ETCD_LISTEN_METRICS_URLS", "http://127.0.0.1:2381"),
     ] {
         assert!(unit.lines().any(|l| l == format!("Environment={var}={value}")), "omega-etcd.service sets {var}={value}");
     }

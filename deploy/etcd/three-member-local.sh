@@ -5,8 +5,9 @@
 # It makes a cell's certificates with deploy/tls/make-cell-certs.sh (etcd.pem is valid for 127.0.0.1, all
 # the members need), and runs etcd with the very files three-member/etcd-{1,2,3}.yaml, rewritten:
 # 10.0.0.N:2379 / :2380 become 127.0.0.1 ports of their own, the loopback client URL the files add for local
-# clients is dropped (three members cannot share 127.0.0.1:2379), /etc/omega/tls/ becomes the certificates'
-# directory, and each data directory goes under one temporary directory. So clients and peers speak TLS and
+# clients is dropped (three members cannot share 127.0.0.1:2379), so is the plain metrics URL (:2381; the
+# metrics stay on each member's client URL, at /metrics, for a client with a certificate), /etc/omega/tls/
+# becomes the certificates' directory, and each data directory goes under one temporary directory. So clients and peers speak TLS and
 # need a certificate of the cell. Then it waits until `etcdctl endpoint health` (as etcd's root user) passes
 # for all three, runs deploy/tls/grant-roles.sh (a user and role per identity, authentication on), prints the
 # endpoints and the OMEGA_ETCD_* variables to use, and keeps running. Ctrl-C, SIGTERM, a member dying or any
@@ -132,7 +133,7 @@ endpoints=()
 for n in 1 2 3; do
     src="$configs/etcd-$n.yaml"
     [[ -r "$src" ]] || { echo "three-member-local: missing $src" >&2; exit 1; }
-    rewrite=(-e 's#,https://127\.0\.0\.1:2379##g' -e "s#^data-dir:.*#data-dir: $dir/member-$n#")
+    rewrite=(-e 's#,https://127\.0\.0\.1:2379##g' -e '/^listen-metrics-urls:/d' -e "s#^data-dir:.*#data-dir: $dir/member-$n#")
     rewrite+=(-e "s#/etc/omega/tls/#$certs/#g")
     for m in 1 2 3; do
         rewrite+=(-e "s#https://10\.0\.0\.$m:2379#https://127.0.0.1:$(client_port $m)#g")
