@@ -10,7 +10,7 @@ set -euo pipefail
 # package            a file it provides that the project uses     what for
 requirements=(
   "etcd-server       /usr/bin/etcd                                 the store (etcd 3.4); every integration test starts one"
-  "etcd-client       /usr/bin/etcdctl                              etcdctl, for operators and the README's recovery steps"
+  "etcd-client       /usr/bin/etcdctl                              etcdctl: deploy/tls/grant-roles.sh (omega-cell --secure, the secure tests), operators, the README's recovery steps"
   "protobuf-compiler /usr/bin/protoc                               gRPC code generation (etcd-client, containerd-client, our log service)"
   "libprotobuf-dev   /usr/include/google/protobuf/descriptor.proto the well-known .proto files protoc imports (not installed with protoc under --no-install-recommends)"
   "containerd        /usr/bin/containerd                           the node agent's container runtime"

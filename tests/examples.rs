@@ -1,7 +1,8 @@
 //! What `deploy/` hands to people works as its comments say: the example job files parse, round-trip and place
-//! as described; `deploy/etcd/three-member-local.sh` forms a healthy three-member etcd on loopback (and the
-//! gRPC proxy script serves in front of it) and leaves nothing behind; the systemd units and etcd configuration
-//! files only use flags the programs have.
+//! as described; `deploy/etcd/three-member-local.sh` forms a healthy three-member etcd on loopback that speaks
+//! TLS only (and the gRPC proxy script serves in front of it over TLS, and refuses to once etcd's
+//! authentication is on) and leaves nothing behind; the systemd units and etcd configuration files only use
+//! flags the programs have, and TLS.
 
 use etcd_client::{Txn, TxnOp};
 use omega::cell_state::{CellSnapshot, Versioned};
@@ -10,7 +11,8 @@ use omega::keys::Keys;
 use omega::model::{Allocation, Job, JobKind, Liveness, Node, RestartMode, Task, TaskState};
 use omega::placement::{place, Placement, PlacementOptions};
 use omega::resources::Resources;
-use omega::store::Store;
+use omega::store::{Store, StoreOptions};
+use omega::tls::TlsFiles;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -339,8 +341,35 @@ impl Drop for Group {
 #[derive(Default, Debug)]
 struct Printed {
     data_dir: Option<PathBuf>,
+    certs: Option<PathBuf>,
     pids: Vec<u32>,
     endpoints: Vec<String>,
+}
+
+impl Printed {
+    /// The TLS files of one identity in the script's certificate directory.
+    fn tls(&self, name: &str) -> TlsFiles {
+        let dir = self.certs.as_ref().expect("CERTS printed before ENDPOINTS");
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            identity: Some((dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")))),
+        }
+    }
+
+    /// etcdctl's flags for that identity.
+    fn etcdctl_tls(&self, name: &str) -> Vec<String> {
+        let f = self.tls(name);
+        let (cert, key) = f.identity.unwrap();
+        vec![
+            format!("--cacert={}", f.ca.display()),
+            format!("--cert={}", cert.display()),
+            format!("--key={}", key.display()),
+        ]
+    }
+}
+
+async fn connect_tls(endpoints: &[String], tls: TlsFiles) -> omega::Result<Store> {
+    Store::connect_with(endpoints, Keys::default(), StoreOptions::with_tls(Some(tls)), Duration::from_secs(15)).await
 }
 
 /// Reads the script's `KEY=value` lines until ENDPOINTS (bounded by `limit`).
@@ -361,6 +390,8 @@ fn read_until_endpoints(lines: &mpsc::Receiver<String>, group: &mut Group, stder
         if let Some(dir) = line.strip_prefix("DATA_DIR=") {
             printed.data_dir = Some(PathBuf::from(dir));
             group.dir = printed.data_dir.clone();
+        } else if let Some(dir) = line.strip_prefix("CERTS=") {
+            printed.certs = Some(PathBuf::from(dir));
         } else if let Some(pids) = line.strip_prefix("PIDS=") {
             printed.pids = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
         } else if let Some(endpoints) = line.strip_prefix("ENDPOINTS=") {
@@ -370,11 +401,12 @@ fn read_until_endpoints(lines: &mpsc::Receiver<String>, group: &mut Group, stder
     printed
 }
 
-fn etcdctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
+fn etcdctl(endpoints: &[String], tls: &[String], args: &[&str]) -> (bool, String) {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", endpoints.join(",")))
         .args(["--dial-timeout=2s", "--command-timeout=5s"])
+        .args(tls)
         .args(args)
         .output()
         .expect("run etcdctl (Debian: etcd-client)");
@@ -391,6 +423,9 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
         .env("BASE_PORT", base.to_string())
         .env("WAIT_SECS", "45")
         .env("TMPDIR", scratch.path())
+        // etcd's authentication off at first, so that the proxy can be shown passing requests through; the
+        // test turns it on itself later with grant-roles.sh, as the script does without NO_AUTH.
+        .env("NO_AUTH", "1")
         .env_remove("KEEP_DATA")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -411,24 +446,38 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
     let data_dir = printed.data_dir.clone().expect("DATA_DIR printed before ENDPOINTS");
     assert!(data_dir.starts_with(scratch.path()), "{data_dir:?} is under TMPDIR");
     assert_eq!(printed.pids.len(), 3, "{printed:?}");
-    let expected: Vec<String> = (0..3).map(|i| format!("http://127.0.0.1:{}", base + 2 * i)).collect();
-    assert_eq!(printed.endpoints, expected, "three loopback client URLs from BASE_PORT");
+    let expected: Vec<String> = (0..3).map(|i| format!("https://127.0.0.1:{}", base + 2 * i)).collect();
+    assert_eq!(printed.endpoints, expected, "three loopback https client URLs from BASE_PORT");
+    let certs = printed.certs.clone().expect("CERTS printed");
+    assert!(certs.starts_with(&data_dir), "{certs:?} is under the data directory");
     for pid in &printed.pids {
         let cmdline = running_cmdline(*pid).unwrap_or_else(|| panic!("member pid {pid} is not running"));
         assert!(cmdline.contains("--config-file"), "{cmdline}");
     }
 
-    // etcdctl agrees: three healthy endpoints.
-    let (ok, out) = etcdctl(&printed.endpoints, &["endpoint", "health"]);
+    // etcdctl agrees: three healthy endpoints, over TLS with a certificate of the cell; without one, or in
+    // plain text, etcd answers nobody.
+    let (ok, out) = etcdctl(&printed.endpoints, &printed.etcdctl_tls("root"), &["endpoint", "health"]);
     assert!(ok && out.matches("is healthy").count() == 3, "etcdctl endpoint health:\n{out}");
+    let ca_only = [format!("--cacert={}", certs.join("ca.pem").display())];
+    let (ok, out) = etcdctl(&printed.endpoints[..1], &ca_only, &["get", "/x"]);
+    assert!(!ok, "a client without a certificate was served: {out}");
+    let plain = vec![printed.endpoints[0].replacen("https://", "http://", 1)];
+    let (ok, out) = etcdctl(&plain, &[], &["get", "/x"]);
+    assert!(!ok, "a plain-text client was served: {out}");
+    // The peers too: each member's peer URL is https.
+    for n in 1..=3 {
+        let config = std::fs::read_to_string(data_dir.join(format!("etcd-{n}.yaml"))).unwrap();
+        assert!(config.contains("client-cert-auth: true") && !config.contains("http://"), "{config}");
+    }
 
     let proxy_port = free_port();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut proxy = None;
     rt.block_on(async {
         let limit = Duration::from_secs(10);
-        // One client over all three members, and one per member.
-        let all = tokio::time::timeout(limit, Store::connect(&printed.endpoints, Keys::default()))
+        // One client over all three members, and one per member (as etcd's root user).
+        let all = tokio::time::timeout(limit, connect_tls(&printed.endpoints, printed.tls("root")))
             .await
             .expect("connect in time")
             .expect("connect to the three members");
@@ -441,7 +490,7 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
         let mut kv = all.client().kv_client();
         kv.put("/omega-test/three", "members", None).await.unwrap();
         for endpoint in &printed.endpoints {
-            let one = tokio::time::timeout(limit, Store::connect(std::slice::from_ref(endpoint), Keys::default()))
+            let one = tokio::time::timeout(limit, connect_tls(std::slice::from_ref(endpoint), printed.tls("root")))
                 .await
                 .expect("connect in time")
                 .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
@@ -454,19 +503,22 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
         let txn = kv.txn(Txn::new().and_then(puts)).await.expect("a 600-operation transaction");
         assert!(txn.succeeded());
 
-        // grpc-proxy.sh in front of the members: writes, reads and watches pass through.
+        // grpc-proxy.sh in front of the members, TLS on both sides: writes, reads and watches pass through.
         let mut cmd = Command::new("bash");
         cmd.arg(repo().join("deploy/etcd/grpc-proxy.sh"))
             .env("ENDPOINTS", printed.endpoints.join(","))
             .env("PORT", proxy_port.to_string())
+            .env("TLS_DIR", &certs)
+            .env("PROXY_NAME", "local")
             .env_remove("METRICS_PORT")
+            .env_remove("PLAIN")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(scratch.path().join("grpc-proxy.stderr")).unwrap());
         proxy = Some(Group::spawn(cmd));
-        let via = vec![format!("http://127.0.0.1:{proxy_port}")];
+        let via = vec![format!("https://127.0.0.1:{proxy_port}")];
         let proxied =
-            Store::connect_with_retry(&via, Keys::default(), Duration::from_secs(15)).await.unwrap_or_else(|e| {
+            connect_tls(&via, printed.tls("omega-scheduler")).await.unwrap_or_else(|e| {
                 panic!(
                     "connect through the proxy: {e}; its stderr:\n{}",
                     std::fs::read_to_string(scratch.path().join("grpc-proxy.stderr")).unwrap_or_default()
@@ -493,6 +545,35 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
     signal_group(proxy.pgid(), "TERM");
     assert!(proxy.wait_exit(Duration::from_secs(10)).is_some(), "the proxy stops on SIGTERM");
     drop(proxy);
+
+    // Authentication on, as the script does without NO_AUTH: each identity is held to its role, and the proxy
+    // script refuses to start (etcd 3.4's proxy cannot act as an etcd user; everything through it would fail).
+    let out = Command::new("bash")
+        .arg(repo().join("deploy/tls/grant-roles.sh"))
+        .arg(&certs)
+        .arg(printed.endpoints.join(","))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "grant-roles.sh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let scheduler = printed.etcdctl_tls("omega-scheduler");
+    let (ok, out) = etcdctl(&printed.endpoints, &scheduler, &["get", "/omega/", "--prefix", "--keys-only"]);
+    assert!(ok, "the scheduler reads the cell: {out}");
+    let (ok, out) = etcdctl(&printed.endpoints, &scheduler, &["put", "/omega/cell/nodes/x", "{}"]);
+    assert!(!ok && out.contains("permission denied"), "the scheduler registered a node: {out}");
+    let (ok, out) = etcdctl(&printed.endpoints, &printed.etcdctl_tls("viewer-ui"), &["put", "/omega/cell/jobs/x", "{}"]);
+    assert!(!ok && out.contains("permission denied"), "a viewer wrote a job: {out}");
+    let out = Command::new("bash")
+        .arg(repo().join("deploy/etcd/grpc-proxy.sh"))
+        .env("ENDPOINTS", printed.endpoints.join(","))
+        .env("PORT", free_port().to_string())
+        .env("TLS_DIR", &certs)
+        .env("PROXY_NAME", "local")
+        .env_remove("PLAIN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("authentication on"), "grpc-proxy.sh with auth on: {text}");
 
     // Ctrl-C: SIGINT to the script's whole process group. It stops all three members and removes its directory.
     signal_group(script.pgid(), "INT");
@@ -595,15 +676,76 @@ fn units_use_only_flags_the_programs_have() {
         let path = repo().join(format!("deploy/etcd/three-member/etcd-{n}.yaml"));
         let config: BTreeMap<String, serde_json::Value> =
             serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for key in config.keys() {
-            assert!(help.contains(&format!("--{key} ")), "{}: etcd has no --{key}", path.display());
+        for (key, value) in &config {
+            // The config file's two nested sections hold the TLS flags, without and with `peer-`.
+            let flag_prefix = match key.as_str() {
+                "client-transport-security" => "",
+                "peer-transport-security" => "peer-",
+                _ => {
+                    assert!(help.contains(&format!("--{key} ")), "{}: etcd has no --{key}", path.display());
+                    continue;
+                }
+            };
+            let section = value.as_object().unwrap_or_else(|| panic!("{}: {key} is a mapping", path.display()));
+            for sub in section.keys() {
+                assert!(help.contains(&format!("--{flag_prefix}{sub} ")), "{}: etcd has no --{flag_prefix}{sub}", path.display());
+            }
+            assert_eq!(section["client-cert-auth"], true, "{}: {key}", path.display());
+            assert_eq!(section["cert-file"], "/etc/omega/tls/etcd.pem", "{}: {key}", path.display());
+            assert_eq!(section["key-file"], "/etc/omega/tls/etcd-key.pem", "{}: {key}", path.display());
+            assert_eq!(section["trusted-ca-file"], "/etc/omega/tls/ca.pem", "{}: {key}", path.display());
+        }
+        assert!(config.contains_key("client-transport-security") && config.contains_key("peer-transport-security"));
+        for key in ["listen-client-urls", "advertise-client-urls", "listen-peer-urls", "initial-advertise-peer-urls", "initial-cluster"] {
+            let urls = config[key].as_str().unwrap();
+            assert!(urls.contains("https://") && !urls.contains("http://"), "{}: {key} is https only: {urls}", path.display());
         }
         assert_eq!(config["name"], format!("omega-{n}"));
+        assert_eq!(config["listen-metrics-urls"], format!("http://10.0.0.{n}:2381"));
         assert_eq!(config["max-txn-ops"], 1024);
         assert_eq!(config["quota-backend-bytes"], 8u64 << 30);
         assert_eq!(config["auto-compaction-mode"], "revision");
         assert_eq!(config["initial-cluster-state"], "new");
     }
+
+    // The systemd unit serves https with client certificates, between members too.
+    for (var, value) in [
+        ("ETCD_LISTEN_CLIENT_URLS", "https://127.0.0.1:2379"),
+        ("ETCD_ADVERTISE_CLIENT_URLS", "https://127.0.0.1:2379"),
+        ("ETCD_LISTEN_PEER_URLS", "https://127.0.0.1:2380"),
+        ("ETCD_CERT_FILE", "/etc/omega/tls/etcd.pem"),
+        ("ETCD_KEY_FILE", "/etc/omega/tls/etcd-key.pem"),
+        ("ETCD_TRUSTED_CA_FILE", "/etc/omega/tls/ca.pem"),
+        ("ETCD_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_PEER_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_PEER_CERT_ALLOWED_CN", "etcd"),
+        // Metrics (and /health) for Prometheus, plain, on a port of their own.
+        ("ETCD_LISTEN_METRICS_URLS", "http://127.0.0.1:2381"),
+    ] {
+        assert!(unit.lines().any(|l| l == format!("Environment={var}={value}")), "omega-etcd.service sets {var}={value}");
+    }
+
+    // Each Omega unit is its own etcd user; the shared omega.env names etcd and its CA, and no identity (it
+    // would override the units').
+    let file = |name: &str| std::fs::read_to_string(repo().join("deploy/systemd").join(name)).unwrap();
+    for (unit, cert, key) in [
+        ("omega-scheduler@.service", "omega-scheduler.pem", "%d/etcd-key.pem"),
+        ("omega-controller.service", "omega-controller.pem", "%d/etcd-key.pem"),
+        ("omega-agent.service", "agent-%H.pem", "/etc/omega/tls/agent-%H-key.pem"),
+    ] {
+        let text = file(unit);
+        let has = |line: String| text.lines().any(|l| l == line);
+        assert!(has(format!("Environment=OMEGA_ETCD_CERT=/etc/omega/tls/{cert}")), "{unit} names its certificate");
+        assert!(has(format!("Environment=OMEGA_ETCD_KEY={key}")), "{unit} names its key");
+        if key.starts_with("%d/") {
+            let component = cert.trim_end_matches(".pem");
+            assert!(has(format!("LoadCredential=etcd-key.pem:/etc/omega/tls/{component}-key.pem")), "{unit} loads its key");
+        }
+    }
+    let env = file("omega.env");
+    assert!(env.lines().any(|l| l == "OMEGA_ETCD=https://127.0.0.1:2379"), "omega.env: https");
+    assert!(env.lines().any(|l| l == "OMEGA_ETCD_CACERT=/etc/omega/tls/ca.pem"), "omega.env: the CA");
+    assert!(!env.lines().any(|l| l.starts_with("OMEGA_ETCD_CERT=") || l.starts_with("OMEGA_ETCD_KEY=")), "omega.env: no identity");
 }
 
 /// deploy/examples/api-update/*.yaml are later versions of api.yaml: the same job, a change that replaces the

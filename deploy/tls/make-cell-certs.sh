@@ -2,7 +2,7 @@
 # Makes a cell's certificate authority and every identity's certificate, for etcd with --client-cert-auth.
 #
 #   deploy/tls/make-cell-certs.sh DIR [--san HOST_OR_IP]... [--agent NODE]... [--sim-agents PREFIX]...
-#                                     [--operator NAME]... [--viewer NAME]... [--days N]
+#                                     [--operator NAME]... [--viewer NAME]... [--proxy NAME]... [--days N]
 #
 # DIR gets (keys mode 0600):
 #   ca.pem, ca-key.pem               the cell's CA (keep ca-key.pem offline once the cell is made)
@@ -15,17 +15,20 @@
 #   agents-PREFIX.pem, -key.pem      one per --sim-agents PREFIX: an agent hosting simulated nodes PREFIX-<i>
 #   operator-NAME.pem, -key.pem      one per --operator NAME: omctl for people who run the cell
 #   viewer-NAME.pem, -key.pem        one per --viewer NAME: omctl read-only
-#   identities                       "kind name" per certificate, read by grant-roles.sh
+#   proxy-NAME.pem, -key.pem         one per --proxy NAME: deploy/etcd/grpc-proxy.sh on one machine, to etcd and
+#                                    to its clients on 127.0.0.1; no common name (etcd 3.4's grpc-proxy refuses a
+#                                    certificate with one), so no etcd user: only for an etcd with auth off
+#   identities                       "kind name" per etcd identity, read by grant-roles.sh
 #
 # The common name of each certificate is its etcd user (etcd takes it from the certificate when it runs with
 # --client-cert-auth and auth is enabled); grant-roles.sh creates those users and their roles. Running the
 # script again on the same DIR keeps the CA and adds what is missing, so a node can be added later.
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-[ $# -ge 1 ] || usage
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] && [[ "$1" != -h && "$1" != --help ]] || usage
 dir=$1; shift
-sans=() agents=() sims=() operators=() viewers=() days=825
+sans=() agents=() sims=() operators=() viewers=() proxies=() days=825
 while [ $# -gt 0 ]; do
   case "$1" in
     --san) sans+=("$2"); shift 2 ;;
@@ -33,13 +36,14 @@ while [ $# -gt 0 ]; do
     --sim-agents) sims+=("$2"); shift 2 ;;
     --operator) operators+=("$2"); shift 2 ;;
     --viewer) viewers+=("$2"); shift 2 ;;
+    --proxy) proxies+=("$2"); shift 2 ;;
     --days) days=$2; shift 2 ;;
     -h|--help) usage ;;
     *) echo "make-cell-certs.sh: unknown argument $1" >&2; usage ;;
   esac
 done
 command -v openssl >/dev/null || { echo "make-cell-certs.sh: openssl is not installed" >&2; exit 1; }
-for name in "${agents[@]%%@*}" "${sims[@]}" "${operators[@]}" "${viewers[@]}"; do
+for name in "${agents[@]%%@*}" "${sims[@]}" "${operators[@]}" "${viewers[@]}" "${proxies[@]}"; do
   [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || { echo "make-cell-certs.sh: '$name' is not a valid name" >&2; exit 2; }
 done
 mkdir -p "$dir"
@@ -60,12 +64,15 @@ if [ ! -f "$dir/ca.pem" ]; then
   : >"$dir/identities"
 fi
 
-# issue NAME CN USAGE [SAN]: a certificate signed by the CA (USAGE: server = server and peer, client).
+# issue NAME CN USAGE [SAN]: a certificate signed by the CA (USAGE: server = server and peer, client). An
+# empty CN makes a certificate without one (its subject names the file instead).
 issue() {
-  local file=$1 cn=$2 usage=$3 san=${4:-}
+  local file=$1 cn=$2 usage=$3 san=${4:-} subject
   [ -f "$dir/$file.pem" ] && return 0
   newkey "$dir/$file-key.pem"
-  openssl req -new -key "$dir/$file-key.pem" -subj "/CN=$cn" -out "$tmp/$file.csr"
+  subject="/CN=$cn"
+  [ -n "$cn" ] || subject="/O=omega cell/OU=$file"
+  openssl req -new -key "$dir/$file-key.pem" -subj "$subject" -out "$tmp/$file.csr"
   {
     echo "basicConstraints=critical,CA:FALSE"
     echo "keyUsage=critical,digitalSignature"
@@ -109,5 +116,8 @@ done
 for p in "${sims[@]}"; do identity sim-agents "$p" "agents-$p"; done
 for n in "${operators[@]}"; do identity operator "$n" "operator-$n"; done
 for n in "${viewers[@]}"; do identity viewer "$n" "viewer-$n"; done
+for n in "${proxies[@]}"; do issue "proxy-$n" "" server "IP:127.0.0.1,DNS:localhost"; done
 chmod 644 "$dir/identities"
-echo "certificates in $dir: $(cut -d' ' -f1 "$dir/identities" | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')"
+proxy_count=$(find "$dir" -maxdepth 1 -name 'proxy-*-key.pem' | wc -l)
+echo "certificates in $dir: $( (cut -d' ' -f1 "$dir/identities"; for _ in $(seq "$proxy_count"); do echo proxy; done) |
+  sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')"
