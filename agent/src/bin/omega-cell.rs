@@ -217,8 +217,8 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.secure && args.proxy.is_some() {
         anyhow::bail!(
-            "--secure with --proxy is not supported: etcd's grpc-proxy would act for every scheduler as one etcd \
-             user, which defeats the per-component roles"
+            "--secure with --proxy is not supported: etcd 3.4's grpc-proxy cannot act as an etcd user (it refuses \
+             a client certificate with a common name), so with authentication on it is refused everything"
         );
     }
     let identities = if args.secure { Some(Identities::make(data_dir.join("certs"))?) } else { None };
