@@ -180,6 +180,36 @@ pub async fn withdraw(store: &Store, keys: &[String]) -> Result<()> {
     send(store, keys.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect()).await
 }
 
+/// Withdraws whatever `tasks` of `job` may have published, ahead of a write that stops them.
+///
+/// The agent running a task withdraws its endpoints before it stops the task, but it learns of the stop only
+/// from the release that records it, so for a moment the record says `killed` while the endpoint is still
+/// there. Whoever decides a stop (the controller retiring a replica in an update, a cancel) calls this first,
+/// so a client never holds an endpoint whose task record is already stopped. Service names come from the
+/// job and from each task's own version (an update may rename them). Costs nothing for a job without services.
+pub async fn withdraw_tasks(store: &Store, job: &Job, tasks: &[&Task]) -> Result<()> {
+    let mut names: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut keys = Vec::new();
+    for t in tasks {
+        let Some(node) = t.node.as_deref() else { continue };
+        if let std::collections::btree_map::Entry::Vacant(slot) = names.entry(t.version) {
+            let spec = if t.version == job.version { None } else { store.job_version(&job.id, t.version).await? };
+            let mut of_version: Vec<String> = job.services.iter().map(|s| s.name.clone()).collect();
+            of_version.extend(spec.iter().flat_map(|j| j.services.iter().map(|s| s.name.clone())));
+            of_version.sort();
+            of_version.dedup();
+            slot.insert(of_version);
+        }
+        for name in names.get(&t.version).into_iter().flatten() {
+            keys.push(endpoint_key(store.keys(), name, node, &t.id));
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    withdraw(store, &keys).await
+}
+
 async fn send(store: &Store, ops: Vec<TxnOp>) -> Result<()> {
     let mut kv = store.client().kv_client();
     let per_txn = store.limits().max_ops().max(1);
