@@ -11,6 +11,7 @@ use omega::discovery::{self, Endpoint, Resolver};
 use omega::health::HealthStatus;
 use omega::model::{Job, Task, TaskState};
 use omega::store::Store;
+use omega::watcher::{Change, WatchEvent, Watcher};
 use omega_testkit::procs::{bin, Proc};
 use omega_testkit::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,7 +90,7 @@ struct Seen {
     inserts: AtomicUsize,
     removes: AtomicUsize,
     /// Held endpoints whose task, at the revision the client was consistent with, was not running and healthy
-    /// on the endpoint's node.
+    /// on the endpoint's node; and endpoints withdrawn only after their task had stopped.
     violations: Mutex<Vec<String>>,
 }
 
@@ -98,6 +99,30 @@ struct Seen {
 async fn follow(store: Store, service: &str) -> Arc<Seen> {
     let seen = Arc::new(Seen::default());
     let mut resolver = Resolver::new(store.clone(), service).await.expect("resolver");
+    // Each withdrawal, as its own etcd event: the task must still have been running just before it (else a
+    // client held the endpoint of a stopped task until then, even if never at a revision it was told of).
+    let prefix = discovery::service_prefix(store.keys(), service);
+    let (w_store, w_seen) = (store.clone(), seen.clone());
+    let mut watcher = Watcher::new(store.clone(), prefix.clone(), 1000).resume_from(resolver.revision() + 1);
+    tokio::spawn(async move {
+        loop {
+            let WatchEvent::Changes { changes, .. } = watcher.next().await else { continue };
+            for change in changes {
+                let Change::Delete { key, mod_revision, .. } = change else { continue };
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let Some((node, task)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else { continue };
+                let t = task_at(&w_store, task, mod_revision - 1).await;
+                let running =
+                    t.as_ref().is_some_and(|t| t.state == TaskState::Running && t.node.as_deref() == Some(node));
+                if !running {
+                    let what = t.map(|t| format!("{} on {:?}", t.state, t.node));
+                    w_seen.violations.lock().unwrap().push(format!(
+                        "{task} on {node} withdrawn at revision {mod_revision}, after its task was {what:?}"
+                    ));
+                }
+            }
+        }
+    });
     let s = seen.clone();
     tokio::spawn(async move {
         check_held(&store, &resolver, &s).await;
