@@ -131,8 +131,9 @@ pub fn address_host(address: &str) -> String {
     }
 }
 
-/// The endpoints `task` of `job` serves on `node` reachable at `address`, one per service of the job.
-pub fn endpoints_of(job: &Job, task: &Task, node: &str, address: &str, since_ms: u64) -> Vec<Endpoint> {
+/// The endpoints task `task` (an id) of `job` (the spec it runs) serves on `node` reachable at `address`, one
+/// per service of the job.
+pub fn endpoints_of(job: &Job, task: &str, node: &str, address: &str, since_ms: u64) -> Vec<Endpoint> {
     job.services
         .iter()
         .filter_map(|s| {
@@ -144,9 +145,9 @@ pub fn endpoints_of(job: &Job, task: &Task, node: &str, address: &str, since_ms:
                 port: *job.ports.get(&s.port)?,
                 tags: s.tags.clone(),
                 job: job.id.clone(),
-                task: task.id.clone(),
+                task: task.to_string(),
                 node: node.to_string(),
-                version: task.version,
+                version: job.version,
                 since_ms,
             })
         })

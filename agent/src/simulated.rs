@@ -464,7 +464,12 @@ impl SimulatedNodes {
         let mut withdraw_first: Vec<String> = Vec::new();
         let keys = self.store.keys().clone();
         let serves = |job: &Job, task: &Task| -> Vec<Endpoint> {
-            discovery::endpoints_of(job, task, task.node.as_deref().unwrap_or_default(), SIMULATED_ADDRESS, now_ms())
+            let node = task.node.as_deref().unwrap_or_default();
+            let mut eps = discovery::endpoints_of(job, &task.id, node, SIMULATED_ADDRESS, now_ms());
+            for e in &mut eps {
+                e.version = task.version;
+            }
+            eps
         };
         for (id, sim) in tasks.iter() {
             // Act only on the record this assignment belongs to (the cache may lag the assignment watch).
