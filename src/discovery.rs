@@ -104,17 +104,17 @@ impl Endpoint {
 
 /// `<prefix>services/`: every service.
 pub fn services_prefix(keys: &Keys) -> String {
-    format!("{}services/", keys.prefix())
+    keys.services_prefix()
 }
 
 /// `<prefix>services/<service>/`: one service's endpoints. The trailing `/` keeps `web` from matching `webx`.
 pub fn service_prefix(keys: &Keys, service: &str) -> String {
-    format!("{}services/{service}/", keys.prefix())
+    keys.service(service)
 }
 
 /// `<prefix>services/<service>/<node>/<task>`.
 pub fn endpoint_key(keys: &Keys, service: &str, node: &str, task: &str) -> String {
-    format!("{}services/{service}/{node}/{task}", keys.prefix())
+    keys.endpoint(service, node, task)
 }
 
 /// The host part of a node's advertised address (`host:port`, `http://host:port`, `[::1]:7000`), or the
