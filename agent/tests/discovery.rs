@@ -125,3 +125,42 @@ async fn a_real_agent_publishes_healthy_tasks_and_withdraws_them_first() {
     agent.kill();
     wait_for("db gone with the lease", 60, async || endpoints(&store, "db").await.is_empty().then_some(())).await;
 }
+
+/// deploy/examples/greeter.yaml and greeter-client.yaml on a real node: the client finds the server by name
+/// through etcd and gets its greeting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_greeter_example_client_finds_its_server_by_name() {
+    let (etcd, store) = start_etcd().await;
+    let daemon = TestDaemon::start("disc-greeter").await;
+    let cache = CellState::start(store.clone(), CellStateOptions::default()).await.expect("cell cache");
+    let (logs, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let options = AgentOptions {
+        etcd: etcd.endpoints(),
+        node: NODE,
+        daemon: &daemon,
+        log_dir: logs.path(),
+        work: work.path(),
+        lease_ttl: "10s",
+        grace: "1s",
+    };
+    let _agent = AgentProc::start(&options, "greeter", &[]);
+    wait_alive(&store, NODE, 60).await;
+    let example = |name: &str| {
+        let path = format!("{}/../deploy/examples/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("the example file");
+        let mut job = omega::job_spec::parse_job(&path, &text).expect("the example parses");
+        job.image = IMAGE.into();
+        job
+    };
+    submit_and_place(&store, &cache, example("greeter"), NODE).await;
+    wait_for("greeter published", 60, async || (endpoints(&store, "greeter").await.len() == 1).then_some(())).await;
+    let mut client = example("greeter-client");
+    // This test's etcd, not the local cell's.
+    client.env.insert("ETCD".into(), etcd.endpoints()[0].clone());
+    submit_and_place(&store, &cache, client, NODE).await;
+    let t = wait_task(&store, "greeter-client/0", 60, |t| t.state.is_terminal()).await;
+    let log =
+        std::fs::read_to_string(omega_agent::agent::log_path(logs.path(), "greeter-client/0")).unwrap_or_default();
+    assert_eq!(t.state, omega::model::TaskState::Succeeded, "{t:?}\n{log}");
+    assert!(log.contains("greeter at 127.0.0.1:8090 says: hello from"), "{log}");
+}
