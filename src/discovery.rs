@@ -53,7 +53,7 @@
 //! An insert for a key already held replaces its endpoint (a restarted run, a new `since_ms`); tonic's
 //! balancer does the same for an `Insert` of a known key.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::keys::Keys;
 use crate::model::{Job, Task};
 use crate::store::{encode, Store};
@@ -154,11 +154,6 @@ pub fn endpoints_of(job: &Job, task: &str, node: &str, address: &str, since_ms: 
         .collect()
 }
 
-/// The keys of what `task` of `job` may have published on `node` (what withdrawing deletes).
-pub fn keys_of(keys: &Keys, job: &Job, node: &str, task: &str) -> Vec<String> {
-    job.services.iter().map(|s| endpoint_key(keys, &s.name, node, task)).collect()
-}
-
 /// The puts that publish `endpoints` under `lease`.
 pub fn publish_ops(keys: &Keys, endpoints: &[Endpoint], lease: i64) -> Result<Vec<TxnOp>> {
     endpoints
@@ -187,7 +182,8 @@ pub async fn withdraw(store: &Store, keys: &[String]) -> Result<()> {
 /// from the release that records it, so for a moment the record says `killed` while the endpoint is still
 /// there. Whoever decides a stop (the controller retiring a replica in an update, a cancel) calls this first,
 /// so a client never holds an endpoint whose task record is already stopped. Service names come from the
-/// job and from each task's own version (an update may rename them). Costs nothing for a job without services.
+/// job and from each task's own version (an update may rename them). For tasks of the job's current version
+/// and a job without services it costs no request at all.
 pub async fn withdraw_tasks(store: &Store, job: &Job, tasks: &[&Task]) -> Result<()> {
     let mut names: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     let mut keys = Vec::new();
@@ -348,27 +344,6 @@ impl Resolver {
         }
         out
     }
-}
-
-/// Checks a job's services against its ports (what the job file checks with lines; this is for records
-/// built in code).
-pub fn validate(job: &Job) -> Result<()> {
-    for (name, port) in &job.ports {
-        crate::keys::validate_name("port", name)?;
-        if *port == 0 {
-            return Err(Error::InvalidArgument(format!("port `{name}` must be from 1 to 65535")));
-        }
-    }
-    for s in &job.services {
-        crate::keys::validate_name("service", &s.name)?;
-        if !job.ports.contains_key(&s.port) {
-            return Err(Error::InvalidArgument(format!(
-                "service `{}` names port `{}`, which the job does not declare",
-                s.name, s.port
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
