@@ -16,6 +16,7 @@
 //! | `<prefix>cell/schedulers/<name>/<id>` | [`crate::model::SchedulerInstance`], lease-bound |
 //! | `<prefix>status/<job>`                | [`crate::model::JobStatus`]            |
 //! | `<prefix>assign/<node>/<job>/<index>` | [`crate::model::Assignment`]           |
+//! | `<prefix>services/<service>/<node>/<job>/<index>` | [`crate::discovery::Endpoint`], lease-bound, while the task is healthy |
 //! | `<prefix>submissions/<job>`           | [`crate::store::SubmissionMarker`], while a large job is written |
 //! | `<prefix>versions/<job>/<version>`    | [`crate::model::Job`]: an earlier version of the job, as it was |
 //! | `<prefix>controller/<lease>`          | the controller's election key (etcd's election API) |
@@ -164,6 +165,19 @@ impl Keys {
     }
     pub fn version(&self, job: &str, version: u32) -> String {
         format!("{}versions/{job}/{version}", self.prefix)
+    }
+    /// Every service's endpoints ([`crate::discovery`]). Outside `cell/`: service churn does not reach the
+    /// schedulers' caches.
+    pub fn services_prefix(&self) -> String {
+        format!("{}services/", self.prefix)
+    }
+    /// One service's endpoints. The trailing `/` keeps service `web` from matching `webx`.
+    pub fn service(&self, service: &str) -> String {
+        format!("{}services/{service}/", self.prefix)
+    }
+    /// One endpoint: `task` (`<job>/<index>`) of service `service` on `node`.
+    pub fn endpoint(&self, service: &str, node: &str, task: &str) -> String {
+        format!("{}services/{service}/{node}/{task}", self.prefix)
     }
     /// The controller replicas' election (etcd's election API keys `<this>/<lease>` under it).
     pub fn controller_election(&self) -> String {

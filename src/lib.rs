@@ -12,6 +12,7 @@ pub mod backpressure;
 pub mod cell_state;
 pub mod commit;
 pub mod deployment;
+pub mod discovery;
 pub mod error;
 pub mod etcd_process;
 pub mod events;

@@ -4,6 +4,7 @@
 //! might add carries `#[serde(default)]`, so an older reader still decodes a newer record.
 
 use crate::deployment::{Deployment, UpdatePolicy};
+use crate::discovery::ServiceSpec;
 use crate::events::TaskEvent;
 use crate::health::{Health, HealthCheck};
 use crate::resources::Resources;
@@ -180,6 +181,13 @@ pub struct Job {
     /// Probes the agent runs against each task; a task is healthy when all pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<HealthCheck>,
+    /// Named host ports the tasks listen on (tasks share the node's network; nothing is allocated).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Services the tasks offer on those ports, published while a task is running and healthy
+    /// ([`crate::discovery`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
     /// How a new version of a service replaces the running one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdatePolicy>,
@@ -399,6 +407,8 @@ impl Job {
             on_disconnect: OnDisconnect::Stop,
             duration_ms: None,
             checks: Vec::new(),
+            ports: BTreeMap::new(),
+            services: Vec::new(),
             update: None,
             version: 0,
             stable: false,

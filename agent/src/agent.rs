@@ -17,6 +17,7 @@
 //! the same code as every runner's start, and is retried with the runner until it succeeds.
 
 use crate::containerd::Containerd;
+use crate::endpoints::Published;
 use crate::fence::{Fence, FencePlan, FenceSignal};
 use crate::runner::{TaskRunner, LABEL_PLACEMENT, LABEL_TASK};
 use crate::runners::Runners;
@@ -84,6 +85,8 @@ pub struct Agent {
     active: HashMap<String, Active>,
     /// Every runner and sweep spawned (stopping runners included), aborted at shutdown.
     handles: Vec<JoinHandle<()>>,
+    /// The endpoints this node publishes for discovery.
+    published: Arc<Published>,
 }
 
 impl Agent {
@@ -96,6 +99,7 @@ impl Agent {
             fence: FenceSignal::never(),
             active: HashMap::new(),
             handles: Vec::new(),
+            published: Arc::new(Published::default()),
         }
     }
 
@@ -117,9 +121,14 @@ impl Agent {
         };
         self.store.register_node(&node).await?;
         let name = self.config.node.clone();
+        let published = self.published.clone();
         let register: Register = Arc::new(move |store: Store, lease: i64| {
-            let name = name.clone();
-            Box::pin(async move { store.put_liveness(&name, lease).await.map(|_| ()) })
+            let (name, published) = (name.clone(), published.clone());
+            Box::pin(async move {
+                store.put_liveness(&name, lease).await?;
+                // Endpoints bound to a lost lease went with it: publish them again under this one.
+                published.lease_granted(&store, lease).await
+            })
         });
         let plan = FencePlan::new(granted_ttl(self.config.lease_ttl), self.config.grace);
         if plan.grace < self.config.grace {
@@ -227,6 +236,7 @@ impl Agent {
             config: self.config.clone(),
             runners: self.runners.clone(),
             fence: self.fence.clone(),
+            published: self.published.clone(),
             assignment,
         };
         let runner = Arc::new(runner);

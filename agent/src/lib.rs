@@ -5,6 +5,7 @@
 //! - [`supervisor`]: starts a failed runner again, with backoff, until its work is done.
 //! - [`runners`]: which runners are alive (what preemption waits on).
 //! - [`health`]: probing a running task's health checks (http, tcp, exec) and deciding its health from them.
+//! - [`endpoints`]: what the node publishes for discovery (its healthy tasks' endpoints, on its lease).
 //! - [`fence`]: an agent cut off from etcd stops its tasks before its lease can expire.
 //! - [`preemption`]: a preempting task starts only once the tasks it evicted are gone from the node.
 //! - [`daemon`]: a private containerd (the local cell's, and the tests').
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod daemon;
+pub mod endpoints;
 pub mod error;
 pub mod fence;
 pub mod health;

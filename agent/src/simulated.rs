@@ -29,11 +29,18 @@
 //!   checks has passed.
 //!
 //! One write per transition, as a real agent makes.
+//!
+//! **Discovery** ([`omega::discovery`]): a task of a job with `services` is published (address `127.0.0.1`,
+//! the declared port) once it turns healthy, or once it runs when its job has no checks, under its node's
+//! shared lease; it is withdrawn before anything else is written about it turning unhealthy or ending, and
+//! when its assignment goes away (cancelled, preempted, drained, replaced by an update). When a shared lease
+//! is lost and replaced, its nodes' endpoints are published again under the new one.
 
 use crate::agent::{restart_backoff, restart_reason, should_restart};
 use etcd_client::{PutOptions, Txn, TxnOp};
 use futures_util::FutureExt;
 use omega::cell_state::{CellSnapshot, CellState, CellStateOptions, Versioned};
+use omega::discovery::{self, Endpoint};
 use omega::events::EventKind;
 use omega::health::{Health, HealthCheck, HealthStatus, Probe};
 use omega::keys::{Key, Keys};
@@ -127,6 +134,8 @@ struct SimTask {
     phase: Phase,
     /// The one health transition the current run still makes.
     health: Option<SimHealth>,
+    /// What the current run has published (to withdraw, or to publish again under a replaced lease).
+    published: Vec<Endpoint>,
 }
 
 /// A simulated run's health transition: at `at`, to `status`.
@@ -186,8 +195,15 @@ pub struct SimulatedNodes {
     ours: HashSet<String>,
     /// One keeper per group of `nodes_per_lease` nodes.
     keepers: Vec<LeaseKeeper>,
+    /// Each node's group (its keeper's index).
+    group_of: HashMap<String, usize>,
+    /// The lease each group's endpoints were last published under (0: publish them again).
+    published_under: std::sync::Mutex<Vec<i64>>,
     pub stats: Arc<SimStats>,
 }
+
+/// Where simulated tasks are reached: they run nowhere, so a test client connects to the declared port here.
+const SIMULATED_ADDRESS: &str = "127.0.0.1";
 
 impl SimulatedNodes {
     pub fn names(options: &SimOptions) -> Vec<String> {
@@ -252,11 +268,14 @@ impl SimulatedNodes {
             keepers.push(LeaseKeeper::start(store.clone(), options.lease_ttl, what, register).await?);
         }
         let ours = names.iter().cloned().collect();
+        let per = options.nodes_per_lease.max(1);
+        let group_of = names.iter().enumerate().map(|(i, n)| (n.clone(), i / per)).collect();
         let stats = Arc::new(SimStats {
             renewals: keepers.iter().map(LeaseKeeper::renewal_counter).collect(),
             ..Default::default()
         });
-        Ok(SimulatedNodes { store, options, names, ours, keepers, stats })
+        let published_under = std::sync::Mutex::new(keepers.iter().map(LeaseKeeper::lease).collect());
+        Ok(SimulatedNodes { store, options, names, ours, keepers, group_of, published_under, stats })
     }
 
     /// Successful renewals of the shared leases so far.
@@ -290,12 +309,19 @@ impl SimulatedNodes {
         let mut specs = Specs::new();
         let mut tick = tokio::time::interval(self.options.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Endpoints of tasks that went away, not yet withdrawn (a failed delete is retried each tick).
+        let mut withdrawals: Vec<String> = Vec::new();
         loop {
             // `watcher.next()` is cancel-safe: losing the race against the tick loses nothing.
             tokio::select! {
                 _ = &mut shutdown => break,
-                event = watcher.next() => self.on_watch(&keys, event, &mut tasks),
+                event = watcher.next() => {
+                    withdrawals.extend(self.on_watch(&keys, event, &mut tasks));
+                    self.withdraw(&mut withdrawals).await;
+                }
                 _ = tick.tick() => {
+                    self.withdraw(&mut withdrawals).await;
+                    self.republish(&tasks).await;
                     if let Err(e) = self.advance(&cache.snapshot(), &mut tasks, &mut specs).await {
                         tracing::warn!(error = %e, "writing simulated task transitions failed; will retry");
                     }
@@ -305,13 +331,63 @@ impl SimulatedNodes {
         Ok(())
     }
 
-    fn on_watch(&self, keys: &Keys, event: WatchEvent, tasks: &mut HashMap<String, SimTask>) {
+    /// Deletes the endpoints of tasks that went away; what fails stays in `keys` for the next tick.
+    async fn withdraw(&self, keys: &mut Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        match discovery::withdraw(&self.store, keys).await {
+            Ok(()) => keys.clear(),
+            Err(e) => tracing::warn!(error = %e, endpoints = keys.len(), "withdrawing endpoints failed; will retry"),
+        }
+    }
+
+    /// Publishes again the endpoints of each group whose shared lease was replaced (the old lease's keys are
+    /// gone with it).
+    async fn republish(&self, tasks: &HashMap<String, SimTask>) {
+        for (g, keeper) in self.keepers.iter().enumerate() {
+            let lease = keeper.lease();
+            if self.published_under(g) == Some(lease) {
+                continue;
+            }
+            let endpoints: Vec<Endpoint> = tasks
+                .values()
+                .filter(|t| self.group_of.get(&t.node) == Some(&g))
+                .flat_map(|t| t.published.iter().cloned())
+                .collect();
+            match discovery::publish(&self.store, &endpoints, lease).await {
+                Ok(()) => self.set_published_under(g, lease),
+                Err(e) => tracing::warn!(error = %e, "publishing endpoints under a new lease failed; will retry"),
+            }
+        }
+    }
+
+    fn published_under(&self, group: usize) -> Option<i64> {
+        self.published_under.lock().ok().and_then(|p| p.get(group).copied())
+    }
+
+    fn set_published_under(&self, group: usize, lease: i64) {
+        if let Some(p) = self.published_under.lock().ok().as_mut().and_then(|p| p.get_mut(group)) {
+            *p = lease;
+        }
+    }
+
+    /// Applies assignment changes; returns the endpoint keys of the tasks that went away, to withdraw.
+    fn on_watch(&self, keys: &Keys, event: WatchEvent, tasks: &mut HashMap<String, SimTask>) -> Vec<String> {
         let now = Instant::now();
+        let mut gone_keys = Vec::new();
         let start = |node: &str, a: &Assignment| SimTask {
             node: node.to_string(),
             placement: a.placement,
             phase: Phase::Starting(now + self.options.start_delay),
             health: None,
+            published: Vec::new(),
+        };
+        let mut drop = |t: Option<SimTask>| {
+            if let Some(t) = &t {
+                gone_keys.extend(t.published.iter().map(|e| e.key(keys)));
+            }
+            t.is_some()
         };
         match event {
             WatchEvent::Reset { kvs, .. } => {
@@ -322,12 +398,12 @@ impl SimulatedNodes {
                     seen.insert(task.clone());
                     let known = tasks.get(&task).is_some_and(|t| t.placement == a.placement && t.node == node);
                     if !known {
-                        tasks.insert(task, start(&node, &a));
+                        drop(tasks.insert(task, start(&node, &a)));
                     }
                 }
                 let gone: Vec<String> = tasks.keys().filter(|t| !seen.contains(*t)).cloned().collect();
                 for t in gone {
-                    tasks.remove(&t);
+                    drop(tasks.remove(&t));
                     self.stats.stopped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -337,14 +413,14 @@ impl SimulatedNodes {
                         Change::Put(kv) => {
                             if let Some((node, task, a)) = self.parse(keys, kv.key(), kv.value()) {
                                 if tasks.get(&task).is_none_or(|t| t.placement != a.placement) {
-                                    tasks.insert(task, start(&node, &a));
+                                    drop(tasks.insert(task, start(&node, &a)));
                                 }
                             }
                         }
                         Change::Delete { key, .. } => {
                             let Ok(key) = std::str::from_utf8(&key) else { continue };
                             if let Some(Key::Assignment { node, task }) = keys.parse(key) {
-                                if self.ours.contains(node) && tasks.remove(task).is_some() {
+                                if self.ours.contains(node) && drop(tasks.remove(task)) {
                                     // Cancelled or preempted: the "container" stops at once.
                                     self.stats.stopped.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -355,6 +431,7 @@ impl SimulatedNodes {
             }
             WatchEvent::Progress { .. } => {}
         }
+        gone_keys
     }
 
     fn parse(&self, keys: &Keys, key: &[u8], value: &[u8]) -> Option<(String, String, Assignment)> {
@@ -379,9 +456,21 @@ impl SimulatedNodes {
         if !specs.is_empty() {
             specs.retain(|(job, _), _| snapshot.jobs.contains_key(job.as_str()));
         }
-        // Writes that keep the task's resources, each with what its simulated task becomes once written.
-        let mut updates: Vec<(Versioned<Task>, Task, Next)> = Vec::new();
+        // Writes that keep the task's resources, each with what its simulated task becomes once written and
+        // what it then publishes.
+        let mut updates: Vec<(Versioned<Task>, Task, Next, Vec<Endpoint>)> = Vec::new();
         let mut finishes: Vec<Release> = Vec::new();
+        // Endpoints to delete before any of the writes (a task turning unhealthy or ending is withdrawn first).
+        let mut withdraw_first: Vec<String> = Vec::new();
+        let keys = self.store.keys().clone();
+        let serves = |job: &Job, task: &Task| -> Vec<Endpoint> {
+            let node = task.node.as_deref().unwrap_or_default();
+            let mut eps = discovery::endpoints_of(job, &task.id, node, SIMULATED_ADDRESS, now_ms());
+            for e in &mut eps {
+                e.version = task.version;
+            }
+            eps
+        };
         for (id, sim) in tasks.iter() {
             // Act only on the record this assignment belongs to (the cache may lag the assignment watch).
             let Some(seen) = snapshot.tasks.get(id.as_str()) else { continue };
@@ -399,9 +488,12 @@ impl SimulatedNodes {
                         health: simulated_health(&job, now),
                         first: true,
                     };
-                    updates.push((seen.clone(), running, next));
+                    // Without checks a running task counts as healthy.
+                    let publish = if job.checks.is_empty() { serves(&job, &running) } else { Vec::new() };
+                    updates.push((seen.clone(), running, next, publish));
                 }
                 Phase::Running(Some(until)) if *until <= now && t.state == TaskState::Running => {
+                    withdraw_first.extend(sim.published.iter().map(|e| e.key(&keys)));
                     let mut run = t.run.clone().unwrap_or_default();
                     run.finished_at_ms = Some(now_ms());
                     run.exit_code = Some(0);
@@ -424,6 +516,13 @@ impl SimulatedNodes {
                     new.health = Some(Health { status: h.status, since_ms: at_ms, message });
                     new.record_event(kind, h.message.clone(), at_ms);
                     new.updated_at_ms = at_ms;
+                    let mut publish = Vec::new();
+                    if h.status == HealthStatus::Healthy {
+                        let Some(job) = self.spec(snapshot, specs, t).await else { continue };
+                        publish = serves(&job, &new);
+                    } else {
+                        withdraw_first.extend(sim.published.iter().map(|e| e.key(&keys)));
+                    }
                     let mut then = None;
                     if h.status == HealthStatus::Unhealthy && h.restart {
                         let Some(job) = self.spec(snapshot, specs, t).await else { continue };
@@ -435,7 +534,7 @@ impl SimulatedNodes {
                             Phase::Failing(why)
                         });
                     }
-                    updates.push((seen.clone(), new, Next::Health(then)));
+                    updates.push((seen.clone(), new, Next::Health(then), publish));
                 }
                 Phase::Restarting(at, reason) if *at <= now && t.state == TaskState::Running => {
                     let Some(job) = self.spec(snapshot, specs, t).await else { continue };
@@ -449,9 +548,11 @@ impl SimulatedNodes {
                         health: simulated_health(&job, now),
                         first: false,
                     };
-                    updates.push((seen.clone(), running, next));
+                    let publish = if job.checks.is_empty() { serves(&job, &running) } else { Vec::new() };
+                    updates.push((seen.clone(), running, next, publish));
                 }
                 Phase::Failing(reason) if t.state == TaskState::Running => {
+                    withdraw_first.extend(sim.published.iter().map(|e| e.key(&keys)));
                     let mut run = t.run.clone().unwrap_or_default();
                     run.finished_at_ms = Some(now_ms());
                     finishes.push(Release {
@@ -465,15 +566,31 @@ impl SimulatedNodes {
                 _ => {}
             }
         }
+        if !withdraw_first.is_empty() {
+            // Nothing is written about these tasks until their endpoints are gone (an error ends the tick).
+            discovery::withdraw(&self.store, &withdraw_first).await?;
+            let gone: HashSet<&String> = withdraw_first.iter().collect();
+            for sim in tasks.values_mut() {
+                sim.published.retain(|e| !gone.contains(&e.key(&keys)));
+            }
+        }
         if !updates.is_empty() {
             let writes: Vec<(Versioned<Task>, Task)> =
-                updates.iter().map(|(seen, new, _)| (seen.clone(), new.clone())).collect();
+                updates.iter().map(|(seen, new, _, _)| (seen.clone(), new.clone())).collect();
             let out = update_tasks(&self.store, &writes).await?;
-            for ((seen, _, next), result) in updates.into_iter().zip(out) {
+            let mut to_publish: BTreeMap<i64, (usize, Vec<Endpoint>)> = BTreeMap::new();
+            for ((seen, _, next, publish), result) in updates.into_iter().zip(out) {
                 if result.is_none() {
                     continue;
                 }
                 let Some(sim) = tasks.get_mut(&seen.value.id) else { continue };
+                if !publish.is_empty() {
+                    if let Some(g) = self.group_of.get(&sim.node).copied() {
+                        let lease = self.keepers[g].lease();
+                        to_publish.entry(lease).or_insert((g, Vec::new())).1.extend(publish.iter().cloned());
+                        sim.published = publish;
+                    }
+                }
                 match next {
                     Next::Run { until, health, first } => {
                         if first {
@@ -488,6 +605,14 @@ impl SimulatedNodes {
                             sim.phase = phase;
                         }
                     }
+                }
+            }
+            for (lease, (group, endpoints)) in to_publish {
+                // One put per endpoint, once, on becoming healthy. A failure marks the group for publishing
+                // again on the next tick (with everything it serves).
+                if let Err(e) = discovery::publish(&self.store, &endpoints, lease).await {
+                    tracing::warn!(error = %e, endpoints = endpoints.len(), "publishing endpoints failed; will retry");
+                    self.set_published_under(group, 0);
                 }
             }
         }

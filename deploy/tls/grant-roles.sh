@@ -17,6 +17,8 @@
 #   agent-NODE        read P cell/ and versions/; write its node's keys (cell/nodes/NODE, cell/live/NODE,
 #                     cell/alloc/NODE, assign/NODE/) and task records (cell/tasks/: the states of the tasks it
 #                     runs; etcd's ranges cannot name "the tasks of this node"). Not another node's ledger.
+#                     Endpoints for discovery (services/: keys are services/<service>/<node>/..., and a range
+#                     cannot name "any service, this node", so an agent could publish for another node).
 #   agents-PREFIX     the same for the simulated nodes PREFIX-<i> of one agent process
 #   operator-NAME     read and write prefix P (omctl: submit, cancel, drain, revert, ...)
 #   viewer-NAME       read prefix P (omctl: jobs, nodes, job, events, audit)
@@ -25,7 +27,7 @@
 # count-only read of it is how a component learns etcd's current revision.
 set -euo pipefail
 
-[ $# -ge 2 ] || { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 dir=$1 endpoints=$2 prefix=${3:-/omega/}
 [[ "$prefix" == */ ]] || prefix="$prefix/"
 [ -f "$dir/identities" ] || { echo "grant-roles.sh: $dir/identities is missing: run make-cell-certs.sh first" >&2; exit 1; }
@@ -63,6 +65,7 @@ agent_role() {
   if [ "$how" = prefix ]; then grant "$role" readwrite prefix "${prefix}assign/$n"
   else grant "$role" readwrite prefix "${prefix}assign/$n/"; fi
   grant "$role" readwrite prefix "${prefix}cell/tasks/"
+  grant "$role" readwrite prefix "${prefix}services/"
   grant "$role" readwrite key "${prefix}space-check"
 }
 

@@ -1,8 +1,9 @@
 //! From the file as read to a job, with errors located in the file.
 
 use super::probe::{Probe, Seg, PROBE};
-use super::raw::{CheckType, RawCheck, RawConstraint, RawJob};
+use super::raw::{CheckType, RawCheck, RawConstraint, RawJob, RawService};
 use super::JobSpecError;
+use crate::discovery::ServiceSpec;
 use crate::health::{HealthCheck, Probe as CheckProbe};
 use crate::model::{Constraint, Job, JobKind};
 use crate::resources::Resources;
@@ -257,7 +258,58 @@ impl Ctx<'_> {
             job.update = Some(policy);
         }
         job.checks = self.checks(raw.check, raw.checks)?;
+        job.ports = raw.ports.unwrap_or_default();
+        job.services = self.services(&job.ports, raw.services.unwrap_or_default())?;
         Ok(job)
+    }
+
+    /// Each service complete, its port one of `ports`, names distinct.
+    fn services(
+        &self,
+        ports: &std::collections::BTreeMap<String, u16>,
+        raw: Vec<RawService>,
+    ) -> Result<Vec<ServiceSpec>, JobSpecError> {
+        let mut out: Vec<ServiceSpec> = Vec::with_capacity(raw.len());
+        for (i, s) in raw.into_iter().enumerate() {
+            let item = [Seg::Key("services"), Seg::Index(i)];
+            let key = |k: &'static str| [&item[..], &[Seg::Key(k)]].concat();
+            let Some(name) = s.name else {
+                return Err(self.error_at(
+                    &item,
+                    format!("services[{i}].name"),
+                    "missing `name`: what clients resolve, e.g. `{name: web, port: http}`",
+                ));
+            };
+            let Some(port) = s.port else {
+                return Err(self.error_at(
+                    &item,
+                    format!("services[{i}].port"),
+                    "missing `port`: the name of one of the job's `ports`, e.g. `{name: web, port: http}`",
+                ));
+            };
+            if !ports.contains_key(&port) {
+                let declared = if ports.is_empty() {
+                    "the job declares none; add `ports: {http: 8080}`".to_string()
+                } else {
+                    let names: Vec<String> = ports.keys().map(|p| format!("`{p}`")).collect();
+                    format!("the job declares {}", names.join(", "))
+                };
+                return Err(self.error_at(
+                    &key("port"),
+                    format!("services[{i}].port"),
+                    format!("port `{port}` is not one of the job's `ports`: {declared}"),
+                ));
+            }
+            if out.iter().any(|earlier| earlier.name == name) {
+                return Err(self.error_at(
+                    &key("name"),
+                    format!("services[{i}].name"),
+                    format!("a second service named `{name}`; each service of a job needs its own name"),
+                ));
+            }
+            out.push(ServiceSpec { name, port, tags: s.tags.unwrap_or_default() });
+        }
+        Ok(out)
     }
 
     /// `check:` (one) or `checks:` (a list), not both; every check complete for its type, names distinct.

@@ -50,6 +50,12 @@
 //!     interval: 5s          # default 10s; also timeout (2s), healthy_threshold (1),
 //!     unhealthy_threshold: 2  # unhealthy_threshold (3), grace (0s) and restart (true)
 //!   - {name: ready, type: exec, command: [cat, /tmp/ready], restart: false}
+//! ports:                    # optional; named host ports the tasks listen on (nothing is allocated: tasks
+//!   http: 8080              # share the node's network), 1-65535
+//! services:                 # optional; published for discovery while a task is running and healthy
+//!   - name: web             # what clients resolve (a name like a job name)
+//!     port: http            # one of `ports`
+//!     tags: [v2]            # optional words a client may select on
 //! ```
 //!
 //! A batch job counts `tasks` and may ask for `gang: true` (all its tasks are placed together or none is):

@@ -59,6 +59,25 @@ pub(super) struct RawJob {
     pub(super) checks: Option<Vec<RawCheck>>,
     #[serde(default)]
     pub(super) update: Option<RawUpdate>,
+    #[serde(default, deserialize_with = "de_ports")]
+    pub(super) ports: Option<BTreeMap<String, u16>>,
+    #[serde(default, deserialize_with = "de_services")]
+    pub(super) services: Option<Vec<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service: a mapping with `name`, `port` (one of `ports`) and optional `tags`, e.g. \
+                 `{name: web, port: http, tags: [v2]}`"
+)]
+pub(super) struct RawService {
+    #[serde(default, deserialize_with = "de_service_name")]
+    pub(super) name: Option<String>,
+    #[serde(default, deserialize_with = "de_port_name")]
+    pub(super) port: Option<String>,
+    #[serde(default, deserialize_with = "de_tags")]
+    pub(super) tags: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -225,6 +244,8 @@ scalar_field!(de_duration, u64, "a duration such as `2s` or `500ms`", parse_dura
 scalar_field!(de_positive_duration, u64, "a duration such as `10s` or `500ms`", positive_duration);
 scalar_field!(de_check_name, String, "a check name such as `ready`", |s| checked_name("check", s));
 scalar_field!(de_check_type, CheckType, "`http`, `tcp` or `exec`", check_type);
+scalar_field!(de_service_name, String, "a service name such as `web`", |s| checked_name("service", s));
+scalar_field!(de_port_name, String, "a port name such as `http`", |s| checked_name("port", s));
 scalar_field!(de_http_path, String, "an HTTP path such as `/health`", http_path);
 
 fn checked_name(what: &str, s: &str) -> Result<String, String> {
@@ -499,6 +520,111 @@ impl<'de> Visitor<'de> for Checks {
 
 fn de_checks<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawCheck>>, D::Error> {
     d.deserialize_seq(Checks).map(Some)
+}
+
+struct Services;
+
+impl<'de> Visitor<'de> for Services {
+    type Value = Vec<RawService>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of services, e.g. `[{name: web, port: http}]`")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawService>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+fn de_services<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawService>>, D::Error> {
+    d.deserialize_seq(Services).map(Some)
+}
+
+/// A service's tags: words a client selects on, each one line of printable text without whitespace.
+struct Tags;
+
+impl<'de> Visitor<'de> for Tags {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of tags, e.g. `[primary, v2]`")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element_seed(Scalar { expecting: "a tag such as `primary`", parse: tag })? {
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+fn de_tags<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    d.deserialize_seq(Tags).map(Some)
+}
+
+fn tag(s: &str) -> Result<String, String> {
+    if let Some(problem) = control(s, Allow::Nothing) {
+        Err(format!("the tag {problem}"))
+    } else if s.is_empty() || s.chars().any(char::is_whitespace) {
+        Err(format!("tag {} must be one word, not empty", shown(s)))
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// The `ports` mapping, read by hand like `env` so that a bad or repeated name is reported at the name.
+struct Ports;
+
+impl<'de> Visitor<'de> for Ports {
+    type Value = BTreeMap<String, u16>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping of port names to port numbers, e.g. `{http: 8080}`")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut ports = BTreeMap::new();
+        while let Some(name) = map.next_key_seed(PortName(&ports))? {
+            let port = map.next_value_seed(PortNumber)?;
+            ports.insert(name, port);
+        }
+        Ok(ports)
+    }
+}
+
+struct PortName<'a>(&'a BTreeMap<String, u16>);
+
+impl<'de> DeserializeSeed<'de> for PortName<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PortName<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port name such as `http`")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        let name = checked_name("port", v).map_err(E::custom)?;
+        if self.0.contains_key(v) {
+            return Err(E::custom(format!("port `{v}` is named twice; each name may appear once")));
+        }
+        Ok(name)
+    }
+}
+
+struct PortNumber;
+
+impl<'de> DeserializeSeed<'de> for PortNumber {
+    type Value = u16;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u16, D::Error> {
+        de_port(d).map(|p| p.unwrap_or(0))
+    }
+}
+
+fn de_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, u16>>, D::Error> {
+    d.deserialize_map(Ports).map(Some)
 }
 
 /// The `env` mapping. Read by hand so that a bad or repeated name is reported at the name itself (YAML forbids

@@ -70,6 +70,8 @@ pub fn to_yaml(job: &Job) -> String {
             auto_revert: u.auto_revert,
         }),
         checks: job.checks.iter().map(render_check).collect(),
+        ports: &job.ports,
+        services: &job.services,
     };
     serde_norway::to_string(&out).expect("a job always renders as YAML")
 }
@@ -115,6 +117,10 @@ struct OutJob<'a> {
     checks: Vec<OutCheck<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     update: Option<OutUpdate>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    ports: &'a BTreeMap<String, u16>,
+    #[serde(skip_serializing_if = "<[crate::discovery::ServiceSpec]>::is_empty")]
+    services: &'a [crate::discovery::ServiceSpec],
 }
 
 #[derive(Serialize)]

@@ -563,3 +563,52 @@ fn bad_checks_point_at_the_line_and_field() {
     let text = format!("{MINIMAL}checks:\n  - {{name: 'a b', type: tcp, port: 1}}\n");
     assert_err(&text, Some(7), Some("checks[0].name"), &["check name"]);
 }
+
+#[test]
+fn ports_and_services_parse_and_render() {
+    let text = format!(
+        "{MINIMAL}ports: {{http: 8080, admin: \"9090\"}}\nservices:\n  - {{name: web, port: http, tags: [v2, primary]}}\n  - name: web-admin\n    port: admin\n"
+    );
+    let job = parse_job("job.yaml", &text).expect("parses");
+    assert_eq!(job.ports, [("admin".to_string(), 9090), ("http".to_string(), 8080)].into());
+    assert_eq!(job.services.len(), 2);
+    assert_eq!(job.services[0].name, "web");
+    assert_eq!(job.services[0].port, "http");
+    assert_eq!(job.services[0].tags, strs(&["v2", "primary"]));
+    assert!(job.services[1].tags.is_empty());
+    let yaml = to_yaml(&job);
+    let mut back = parse_job("job.yaml", &yaml).expect("the rendering parses");
+    back.submitted_at_ms = job.submitted_at_ms;
+    assert_eq!(back, job, "{yaml}");
+    assert!(yaml.contains("ports:\n  admin: 9090\n  http: 8080\n"), "{yaml}");
+    // Without them nothing is rendered.
+    let plain = parse_job("job.yaml", MINIMAL).expect("parses");
+    assert!(plain.ports.is_empty() && plain.services.is_empty());
+    assert!(!to_yaml(&plain).contains("ports") && !to_yaml(&plain).contains("services"));
+}
+
+#[test]
+fn bad_ports_and_services_point_at_the_line_and_field() {
+    assert_err(&format!("{MINIMAL}ports: {{http: 70000}}\n"), Some(6), Some("ports.http"), &["1 to 65535"]);
+    assert_err(&format!("{MINIMAL}ports: {{http: 0}}\n"), Some(6), Some("ports.http"), &["1 to 65535"]);
+    assert_err(&format!("{MINIMAL}ports:\n  http: web\n"), Some(7), Some("ports.http"), &["not a whole number"]);
+    assert_err(&format!("{MINIMAL}ports:\n  'a b': 80\n"), Some(7), Some("ports"), &["port name"]);
+    assert_err(&format!("{MINIMAL}ports: [80]\n"), Some(6), Some("ports"), &["port names to port numbers"]);
+    let ports = "ports: {http: 8080}\n";
+    let text = format!("{MINIMAL}{ports}services:\n  - {{name: web, port: grpc}}\n");
+    assert_err(&text, Some(8), Some("services[0].port"), &["`grpc` is not one of the job's `ports`", "`http`"]);
+    let text = format!("{MINIMAL}services:\n  - {{name: web, port: http}}\n");
+    assert_err(&text, Some(7), Some("services[0].port"), &["declares none"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - {{port: http}}\n");
+    assert_err(&text, Some(8), Some("services[0].name"), &["missing `name`"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - name: web\n");
+    assert_err(&text, Some(8), Some("services[0].port"), &["missing `port`"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - {{name: 'web/x', port: http}}\n");
+    assert_err(&text, Some(8), Some("services[0].name"), &["service name"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - {{name: web, port: http}}\n  - name: web\n    port: http\n");
+    assert_err(&text, Some(9), Some("services[1].name"), &["a second service named `web`"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - {{name: web, port: http, tags: ['a b']}}\n");
+    assert_err(&text, Some(8), Some("services[0].tags[0]"), &["one word"]);
+    let text = format!("{MINIMAL}{ports}services:\n  - {{name: web, port: http, tag: [a]}}\n");
+    assert_err(&text, Some(8), Some("services[0].tag"), &["did you mean `tags`?"]);
+}

@@ -95,6 +95,14 @@ after compaction. Stops after --count changes or --for a duration, or on Ctrl-C.
     Watch(WatchArgs),
     /// List live scheduler instances, what each is, the jobs they own, their attempts, transactions and conflicts.
     Schedulers,
+    /// List services with healthy endpoints (what discovery hands out): how many, which jobs and versions.
+    Services,
+    /// One service's healthy endpoints (address:port, node, task, version, tags); --watch follows them.
+    #[command(long_about = "One service's healthy endpoints, as clients resolve them: the keys \
+<prefix>services/NAME/<node>/<task> that agents publish while a task is running and passing its checks, bound \
+to the node's lease. --watch prints them, then each change as it happens (`+` published, `-` withdrawn; one \
+JSON object per line with -o json), until Ctrl-C.")]
+    Service(ServiceArgs),
     /// Drain a node: no new placements there, and its service tasks move to other nodes, migrating first.
     #[command(long_about = "Drain a node: mark its ledger unschedulable (so no scheduler can commit a claim there) \
 and move its service replicas away, migrating first: the controller starts a replacement elsewhere for each (at \
@@ -146,6 +154,15 @@ pub struct EventsArgs {
     /// Keep printing new events as they are recorded.
     #[arg(short = 'f', long)]
     pub follow: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArgs {
+    /// The service's name.
+    pub name: String,
+    /// Keep printing changes as endpoints are published and withdrawn.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
 }
 
 #[derive(Args, Debug)]

@@ -71,6 +71,8 @@ async fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Audit => commands::audit::run(cli).await,
         Command::Watch(args) => commands::watch::run(cli, args).await,
         Command::Schedulers => commands::schedulers::run(cli).await,
+        Command::Services => commands::services::list(cli).await,
+        Command::Service(args) => commands::services::show(cli, args).await,
         Command::Logs(args) => commands::logs::run(cli, args).await,
         Command::Drain(args) => commands::drain::run(cli, args).await,
         Command::Promote(args) => commands::versions::promote(cli, &args.id).await,

@@ -74,6 +74,12 @@ pub async fn cancel_job(store: &Store, id: &str) -> Result<CancelReport> {
         if releases.is_empty() {
             break;
         }
+        // Out of discovery first, so no client holds an endpoint whose task is already stopped.
+        if let Some((job, _)) = store.get_json::<crate::model::Job>(&store.keys().job(id)).await? {
+            let running: Vec<&Task> =
+                releases.iter().filter(|r| r.task.value.state == TaskState::Running).map(|r| &*r.task.value).collect();
+            crate::discovery::withdraw_tasks(store, &job, &running).await?;
+        }
         let outcomes = release(store, &releases).await?;
         for (r, outcome) in releases.iter().zip(outcomes) {
             match outcome {

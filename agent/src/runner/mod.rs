@@ -192,6 +192,8 @@ pub struct TaskRunner {
     pub config: Arc<AgentConfig>,
     pub runners: Runners,
     pub fence: FenceSignal,
+    /// The node's endpoints for discovery: a healthy run's are published, and withdrawn before it stops.
+    pub published: Arc<crate::endpoints::Published>,
     pub assignment: Assignment,
 }
 
@@ -207,7 +209,11 @@ impl TaskRunner {
                 step = match step {
                     Step::Start(n) => self.start(&job, n, &mut stop).await?,
                     Step::Running { run, recorded, health } => {
-                        self.running(&job, run, recorded, health, &mut stop).await?
+                        let next = self.running(&job, run, recorded, health, &mut stop).await;
+                        // Whatever ended the run's serving (a stop, an exit, the fence), it is out of
+                        // discovery before the next step stops or records anything.
+                        self.published.withdraw(&self.store, &self.a().task).await;
+                        next?
                     }
                     Step::Exited(run, end) => self.exited(&job, run, end, &mut stop).await?,
                     Step::Fenced(run, exit) => self.fenced(&job, run, exit, &mut stop).await?,
@@ -459,13 +465,23 @@ impl TaskRunner {
             tokio::select! {
                 biased;
                 written = self.record_running(&run, checked, &mut stop_writing) => match written? {
-                    Written::Done => health = checked.then_some(HealthStatus::Starting),
+                    Written::Done => {
+                        health = checked.then_some(HealthStatus::Starting);
+                        if !checked {
+                            // Without checks a running task counts as healthy.
+                            self.publish(job).await;
+                        }
+                    }
                     Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
                 },
                 // It ended before etcd took `running` (etcd slow or away): the end is what matters.
                 exit = &mut wait => return self.observed(run, exit).await,
                 _ = stop_requested(stop) => return Ok(Step::Stop),
             }
+        }
+        if recorded && (!checked || health == Some(HealthStatus::Healthy)) {
+            // A run found serving (this agent restarted): published again, in case its lease went meanwhile.
+            self.publish(job).await;
         }
         let mut monitor = Monitor::new(&job.checks, run.started_at_ms, health);
         let output = check_output_path(&self.config.log_dir, &self.a().task);
@@ -483,6 +499,10 @@ impl TaskRunner {
                         };
                         tracing::info!(task = self.a().task, container, health = %health.status,
                             message = verdict.event, "health changed");
+                        if health.status != HealthStatus::Healthy {
+                            // Out of discovery before the record says so, and before any restart stops it.
+                            self.published.withdraw(&self.store, &self.a().task).await;
+                        }
                         // Raced against the exit, as `running` is: a write that cannot land (etcd away, the
                         // node fenced) must not keep the runner from seeing the run end.
                         let written = tokio::select! {
@@ -491,7 +511,12 @@ impl TaskRunner {
                             written = self.record_health(&health, kind, &verdict.event, stop) => written?,
                         };
                         match written {
-                            Written::Done => monitor.recorded(health.status),
+                            Written::Done => {
+                                monitor.recorded(health.status);
+                                if health.status == HealthStatus::Healthy {
+                                    self.publish(job).await;
+                                }
+                            }
                             Written::NotOurs | Written::Stopped => return Ok(Step::Stop),
                         }
                     }
@@ -501,6 +526,18 @@ impl TaskRunner {
                 }
             }
         }
+    }
+
+    /// Publishes the run's endpoints (one per service of its job) at the node's advertised host.
+    async fn publish(&self, job: &Job) {
+        if job.services.is_empty() {
+            return;
+        }
+        let a = self.a();
+        let host =
+            self.config.address.as_deref().map_or_else(|| "127.0.0.1".to_string(), omega::discovery::address_host);
+        let endpoints = omega::discovery::endpoints_of(job, &a.task, &a.node, &host, now_ms());
+        self.published.publish(&self.store, &a.task, endpoints).await;
     }
 
     /// Stops a run a check found unhealthy (SIGTERM, grace, SIGKILL): its end is a failure the restart

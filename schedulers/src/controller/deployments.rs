@@ -168,6 +168,9 @@ pub async fn reconcile(
                 })
             })
             .collect();
+        // Out of discovery first, so no client holds an endpoint whose task is already stopped.
+        let retiring: Vec<&Task> = releases.iter().map(|r| &*r.task.value).collect();
+        omega::discovery::withdraw_tasks(store, j, &retiring).await?;
         release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;
         done.retired = releases.len();
     }

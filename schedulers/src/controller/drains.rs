@@ -65,6 +65,18 @@ fn job_of<'a>(snapshot: &'a CellSnapshot, t: &Task) -> Option<&'a Versioned<Job>
     snapshot.jobs.get(t.job.as_str())
 }
 
+/// Withdraws from discovery what `releases` are about to stop, before they are released, so that no client
+/// holds an endpoint whose task record is already stopped (the agent withdraws too, but only once it sees the
+/// release).
+async fn withdraw_first(store: &Store, snapshot: &CellSnapshot, releases: &[Release]) -> anyhow::Result<()> {
+    for r in releases.iter().filter(|r| r.task.value.state == TaskState::Running) {
+        if let Some(job) = job_of(snapshot, &r.task.value) {
+            omega::discovery::withdraw_tasks(store, &job.value, &[&*r.task.value]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether a replacement has served long enough for its old replica to stop.
 fn counts(job: &Job, t: &Task, now: u64) -> bool {
     let min = job.update.unwrap_or_default().min_healthy_time_ms;
@@ -100,6 +112,7 @@ async fn step(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Version
                 Release { task: (*t).clone(), state, reason: Some(reason), run: None, event }
             })
             .collect();
+        withdraw_first(store, snapshot, &releases).await?;
         let outcomes = release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;
         let forced = outcomes.iter().filter(|o| matches!(o, ReleaseOutcome::Done { .. })).count();
         record.forced += forced as u32;
@@ -142,6 +155,7 @@ async fn step(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Version
         }
     }
     if !retire.is_empty() {
+        withdraw_first(store, snapshot, &retire).await?;
         let outcomes = release_guarded(store, &retire, Guard { fence: Some(fence), nodes_down: false }).await?;
         for (r, o) in retire.iter().zip(outcomes) {
             if matches!(o, ReleaseOutcome::Done { .. }) {
@@ -237,6 +251,7 @@ async fn cancel(store: &Store, snapshot: &CellSnapshot, fence: &Fence, d: &Versi
             event: Some((EventKind::Stopped, format!("drain of node {} undone", d.value.node))),
         })
         .collect();
+    withdraw_first(store, snapshot, &releases).await?;
     release_guarded(store, &releases, Guard { fence: Some(fence), nodes_down: false }).await?;
     let key = store.keys().drain(&d.value.node);
     let mut g = Group::new();

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod nodes;
 pub mod quota;
 pub mod schedulers;
+pub mod services;
 pub mod submit;
 pub mod tasks;
 pub mod versions;
