@@ -7,7 +7,9 @@
 
 use crate::error::{Error, Result};
 use crate::keys::{Key, Keys};
-use crate::model::{Allocation, Drain, Job, JobOwner, Liveness, NamespaceUse, Node, Quota, SchedulerInstance, Task, TaskState};
+use crate::model::{
+    Allocation, Drain, Job, JobOwner, Liveness, NamespaceUse, Node, Quota, SchedulerInstance, Task, TaskState,
+};
 use crate::store::{Store, DEFAULT_PAGE_SIZE};
 use crate::watcher::{Change, WatchEvent, Watcher, WatcherStats};
 use etcd_client::KeyValue;

@@ -336,7 +336,13 @@ impl Quota {
     pub fn room_for(&self, used: &NamespaceUse, request: Resources) -> u64 {
         let per = |limit: Option<u64>, used: u64, each: u64| match limit {
             None => u64::MAX,
-            Some(l) if each == 0 => if used <= l { u64::MAX } else { 0 },
+            Some(l) if each == 0 => {
+                if used <= l {
+                    u64::MAX
+                } else {
+                    0
+                }
+            }
             Some(l) => l.saturating_sub(used) / each,
         };
         per(self.cpu_millis, used.resources.cpu_millis, request.cpu_millis)

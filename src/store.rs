@@ -272,7 +272,8 @@ impl Store {
     pub async fn revision(&self) -> Result<i64> {
         // One key under the prefix that every component's etcd role may read: with authentication on, a read
         // outside the cell's prefix is refused.
-        let resp = self.client.kv_client().get(self.keys.space_check(), Some(GetOptions::new().with_count_only())).await?;
+        let resp =
+            self.client.kv_client().get(self.keys.space_check(), Some(GetOptions::new().with_count_only())).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 

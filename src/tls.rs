@@ -130,11 +130,19 @@ pub fn explain(files: Option<&TlsFiles>, error: &str) -> Option<String> {
         return Some("etcd's certificate is not valid for the endpoint's host name (check its SANs)".into());
     }
     if e.contains("certificaterequired") || e.contains("certificate required") {
-        return Some("etcd requires a client certificate (it runs with --client-cert-auth): give --cert and --key".into());
+        return Some(
+            "etcd requires a client certificate (it runs with --client-cert-auth): give --cert and --key".into(),
+        );
     }
-    if e.contains("badcertificate") || e.contains("bad certificate") || e.contains("unknownca") || e.contains("unknown ca") {
+    if e.contains("badcertificate")
+        || e.contains("bad certificate")
+        || e.contains("unknownca")
+        || e.contains("unknown ca")
+    {
         return Some(match &cert {
-            Some(c) => format!("etcd refused our client certificate --cert {c}: not signed by a CA it trusts, or expired"),
+            Some(c) => {
+                format!("etcd refused our client certificate --cert {c}: not signed by a CA it trusts, or expired")
+            }
             None => "etcd refused the connection: it requires a client certificate (give --cert and --key)".into(),
         });
     }
@@ -168,7 +176,8 @@ fn check_identity(ca_path: &Path, ca: &[u8], cert_path: &Path, cert: &[u8]) -> R
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, UnixTime};
     let bad = |flag: &str, path: &Path, e: String| Error::Tls(format!("{flag} {}: {e}", path.display()));
-    let ca_der = CertificateDer::from_pem_slice(ca).map_err(|e| bad("--cacert", ca_path, format!("unreadable certificate: {e}")))?;
+    let ca_der = CertificateDer::from_pem_slice(ca)
+        .map_err(|e| bad("--cacert", ca_path, format!("unreadable certificate: {e}")))?;
     let anchor = webpki::anchor_from_trusted_cert(&ca_der)
         .map_err(|e| bad("--cacert", ca_path, format!("not a usable CA certificate: {e}")))?;
     let chain: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(cert)
@@ -224,7 +233,8 @@ fn rfc3339(secs: u64) -> String {
 
 /// Reads a PEM file that must hold a block of `kind` (`CERTIFICATE`, or any `... PRIVATE KEY`).
 fn read_pem(path: &Path, flag: &str, kind: &str) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Tls(format!("{flag} {}: cannot read it: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Tls(format!("{flag} {}: cannot read it: {e}", path.display())))?;
     let text = String::from_utf8_lossy(&bytes);
     let has = text.lines().any(|l| l.starts_with("-----BEGIN ") && l.ends_with(&format!("{kind}-----")));
     if !has {
@@ -244,8 +254,14 @@ mod tests {
     #[test]
     fn flags_go_together() {
         assert_eq!(TlsFiles::from_flags(None, None, None).unwrap(), None);
-        assert!(TlsFiles::from_flags(Some("ca".into()), Some("c".into()), None).unwrap_err().to_string().contains("--key"));
-        assert!(TlsFiles::from_flags(None, Some("c".into()), Some("k".into())).unwrap_err().to_string().contains("--cacert"));
+        assert!(TlsFiles::from_flags(Some("ca".into()), Some("c".into()), None)
+            .unwrap_err()
+            .to_string()
+            .contains("--key"));
+        assert!(TlsFiles::from_flags(None, Some("c".into()), Some("k".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("--cacert"));
         let f = TlsFiles::from_flags(Some("ca".into()), Some("c".into()), Some("k".into())).unwrap().unwrap();
         assert_eq!(f.identity, Some(("c".into(), "k".into())));
     }

@@ -517,13 +517,12 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
             .stderr(std::fs::File::create(scratch.path().join("grpc-proxy.stderr")).unwrap());
         proxy = Some(Group::spawn(cmd));
         let via = vec![format!("https://127.0.0.1:{proxy_port}")];
-        let proxied =
-            connect_tls(&via, printed.tls("omega-scheduler")).await.unwrap_or_else(|e| {
-                panic!(
-                    "connect through the proxy: {e}; its stderr:\n{}",
-                    std::fs::read_to_string(scratch.path().join("grpc-proxy.stderr")).unwrap_or_default()
-                )
-            });
+        let proxied = connect_tls(&via, printed.tls("omega-scheduler")).await.unwrap_or_else(|e| {
+            panic!(
+                "connect through the proxy: {e}; its stderr:\n{}",
+                std::fs::read_to_string(scratch.path().join("grpc-proxy.stderr")).unwrap_or_default()
+            )
+        });
         let got = proxied.client().kv_client().get("/omega-test/three", None).await.unwrap();
         assert_eq!(got.kvs()[0].value_str().unwrap(), "members");
         let mut watch = proxied.client().watch_client().watch("/omega-test/watched", None).await.unwrap();
@@ -554,13 +553,19 @@ fn three_member_local_forms_a_healthy_cluster_and_cleans_up() {
         .arg(printed.endpoints.join(","))
         .output()
         .unwrap();
-    assert!(out.status.success(), "grant-roles.sh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "grant-roles.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scheduler = printed.etcdctl_tls("omega-scheduler");
     let (ok, out) = etcdctl(&printed.endpoints, &scheduler, &["get", "/omega/", "--prefix", "--keys-only"]);
     assert!(ok, "the scheduler reads the cell: {out}");
     let (ok, out) = etcdctl(&printed.endpoints, &scheduler, &["put", "/omega/cell/nodes/x", "{}"]);
     assert!(!ok && out.contains("permission denied"), "the scheduler registered a node: {out}");
-    let (ok, out) = etcdctl(&printed.endpoints, &printed.etcdctl_tls("viewer-ui"), &["put", "/omega/cell/jobs/x", "{}"]);
+    let (ok, out) =
+        etcdctl(&printed.endpoints, &printed.etcdctl_tls("viewer-ui"), &["put", "/omega/cell/jobs/x", "{}"]);
     assert!(!ok && out.contains("permission denied"), "a viewer wrote a job: {out}");
     let out = Command::new("bash")
         .arg(repo().join("deploy/etcd/grpc-proxy.sh"))
@@ -688,7 +693,11 @@ fn units_use_only_flags_the_programs_have() {
             };
             let section = value.as_object().unwrap_or_else(|| panic!("{}: {key} is a mapping", path.display()));
             for sub in section.keys() {
-                assert!(help.contains(&format!("--{flag_prefix}{sub} ")), "{}: etcd has no --{flag_prefix}{sub}", path.display());
+                assert!(
+                    help.contains(&format!("--{flag_prefix}{sub} ")),
+                    "{}: etcd has no --{flag_prefix}{sub}",
+                    path.display()
+                );
             }
             assert_eq!(section["client-cert-auth"], true, "{}: {key}", path.display());
             assert_eq!(section["cert-file"], "/etc/omega/tls/etcd.pem", "{}: {key}", path.display());
@@ -696,9 +705,19 @@ fn units_use_only_flags_the_programs_have() {
             assert_eq!(section["trusted-ca-file"], "/etc/omega/tls/ca.pem", "{}: {key}", path.display());
         }
         assert!(config.contains_key("client-transport-security") && config.contains_key("peer-transport-security"));
-        for key in ["listen-client-urls", "advertise-client-urls", "listen-peer-urls", "initial-advertise-peer-urls", "initial-cluster"] {
+        for key in [
+            "listen-client-urls",
+            "advertise-client-urls",
+            "listen-peer-urls",
+            "initial-advertise-peer-urls",
+            "initial-cluster",
+        ] {
             let urls = config[key].as_str().unwrap();
-            assert!(urls.contains("https://") && !urls.contains("http://"), "{}: {key} is https only: {urls}", path.display());
+            assert!(
+                urls.contains("https://") && !urls.contains("http://"),
+                "{}: {key} is https only: {urls}",
+                path.display()
+            );
         }
         assert_eq!(config["name"], format!("omega-{n}"));
         assert_eq!(config["listen-metrics-urls"], format!("http://10.0.0.{n}:2381"));
@@ -722,7 +741,10 @@ fn units_use_only_flags_the_programs_have() {
         // Metrics (and /health) for Prometheus, plain, on a port of their own.
         ("ETCD_LISTEN_METRICS_URLS", "http://127.0.0.1:2381"),
     ] {
-        assert!(unit.lines().any(|l| l == format!("Environment={var}={value}")), "omega-etcd.service sets {var}={value}");
+        assert!(
+            unit.lines().any(|l| l == format!("Environment={var}={value}")),
+            "omega-etcd.service sets {var}={value}"
+        );
     }
 
     // Each Omega unit is its own etcd user; the shared omega.env names etcd and its CA, and no identity (it
@@ -739,13 +761,19 @@ fn units_use_only_flags_the_programs_have() {
         assert!(has(format!("Environment=OMEGA_ETCD_KEY={key}")), "{unit} names its key");
         if key.starts_with("%d/") {
             let component = cert.trim_end_matches(".pem");
-            assert!(has(format!("LoadCredential=etcd-key.pem:/etc/omega/tls/{component}-key.pem")), "{unit} loads its key");
+            assert!(
+                has(format!("LoadCredential=etcd-key.pem:/etc/omega/tls/{component}-key.pem")),
+                "{unit} loads its key"
+            );
         }
     }
     let env = file("omega.env");
     assert!(env.lines().any(|l| l == "OMEGA_ETCD=https://127.0.0.1:2379"), "omega.env: https");
     assert!(env.lines().any(|l| l == "OMEGA_ETCD_CACERT=/etc/omega/tls/ca.pem"), "omega.env: the CA");
-    assert!(!env.lines().any(|l| l.starts_with("OMEGA_ETCD_CERT=") || l.starts_with("OMEGA_ETCD_KEY=")), "omega.env: no identity");
+    assert!(
+        !env.lines().any(|l| l.starts_with("OMEGA_ETCD_CERT=") || l.starts_with("OMEGA_ETCD_KEY=")),
+        "omega.env: no identity"
+    );
 }
 
 /// deploy/examples/api-update/*.yaml are later versions of api.yaml: the same job, a change that replaces the

@@ -65,7 +65,13 @@ async fn racing_schedulers_never_pass_a_namespace_quota() {
     let out = omctl(ep, &["quota", "set", "team-a", "--cpu", "4", "--tasks", "20"]);
     assert!(out.status.success(), "{}", text(&out));
     let procs = [
-        start("omega-agent", ep, "agents-q", &["--simulate", "4", "--sim-prefix", "q", "--sim-cpu", "4", "--sim-memory", "16Gi"], "quota-nodes"),
+        start(
+            "omega-agent",
+            ep,
+            "agents-q",
+            &["--simulate", "4", "--sim-prefix", "q", "--sim-cpu", "4", "--sim-memory", "16Gi"],
+            "quota-nodes",
+        ),
         start("omega-scheduler", ep, "omega-scheduler", &["--kind", "batch", "--instance", "qb-1"], "qb-1"),
         start("omega-scheduler", ep, "omega-scheduler", &["--kind", "batch", "--instance", "qb-2"], "qb-2"),
         start("omega-scheduler", ep, "omega-scheduler", &["--kind", "service", "--instance", "qs-1"], "qs-1"),

@@ -45,13 +45,23 @@ fn start(name: &str, etcd: &SecureEtcd, who: &str, args: &[&str], log: &str) -> 
 async fn every_component_works_on_its_own_certificate() {
     let etcd = SecureEtcd::start(&["--sim-agents", "sec", "--operator", "alice", "--viewer", "bob"]).await;
     let mut procs = vec![
-        start("omega-agent", &etcd, "agents-sec", &["--simulate", "3", "--sim-prefix", "sec", "--sim-cpu", "2", "--sim-memory", "4Gi"], "sec-agent"),
+        start(
+            "omega-agent",
+            &etcd,
+            "agents-sec",
+            &["--simulate", "3", "--sim-prefix", "sec", "--sim-cpu", "2", "--sim-memory", "4Gi"],
+            "sec-agent",
+        ),
         start("omega-scheduler", &etcd, "omega-scheduler", &["--kind", "batch", "--instance", "sec-b1"], "sec-batch"),
         start("omega-controller", &etcd, "omega-controller", &["--instance", "sec-ctl", "--grace", "1s"], "sec-ctl"),
     ];
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("hello.yaml");
-    std::fs::write(&job, "name: hello\nkind: batch\ntasks: 4\nresources: {cpu: 500m, memory: 256Mi}\nimage: busybox\nduration: 1s\n").unwrap();
+    std::fs::write(
+        &job,
+        "name: hello\nkind: batch\ntasks: 4\nresources: {cpu: 500m, memory: 256Mi}\nimage: busybox\nduration: 1s\n",
+    )
+    .unwrap();
     let out = omctl(&etcd, "operator-alice", &["submit", job.to_str().unwrap(), "--wait", "--timeout", "120s"]);
     assert!(out.status.success(), "submit as operator: {}", text(&out));
 
@@ -75,7 +85,8 @@ async fn every_component_works_on_its_own_certificate() {
 
     // A viewer cannot change the cell: refused, in words, and nothing written.
     let job2 = dir.path().join("other.yaml");
-    std::fs::write(&job2, "name: other\nkind: batch\ntasks: 1\nresources: {cpu: 100m, memory: 32Mi}\nimage: busybox\n").unwrap();
+    std::fs::write(&job2, "name: other\nkind: batch\ntasks: 1\nresources: {cpu: 100m, memory: 32Mi}\nimage: busybox\n")
+        .unwrap();
     let out = omctl(&etcd, "viewer-bob", &["submit", job2.to_str().unwrap()]);
     assert!(!out.status.success(), "a viewer submitted: {}", text(&out));
     assert!(text(&out).contains("permission denied") && text(&out).contains("grant-roles.sh"), "{}", text(&out));
@@ -153,15 +164,31 @@ async fn wrong_expired_or_missing_certificates_fail_in_one_line() {
     let other = tempfile::tempdir().unwrap();
     make_certs(other.path(), &["--viewer", "bob"]);
     let f = |d: &std::path::Path, n: &str| d.join(n).to_str().unwrap().to_string();
-    let args = ["--cacert", &f(other.path(), "ca.pem"), "--cert", &f(other.path(), "viewer-bob.pem"), "--key", &f(other.path(), "viewer-bob-key.pem")];
-    let out = std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
+    let args = [
+        "--cacert",
+        &f(other.path(), "ca.pem"),
+        "--cert",
+        &f(other.path(), "viewer-bob.pem"),
+        "--key",
+        &f(other.path(), "viewer-bob-key.pem"),
+    ];
+    let out =
+        std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
     let t = text(&out);
     assert!(!out.status.success());
     assert!(t.contains("not signed by the CA") && t.contains(&f(other.path(), "ca.pem")), "{t}");
     assert_eq!(t.trim().lines().count(), 1, "{t}");
     // Our CA, a certificate from the other cell.
-    let args = ["--cacert", &f(etcd.certs.path(), "ca.pem"), "--cert", &f(other.path(), "viewer-bob.pem"), "--key", &f(other.path(), "viewer-bob-key.pem")];
-    let out = std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
+    let args = [
+        "--cacert",
+        &f(etcd.certs.path(), "ca.pem"),
+        "--cert",
+        &f(other.path(), "viewer-bob.pem"),
+        "--key",
+        &f(other.path(), "viewer-bob-key.pem"),
+    ];
+    let out =
+        std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
     let t = text(&out);
     assert!(!out.status.success());
     assert!(t.contains("refused our client certificate") && t.contains("viewer-bob.pem"), "{t}");
@@ -180,19 +207,40 @@ async fn wrong_expired_or_missing_certificates_fail_in_one_line() {
     assert_eq!(t.trim().lines().count(), 1, "{t}");
 
     // A missing file, a key given as the certificate.
-    let args = ["--cacert", &f(etcd.certs.path(), "ca.pem"), "--cert", "/nonexistent/me.pem", "--key", &f(etcd.certs.path(), "viewer-bob-key.pem")];
-    let out = std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
+    let args = [
+        "--cacert",
+        &f(etcd.certs.path(), "ca.pem"),
+        "--cert",
+        "/nonexistent/me.pem",
+        "--key",
+        &f(etcd.certs.path(), "viewer-bob-key.pem"),
+    ];
+    let out =
+        std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
     let t = text(&out);
     assert!(!out.status.success() && t.contains("/nonexistent/me.pem") && t.contains("cannot read"), "{t}");
-    let args = ["--cacert", &f(etcd.certs.path(), "ca.pem"), "--cert", &f(etcd.certs.path(), "viewer-bob-key.pem"), "--key", &f(etcd.certs.path(), "viewer-bob-key.pem")];
-    let out = std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
+    let args = [
+        "--cacert",
+        &f(etcd.certs.path(), "ca.pem"),
+        "--cert",
+        &f(etcd.certs.path(), "viewer-bob-key.pem"),
+        "--key",
+        &f(etcd.certs.path(), "viewer-bob-key.pem"),
+    ];
+    let out =
+        std::process::Command::new(bin("omctl")).args(["--etcd", &endpoint]).args(args).arg("jobs").output().unwrap();
     let t = text(&out);
     assert!(!out.status.success() && t.contains("--cert") && t.contains("PRIVATE KEY"), "{t}");
 
     // The components say the same and exit rather than retry for ten minutes.
     let mut args: Vec<String> = vec!["--etcd".into(), endpoint.clone()];
     args.extend(["--cacert".into(), f(other.path(), "ca.pem")]);
-    args.extend(["--cert".into(), f(other.path(), "omega-scheduler.pem"), "--key".into(), f(other.path(), "omega-scheduler-key.pem")]);
+    args.extend([
+        "--cert".into(),
+        f(other.path(), "omega-scheduler.pem"),
+        "--key".into(),
+        f(other.path(), "omega-scheduler-key.pem"),
+    ]);
     args.extend(["--kind".into(), "batch".into()]);
     let out = std::process::Command::new(bin("omega-scheduler")).args(&args).output().unwrap();
     let t = text(&out);

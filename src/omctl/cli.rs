@@ -228,9 +228,7 @@ pub enum QuotaAction {
     /// Set (or change) a namespace's quota; a limit not given stays as it was (`none` removes it).
     Set(QuotaSetArgs),
     /// Remove a namespace's quota: its tasks are no longer limited.
-    Rm {
-        namespace: String,
-    },
+    Rm { namespace: String },
 }
 
 #[derive(Args, Debug)]

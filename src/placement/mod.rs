@@ -161,9 +161,9 @@ pub fn place_in<'a>(
 
     // The namespace's quota, if it has one: what is left of it bounds how many tasks this job may place.
     let quota = snapshot.quotas.get(job.namespace.as_str()).map(|q| q.value.clone());
-    let mut quota_used = quota.as_ref().map(|_| {
-        *table.quota_used.entry(job.namespace.clone()).or_insert_with(|| snapshot.use_of(&job.namespace))
-    });
+    let mut quota_used = quota
+        .as_ref()
+        .map(|_| *table.quota_used.entry(job.namespace.clone()).or_insert_with(|| snapshot.use_of(&job.namespace)));
     let mut victims_taken: HashSet<String> = HashSet::new();
     // Batch packing: keep filling the node chosen last while the task still fits there (it stays the best
     // fit as it fills), so a large job costs one scan per node filled, not one per task.
@@ -376,8 +376,7 @@ fn preemption(
         if (job.anti_affinity && c.job_tasks > 0) || request.exceeds(c.capacity).is_some() {
             continue;
         }
-        let Some(victims) = preempt::victims(snapshot, c, request, task.value.priority, &job.namespace, taken)
-        else {
+        let Some(victims) = preempt::victims(snapshot, c, request, task.value.priority, &job.namespace, taken) else {
             continue;
         };
         if victims.is_empty() {

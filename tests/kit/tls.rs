@@ -17,7 +17,12 @@ pub fn tls_script(name: &str) -> PathBuf {
 /// Runs `make-cell-certs.sh DIR ARGS...`, panicking with its output if it fails.
 pub fn make_certs(dir: &Path, args: &[&str]) {
     let out = Command::new("bash").arg(tls_script("make-cell-certs.sh")).arg(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "make-cell-certs.sh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make-cell-certs.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub struct SecureEtcd {
@@ -42,7 +47,12 @@ impl SecureEtcd {
             .arg(etcd.endpoint())
             .output()
             .unwrap();
-        assert!(out.status.success(), "grant-roles.sh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "grant-roles.sh: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let root = Store::connect_with(
             &etcd.endpoints(),
             Keys::default(),

@@ -99,8 +99,15 @@ impl Identities {
     fn flags(&self, name: &str) -> Vec<String> {
         let f = self.files(name);
         let (cert, key) = f.identity.unwrap_or_default();
-        ["--cacert".to_string(), f.ca.display().to_string(), "--cert".into(), cert.display().to_string(), "--key".into(), key.display().to_string()]
-            .into()
+        [
+            "--cacert".to_string(),
+            f.ca.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ]
+        .into()
     }
 
     async fn connect(&self, name: &str, etcd: &EtcdProcess) -> anyhow::Result<Store> {
@@ -237,7 +244,11 @@ async fn main() -> anyhow::Result<()> {
     let (store, agent_store, sim_store) = match &identities {
         Some(ids) => {
             ids.grant(&endpoint)?;
-            (ids.connect("operator-admin", &etcd).await?, ids.connect("agent-local", &etcd).await?, ids.connect("agents-sim", &etcd).await?)
+            (
+                ids.connect("operator-admin", &etcd).await?,
+                ids.connect("agent-local", &etcd).await?,
+                ids.connect("agents-sim", &etcd).await?,
+            )
         }
         None => {
             let s = Store::connect(&etcd.endpoints(), Keys::default()).await?;
@@ -277,7 +288,9 @@ async fn main() -> anyhow::Result<()> {
                 let log_tls = identities.as_ref().map(|i| i.files("agent-local"));
                 let log_service = LogService::new(agent_store.clone(), task_logs);
                 let log_stop = stopped(stop_rx.clone());
-                tasks.push(tokio::spawn(async move { serve_tls(listen, log_service, log_tls.as_ref(), log_stop).await }));
+                tasks.push(tokio::spawn(
+                    async move { serve_tls(listen, log_service, log_tls.as_ref(), log_stop).await },
+                ));
                 let agent = Agent::new(agent_store.clone(), config, client);
                 let rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move { agent.run(stopped(rx)).await }));

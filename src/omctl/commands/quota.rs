@@ -42,7 +42,11 @@ async fn show_all(cli: &Cli, store: &Store) -> anyhow::Result<Code> {
     let read = crate::cell::read(store, &[keys.quotas_prefix(), keys.tasks_prefix()]).await?;
     let s = &read.snapshot;
     let mut rows: BTreeMap<String, NamespaceRow> = BTreeMap::new();
-    fn row<'a>(rows: &'a mut BTreeMap<String, NamespaceRow>, s: &omega::cell_state::CellSnapshot, ns: &str) -> &'a mut NamespaceRow {
+    fn row<'a>(
+        rows: &'a mut BTreeMap<String, NamespaceRow>,
+        s: &omega::cell_state::CellSnapshot,
+        ns: &str,
+    ) -> &'a mut NamespaceRow {
         rows.entry(ns.to_string()).or_insert_with(|| NamespaceRow {
             namespace: ns.to_string(),
             quota: None,
@@ -87,7 +91,12 @@ fn render(out: &QuotasOutput) -> String {
 }
 
 /// `none` clears a limit; anything else is parsed with `parse`.
-fn limit(flag: &str, given: &Option<String>, current: Option<u64>, parse: fn(&str) -> Result<u64, String>) -> anyhow::Result<Option<u64>> {
+fn limit(
+    flag: &str,
+    given: &Option<String>,
+    current: Option<u64>,
+    parse: fn(&str) -> Result<u64, String>,
+) -> anyhow::Result<Option<u64>> {
     match given.as_deref() {
         None => Ok(current),
         Some("none") => Ok(None),

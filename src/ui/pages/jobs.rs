@@ -75,7 +75,9 @@ impl Query {
         if let Some(k) = f.kind {
             parts.push(format!("kind={}", index::kind_name(k)));
         }
-        for (k, v) in [("scheduler", &f.scheduler), ("namespace", &f.namespace), ("reason", &f.reason), ("q", &f.prefix)] {
+        for (k, v) in
+            [("scheduler", &f.scheduler), ("namespace", &f.namespace), ("reason", &f.reason), ("q", &f.prefix)]
+        {
             if let Some(v) = v {
                 parts.push(format!("{k}={}", url_encode(v)));
             }
