@@ -11,6 +11,31 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// What omega-cell prints until it says it submitted the example (`hello`), waiting at most `secs`.
+fn banner(cell: &mut std::process::Child, secs: u64) -> Vec<String> {
+    let stdout = cell.stdout.take().expect("omega-cell's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut banner = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let submitted = line.starts_with("Submitted hello");
+                banner.push(line);
+                if submitted {
+                    return banner;
+                }
+            }
+            Err(_) => assert!(Instant::now() < deadline, "the cell came up: {banner:#?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_cell_runs_an_example_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,28 +54,7 @@ async fn a_local_cell_runs_an_example_and_stops_cleanly() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start omega-cell");
-    // Wait for the banner.
-    let stdout = cell.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut banner = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let submitted = line.starts_with("Submitted hello");
-                banner.push(line);
-                if submitted {
-                    break;
-                }
-            }
-            Err(_) => assert!(Instant::now() < deadline, "the cell came up: {banner:#?}"),
-        }
-    }
+    let banner = banner(&mut cell, 60);
     assert!(banner.iter().any(|l| l.contains("node `local`")), "a real node with containerd: {banner:#?}");
 
     // The example runs to completion on the real node, and its log is served.
@@ -161,27 +165,7 @@ async fn a_secure_local_cell_runs_an_example_with_every_component_on_its_own_ide
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start omega-cell --secure");
-    let stdout = cell.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut banner = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let submitted = line.starts_with("Submitted hello");
-                banner.push(line);
-                if submitted {
-                    break;
-                }
-            }
-            Err(_) => assert!(Instant::now() < deadline, "the cell came up: {banner:#?}"),
-        }
-    }
+    let banner = banner(&mut cell, 90);
     // The banner's export line: OMEGA_ETCD=https://... and the operator's certificate.
     let export = banner.iter().find(|l| l.trim_start().starts_with("export OMEGA_ETCD=")).expect("an export line");
     let env: Vec<(String, String)> = export
