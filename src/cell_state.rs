@@ -172,7 +172,6 @@ impl CellSnapshot {
                 }
             }
         }
-        let Some(old) = self.tasks.get(id) else { return };
         if let (true, Some(node)) = (old.value.state.holds_resources(), old.value.node.as_deref()) {
             if let Some(set) = self.node_tasks.get_mut(node) {
                 set.remove(id);

@@ -171,15 +171,15 @@ impl Store {
                 )));
             }
         }
-        // A file that is missing or wrong is said before anything is tried.
-        connect_options(&options)?;
+        // A file that is missing or wrong is said before anything is tried; the files are read once.
+        let connect = connect_options(&options)?;
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         let mut refusals = 0u32;
         loop {
             attempt += 1;
-            let last_error = match Self::try_connect(endpoints, &options).await {
+            let last_error = match Self::try_connect(endpoints, &options, &connect).await {
                 Ok((client, stream_client)) => {
                     if attempt > 1 {
                         tracing::info!(endpoints = ?endpoints, attempt, "connected to etcd");
@@ -224,13 +224,17 @@ impl Store {
         }
     }
 
-    async fn try_connect(endpoints: &[String], options: &StoreOptions) -> Result<(Client, Client)> {
+    async fn try_connect(
+        endpoints: &[String],
+        options: &StoreOptions,
+        connect: &ConnectOptions,
+    ) -> Result<(Client, Client)> {
         let mut client =
-            Client::connect(endpoints, Some(connect_options(options)?.with_timeout(options.request_timeout))).await?;
+            Client::connect(endpoints, Some(connect.clone().with_timeout(options.request_timeout))).await?;
         // Connecting is lazy; a status call proves someone answers.
         let wait = options.connect_timeout;
         tokio::time::timeout(wait, client.status()).await.map_err(|_| Error::Timeout(wait, "etcd status".into()))??;
-        let stream_client = Client::connect(endpoints, Some(connect_options(options)?)).await?;
+        let stream_client = Client::connect(endpoints, Some(connect.clone())).await?;
         Ok((client, stream_client))
     }
 
